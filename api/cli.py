@@ -1,0 +1,186 @@
+"""The ``erasure`` command line. Thin: parse flags, call one function, print.
+
+Every reporting command takes ``--json`` and then prints one JSON document on
+stdout; progress bars go to stderr. Bad input exits with status 2 and a message.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from db.settings import Settings, load_settings
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="GDPR erasure pipeline for ML training data.")
+db_app = typer.Typer(no_args_is_help=True, help="Database schema.")
+app.add_typer(db_app, name="db")
+
+HomeOpt = Annotated[Optional[Path], typer.Option("--home", help="Data home (env ERASURE_HOME, default ./.erasure).")]
+DbOpt = Annotated[
+    Optional[str], typer.Option("--database-url", help="SQLAlchemy URL (env ERASURE_DATABASE_URL; default SQLite in the home).")
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
+
+
+def _settings(home: Path | None, database_url: str | None) -> Settings:
+    try:
+        return load_settings(home=home, database_url=database_url)
+    except ValueError as exc:
+        _fail(str(exc))
+        raise  # unreachable
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _emit(data: dict, as_json: bool, human: str) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    else:
+        typer.echo(human)
+
+
+def _parse_identifier_fields(specs: list[str]) -> tuple[tuple[str, str], ...]:
+    from dedup.identifiers import IDENTIFIER_KINDS
+
+    parsed = []
+    for spec in specs:
+        field, _, kind = spec.partition(":")
+        kind = kind or field
+        if kind not in IDENTIFIER_KINDS:
+            _fail(
+                f"--identifier-field {spec!r}: {kind!r} is not a known identifier kind "
+                f"({', '.join(IDENTIFIER_KINDS)}); name the kind as FIELD:KIND, e.g. contact:email"
+            )
+        parsed.append((field, kind))
+    return tuple(parsed)
+
+
+@app.command()
+def ingest(
+    file: Annotated[Path, typer.Argument(help="JSONL, CSV or Parquet file of records.")],
+    dataset: Annotated[str, typer.Option(help="Dataset name.")] = "default",
+    id_field: Annotated[str, typer.Option(help="Field holding the record id.")] = "id",
+    text_field: Annotated[str, typer.Option(help="Field holding the text.")] = "text",
+    label_field: Annotated[str, typer.Option(help="Field holding the integer label.")] = "label",
+    no_label: Annotated[bool, typer.Option("--no-label", help="The data has no labels.")] = False,
+    identifier_field: Annotated[
+        list[str], typer.Option(help="Identifier field, FIELD or FIELD:KIND (kinds: email, user_id, name, phone). Repeatable.")
+    ] = [],  # noqa: B006 - typer needs a literal default
+    shards: Annotated[int, typer.Option(help="Number of SISA shards S (fixed per dataset).")] = 4,
+    slices: Annotated[int, typer.Option(help="Number of slices R per shard (fixed per dataset).")] = 4,
+    seed: Annotated[int, typer.Option(help="Placement seed (fixed per dataset).")] = 0,
+    format: Annotated[Optional[str], typer.Option("--format", help="jsonl, csv or parquet (default: from the suffix).")] = None,
+    home: HomeOpt = None,
+    database_url: DbOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Validate FILE and ingest it: shards, slices, features, lineage."""
+    from flows.ingest import IngestOptions, IngestValidationError, ingest_source_file
+    from flows.progress import RichReporter
+    from shards.sources import FieldMap, SourceError
+
+    settings = _settings(home, database_url)
+    options = IngestOptions(
+        dataset=dataset,
+        fields=FieldMap(
+            id_field=id_field,
+            text_field=text_field,
+            label_field=None if no_label else label_field,
+            identifier_fields=_parse_identifier_fields(identifier_field),
+        ),
+        n_shards=shards,
+        n_slices=slices,
+        seed=seed,
+        fmt=format,
+    )
+    try:
+        with RichReporter() as reporter:
+            summary = ingest_source_file(file, options, settings, reporter)
+    except IngestValidationError as exc:
+        _fail(str(exc))
+    except (SourceError, ValueError) as exc:
+        _fail(str(exc))
+    human = (
+        f"{summary.status}: {summary.new_records} new record(s) of {summary.rows} row(s) into dataset "
+        f"{summary.dataset!r} ({summary.shards} shards x {summary.slices} slices) in {summary.seconds:.1f}s"
+    )
+    _emit(summary.to_json(), as_json, human)
+
+
+@app.command("demo-data")
+def demo_data(
+    directory: Annotated[Path, typer.Argument(help="Where to write records.jsonl and ground_truth.jsonl.")],
+    records: Annotated[int, typer.Option(help="Number of records (1,000 to 1,000,000).")] = 2000,
+    seed: Annotated[int, typer.Option(help="Generator seed.")] = 0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Generate the deterministic demo dataset with planted copies and ground truth."""
+    from shards.demo_data import write_demo
+
+    if records < 1:
+        _fail("--records must be positive")
+    files = write_demo(directory, records, seed)
+    data = {k: str(v) for k, v in vars(files).items()} if hasattr(files, "__dict__") else {"files": str(files)}
+    _emit(data, as_json, f"demo data written to {directory}")
+
+
+@app.command()
+def demo(
+    records: Annotated[int, typer.Option(help="Number of demo records.")] = 2000,
+    shards: Annotated[int, typer.Option(help="SISA shards.")] = 4,
+    slices: Annotated[int, typer.Option(help="Slices per shard.")] = 4,
+    home: HomeOpt = None,
+    database_url: DbOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """The end-to-end demo: generate demo data and ingest it."""
+    from flows.demo import run_demo
+    from flows.progress import RichReporter
+
+    settings = _settings(home, database_url)
+    with RichReporter() as reporter:
+        result = run_demo(settings, records=records, shards=shards, slices=slices, reporter=reporter)
+    _emit(result, as_json, json.dumps(result, indent=2, default=str))
+
+
+@app.command("shards")
+def list_shards(
+    dataset: Annotated[str, typer.Option(help="Dataset name.")] = "default",
+    home: HomeOpt = None,
+    database_url: DbOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List a dataset's recorded shard versions."""
+    from flows.reports import shard_report
+
+    settings = _settings(home, database_url)
+    try:
+        report = shard_report(settings, dataset)
+    except LookupError as exc:
+        _fail(str(exc))
+    lines = [f"dataset {dataset}: {len(report['shards'])} shard(s)"]
+    for entry in report["shards"]:
+        lines.append(f"  shard {entry['shard']}: version {entry['version']}, {entry['row_count']} rows, {entry['path']}")
+    _emit(report, as_json, "\n".join(lines))
+
+
+@db_app.command("upgrade")
+def db_upgrade(home: HomeOpt = None, database_url: DbOpt = None, as_json: JsonOpt = False) -> None:
+    """Create or upgrade the schema (alembic upgrade head)."""
+    from db.session import upgrade_to_head
+
+    settings = _settings(home, database_url)
+    upgrade_to_head(settings.resolved_database_url)
+    url = settings.resolved_database_url
+    _emit({"upgraded": True, "database": url.split("@")[-1]}, as_json, "schema is at head")
+
+
+if __name__ == "__main__":
+    app()

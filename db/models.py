@@ -1,0 +1,123 @@
+"""Typed SQLAlchemy 2 models of the lineage: dataset -> source file -> record ->
+shard/slice -> shard version. The schema itself is created only by Alembic."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    ForeignKey,
+    ForeignKeyConstraint,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class Dataset(Base):
+    __tablename__ = "datasets"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    seed: Mapped[int] = mapped_column(BigInteger)
+    n_shards: Mapped[int] = mapped_column(Integer)
+    n_slices: Mapped[int] = mapped_column(Integer)
+    feature_dim: Mapped[int] = mapped_column(Integer)
+    embedder: Mapped[str] = mapped_column(String(100))
+    key_id: Mapped[str] = mapped_column(String(32))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    source_files: Mapped[list[SourceFile]] = relationship(back_populates="dataset")
+
+
+class SourceFile(Base):
+    __tablename__ = "source_files"
+    __table_args__ = (UniqueConstraint("dataset_id", "sha256", name="uq_source_files_dataset_sha256"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id", ondelete="RESTRICT"))
+    path: Mapped[str] = mapped_column(String(4096))
+    sha256: Mapped[str] = mapped_column(String(64))
+    format: Mapped[str] = mapped_column(String(16))
+    row_count: Mapped[int] = mapped_column(Integer)
+    new_record_count: Mapped[int] = mapped_column(Integer)
+    ingested_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    dataset: Mapped[Dataset] = relationship(back_populates="source_files")
+
+
+class Record(Base):
+    """One training record. It lives in ``shard`` from shard version
+    ``first_shard_version`` until (excluding) ``erased_in_shard_version``."""
+
+    __tablename__ = "records"
+    __table_args__ = (Index("ix_records_dataset_shard_slice", "dataset_id", "shard", "slice"),)
+
+    dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id", ondelete="RESTRICT"), primary_key=True)
+    record_id: Mapped[str] = mapped_column(String(256), primary_key=True)
+    shard: Mapped[int] = mapped_column(Integer)
+    slice: Mapped[int] = mapped_column(Integer)
+    content_sha256: Mapped[str] = mapped_column(String(64))
+    source_file_id: Mapped[int] = mapped_column(ForeignKey("source_files.id", ondelete="RESTRICT"), index=True)
+    row_number: Mapped[int] = mapped_column(Integer)
+    first_shard_version: Mapped[int] = mapped_column(Integer)
+    erased_in_shard_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
+
+
+class RecordIdentifier(Base):
+    """A keyed hash (HMAC-SHA256) of one normalised identifier of a record; the
+    raw value is never stored."""
+
+    __tablename__ = "record_identifiers"
+    __table_args__ = (
+        ForeignKeyConstraint(
+            ["dataset_id", "record_id"],
+            ["records.dataset_id", "records.record_id"],
+            ondelete="CASCADE",
+            name="fk_record_identifiers_record",
+        ),
+        Index("ix_record_identifiers_lookup", "kind", "keyed_hash"),
+        Index("ix_record_identifiers_record", "dataset_id", "record_id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    dataset_id: Mapped[int] = mapped_column(Integer)
+    record_id: Mapped[str] = mapped_column(String(256))
+    kind: Mapped[str] = mapped_column(String(32))
+    keyed_hash: Mapped[str] = mapped_column(String(64))
+
+
+class ShardVersion(Base):
+    __tablename__ = "shard_versions"
+    __table_args__ = (UniqueConstraint("dataset_id", "shard", "version", name="uq_shard_versions_dataset_shard_version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id", ondelete="RESTRICT"))
+    shard: Mapped[int] = mapped_column(Integer)
+    version: Mapped[int] = mapped_column(Integer)
+    path: Mapped[str] = mapped_column(String(4096))
+    sha256: Mapped[str] = mapped_column(String(64))
+    row_count: Mapped[int] = mapped_column(Integer)
+    created_by: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

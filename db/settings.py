@@ -1,0 +1,85 @@
+"""The one settings object: environment variables, overridable by CLI flags.
+
+``ERASURE_HOME`` holds shards, indexes and checkpoints (default ``./.erasure``).
+``ERASURE_DATABASE_URL`` defaults to a SQLite file under the home (the embedded
+default); production uses ``postgresql+psycopg://...``. ``ERASURE_SECRET_KEY``
+keys the HMAC of identifiers; without it a random key is generated once into
+``$ERASURE_HOME/secret.key`` (mode 0600) — losing that file makes stored
+identifier hashes unmatchable, so production sets the variable from a vault.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ERASURE_", extra="ignore")
+
+    home: Path = Field(default=Path(".erasure"))
+    database_url: str | None = None
+    secret_key: SecretStr | None = None
+
+    @field_validator("home")
+    @classmethod
+    def _absolute_home(cls, home: Path) -> Path:
+        # Lineage rows store paths: make them independent of the working directory.
+        return Path(home).expanduser().resolve()
+
+    @field_validator("database_url")
+    @classmethod
+    def _known_scheme(cls, url: str | None) -> str | None:
+        if url is None or url == "":
+            return None
+        if not url.startswith(("sqlite", "postgresql")):
+            raise ValueError(
+                f"unsupported database URL {url.split(':', 1)[0]!r}: use sqlite:///path "
+                "or postgresql+psycopg://user@host/db"
+            )
+        if url.startswith("postgresql://") or url.startswith("postgres://"):
+            # SQLAlchemy's bare scheme means psycopg2, which we do not install.
+            url = "postgresql+psycopg://" + url.split("://", 1)[1]
+        return url
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.home / 'erasure.db').resolve()}"
+
+    @property
+    def shards_dir(self) -> Path:
+        return self.home / "shards"
+
+    def secret_key_bytes(self) -> bytes:
+        """The HMAC key; generated into the home on first use when not configured."""
+        if self.secret_key is not None:
+            key = self.secret_key.get_secret_value().encode()
+            if len(key) < 16:
+                raise ValueError("ERASURE_SECRET_KEY must be at least 16 characters; use 32 random hex bytes")
+            return key
+        path = self.home / "secret.key"
+        if not path.exists():
+            self.home.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(secrets.token_hex(32))
+                fh.flush()
+                os.fsync(fh.fileno())
+            try:
+                os.link(tmp, path)  # fails if another process won the race: keep theirs
+            except FileExistsError:
+                pass
+            tmp.unlink(missing_ok=True)
+        return path.read_text().strip().encode()
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Settings from the environment, with non-None overrides (CLI flags) applied."""
+    return Settings(**{k: v for k, v in overrides.items() if v is not None})

@@ -1,0 +1,361 @@
+"""Ingest one source file into a dataset: validate everything, then place the
+records into shards and slices, write new shard versions, record lineage.
+
+Order of effects (why: nothing is half-ingested):
+  1. validate every row (pass 1) — on any error nothing has been written;
+  2. spill accepted rows per shard into temporary Arrow files (pass 2);
+  3. write each affected shard's next version (old rows + new rows);
+  4. one database transaction records the source file, records, keyed
+     identifier hashes and shard versions; if it fails the new shard version
+     files are deleted again, so the previous versions stay the latest.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.ipc as ipc
+
+from db.lineage import (
+    IDENTIFIER_COLUMNS,
+    RECORD_COLUMNS,
+    add_shard_version,
+    add_source_file,
+    bulk_insert,
+    ensure_dataset,
+    find_source_file,
+    get_dataset,
+    latest_shard_versions,
+    record_contents,
+)
+from db.session import unit_of_work
+from db.settings import Settings
+from dedup.hashing_embedder import HashingEmbedder
+from dedup.identifiers import key_id, keyed_hash
+from flows.database import open_database
+from flows.progress import Reporter, SilentReporter
+from shards.assign import place_record, validate_layout
+from shards.sources import (
+    CleanRow,
+    FieldMap,
+    SourceError,
+    ValidationReport,
+    clean_row,
+    detect_format,
+    file_sha256,
+    read_rows,
+)
+from shards.store import ShardStore, ShardVersionRef, build_shard_table, validate_dataset_name
+
+DEFAULT_FEATURE_DIM = 256
+_SPILL_SCHEMA = pa.schema(
+    [
+        ("record_id", pa.string()),
+        ("slice", pa.int32()),
+        ("order_key", pa.int64()),
+        ("text", pa.string()),
+        ("label", pa.int64()),
+        ("content_sha256", pa.string()),
+        ("row_number", pa.int64()),
+        ("identifiers", pa.list_(pa.struct([("kind", pa.string()), ("keyed_hash", pa.string())]))),
+    ]
+)
+
+
+class IngestValidationError(ValueError):
+    def __init__(self, report: ValidationReport) -> None:
+        self.report = report
+        super().__init__(report.summary())
+
+
+@dataclass(frozen=True)
+class IngestOptions:
+    dataset: str
+    fields: FieldMap = FieldMap()
+    n_shards: int = 4
+    n_slices: int = 4
+    seed: int = 0
+    fmt: str | None = None
+
+
+@dataclass
+class IngestSummary:
+    dataset: str
+    source_file: str
+    sha256: str
+    status: str  # "ingested" | "already_ingested"
+    rows: int
+    new_records: int
+    skipped_existing: int
+    shards: int
+    slices: int
+    per_shard_counts: dict[int, int]
+    new_per_shard: dict[int, int]
+    shard_versions: dict[int, int]
+    seconds: float
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        for key in ("per_shard_counts", "new_per_shard", "shard_versions"):
+            data[key] = {str(k): v for k, v in data[key].items()}
+        return data
+
+
+def _identifier_hashes(row: CleanRow, key: bytes) -> list[tuple[str, str]]:
+    return [(kind, keyed_hash(key, kind, value)) for kind, value in row.identifiers]
+
+
+def _validate(
+    path: Path, fmt: str, fields: FieldMap, existing: dict[str, str], key: bytes, reporter: Reporter
+) -> tuple[int, int]:
+    """Pass 1: every row checked; returns (rows, rows already ingested unchanged)."""
+    report = ValidationReport()
+    seen: dict[str, int] = {}
+    rows = unchanged = 0
+    with reporter.step("validating", None) as step:
+        for number, raw in read_rows(path, fmt):
+            rows += 1
+            step.advance()
+            row = clean_row(number, raw, fields, fmt, report)
+            if row is None:
+                continue
+            first = seen.get(row.record_id)
+            if first is not None:
+                report.add(number, f"duplicate id {row.record_id!r} (first seen in row {first})")
+                continue
+            seen[row.record_id] = number
+            try:
+                _identifier_hashes(row, key)
+            except ValueError as exc:
+                report.add(number, f"bad identifier: {exc}")
+                continue
+            earlier = existing.get(row.record_id)
+            if earlier is not None:
+                if earlier != row.content_sha256:
+                    report.add(
+                        number,
+                        f"id {row.record_id!r} was ingested earlier with a different text; "
+                        "record ids are immutable — give the new text a new id",
+                    )
+                else:
+                    unchanged += 1
+    if rows == 0:
+        report.add(0, "the file holds no records")
+    if report.error_count:
+        raise IngestValidationError(report)
+    return rows, unchanged
+
+
+def _spill(
+    path: Path,
+    fmt: str,
+    options: IngestOptions,
+    existing: dict[str, str],
+    key: bytes,
+    spill_dir: Path,
+    total: int,
+    reporter: Reporter,
+) -> dict[int, Path]:
+    """Pass 2: accepted new rows, placed and hashed, into one Arrow file per shard."""
+    buffers: dict[int, list[dict]] = {}
+    writers: dict[int, ipc.RecordBatchFileWriter] = {}
+    paths: dict[int, Path] = {}
+
+    def flush(shard: int) -> None:
+        if shard not in writers:
+            paths[shard] = spill_dir / f"shard-{shard:05d}.arrow"
+            writers[shard] = ipc.new_file(paths[shard], _SPILL_SCHEMA)
+        writers[shard].write_batch(pa.RecordBatch.from_pylist(buffers[shard], schema=_SPILL_SCHEMA))
+        buffers[shard] = []
+
+    recheck = ValidationReport()
+    try:
+        with reporter.step("placing records", total) as step:
+            for number, raw in read_rows(path, fmt):
+                step.advance()
+                row = clean_row(number, raw, options.fields, fmt, recheck)
+                if row is None:
+                    raise SourceError(f"{path} changed while it was being ingested (row {number}); run ingest again")
+                if row.record_id in existing:
+                    continue
+                place = place_record(row.record_id, options.seed, options.n_shards, options.n_slices)
+                buffers.setdefault(place.shard, []).append(
+                    {
+                        "record_id": row.record_id,
+                        "slice": place.slice,
+                        "order_key": place.order_key,
+                        "text": row.text,
+                        "label": row.label,
+                        "content_sha256": row.content_sha256,
+                        "row_number": row.row,
+                        "identifiers": [{"kind": k, "keyed_hash": h} for k, h in _identifier_hashes(row, key)],
+                    }
+                )
+                if len(buffers[place.shard]) >= 4096:
+                    flush(place.shard)
+        for shard, rows in buffers.items():
+            if rows:
+                flush(shard)
+    finally:
+        for writer in writers.values():
+            writer.close()
+    return paths
+
+
+def _read_spill(path: Path) -> pa.Table:
+    with pa.memory_map(str(path)) as source:
+        return ipc.open_file(source).read_all()
+
+
+def ingest_source_file(
+    path: Path | str, options: IngestOptions, settings: Settings, reporter: Reporter | None = None
+) -> IngestSummary:
+    """Validate and ingest ``path`` into ``options.dataset``; idempotent per file content."""
+    started = time.perf_counter()
+    reporter = reporter or SilentReporter()
+    path = Path(path)
+    validate_dataset_name(options.dataset)
+    validate_layout(options.n_shards, options.n_slices)
+    fmt = detect_format(path, options.fmt)
+    sha = file_sha256(path)
+    key = settings.secret_key_bytes()
+    engine = open_database(settings)
+    embedder = HashingEmbedder(dim=DEFAULT_FEATURE_DIM)
+    embedder_name = f"{embedder.name}-{embedder.dim}"
+    store = ShardStore(settings.shards_dir)
+    timings: dict[str, float] = {}
+
+    with unit_of_work(engine) as session:
+        dataset = get_dataset(session, options.dataset)
+        existing: dict[str, str] = {}
+        recorded_versions: dict[int, int] = {}
+        if dataset is not None:
+            # Fail fast on a layout conflict, before reading a big file.
+            ensure_dataset(
+                session, name=options.dataset, seed=options.seed, n_shards=options.n_shards,
+                n_slices=options.n_slices, feature_dim=embedder.dim, embedder=embedder_name, key_id=key_id(key),
+            )
+            done = find_source_file(session, dataset.id, sha)
+            if done is not None:
+                versions = latest_shard_versions(session, dataset.id)
+                return IngestSummary(
+                    dataset=options.dataset, source_file=str(path), sha256=sha, status="already_ingested",
+                    rows=done.row_count, new_records=0, skipped_existing=done.row_count,
+                    shards=dataset.n_shards, slices=dataset.n_slices,
+                    per_shard_counts={s: v.row_count for s, v in sorted(versions.items())},
+                    new_per_shard={}, shard_versions={s: v.version for s, v in sorted(versions.items())},
+                    seconds=round(time.perf_counter() - started, 3),
+                )
+            existing = record_contents(session, dataset.id)
+            recorded_versions = {s: v.version for s, v in latest_shard_versions(session, dataset.id).items()}
+
+    t = time.perf_counter()
+    rows, unchanged = _validate(path, fmt, options.fields, existing, key, reporter)
+    timings["validate_s"] = time.perf_counter() - t
+
+    spill_dir = settings.home / "tmp" / f"ingest-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    spill_dir.mkdir(parents=True, exist_ok=True)
+    written: list[ShardVersionRef] = []
+    new_per_shard: dict[int, int] = {}
+    try:
+        t = time.perf_counter()
+        spills = _spill(path, fmt, options, existing, key, spill_dir, rows, reporter)
+        if file_sha256(path) != sha:
+            raise SourceError(f"{path} changed while it was being ingested; run ingest again")
+        timings["place_s"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        with reporter.step("writing shard versions", len(spills)) as step:
+            for shard in sorted(spills):
+                new = _read_spill(spills[shard])
+                new_per_shard[shard] = new.num_rows
+                table = build_shard_table(
+                    new["record_id"].to_pylist(),
+                    new["slice"].to_numpy(),
+                    new["order_key"].to_numpy(),
+                    new["text"].to_pylist(),
+                    new["label"].to_pylist(),
+                    embedder.embed(new["text"].to_pylist()),
+                )
+                if shard in recorded_versions:
+                    # Append to the recorded latest version (not a stray unrecorded file).
+                    old = store.read(options.dataset, shard, recorded_versions[shard])
+                    table = build_shard_table(
+                        old["record_id"].to_pylist() + table["record_id"].to_pylist(),
+                        np.concatenate([old["slice"].to_numpy(), table["slice"].to_numpy()]),
+                        np.concatenate([old["order_key"].to_numpy(), table["order_key"].to_numpy()]),
+                        old["text"].to_pylist() + table["text"].to_pylist(),
+                        old["label"].to_pylist() + table["label"].to_pylist(),
+                        np.vstack([_features(old), _features(table)]),
+                    )
+                written.append(store.write_version(options.dataset, shard, table))
+                step.advance()
+        timings["write_shards_s"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        with unit_of_work(engine) as session:
+            dataset = ensure_dataset(
+                session, name=options.dataset, seed=options.seed, n_shards=options.n_shards,
+                n_slices=options.n_slices, feature_dim=embedder.dim, embedder=embedder_name, key_id=key_id(key),
+            )
+            source = add_source_file(
+                session, dataset_id=dataset.id, path=str(path.resolve()), sha256=sha, fmt=fmt,
+                row_count=rows, new_record_count=sum(new_per_shard.values()),
+            )
+            for ref in written:
+                add_shard_version(
+                    session, dataset_id=dataset.id, shard=ref.shard, version=ref.version, path=str(ref.path),
+                    sha256=ref.sha256, row_count=ref.row_count, created_by=f"ingest:source_file:{source.id}",
+                )
+            with reporter.step("recording lineage", sum(new_per_shard.values())) as step:
+                for ref in written:
+                    spill = _read_spill(spills[ref.shard])
+                    bulk_insert(session, "records", RECORD_COLUMNS, _record_rows(spill, dataset.id, ref, source.id))
+                    bulk_insert(session, "record_identifiers", IDENTIFIER_COLUMNS, _identifier_rows(spill, dataset.id))
+                    step.advance(spill.num_rows)
+            versions = latest_shard_versions(session, dataset.id)
+            per_shard = {s: v.row_count for s, v in sorted(versions.items())}
+            latest = {s: v.version for s, v in sorted(versions.items())}
+        timings["lineage_s"] = time.perf_counter() - t
+    except BaseException:
+        for ref in written:
+            store.remove_version_file(ref)
+        raise
+    finally:
+        shutil.rmtree(spill_dir, ignore_errors=True)
+
+    return IngestSummary(
+        dataset=options.dataset, source_file=str(path), sha256=sha, status="ingested", rows=rows,
+        new_records=sum(new_per_shard.values()), skipped_existing=unchanged,
+        shards=options.n_shards, slices=options.n_slices, per_shard_counts=per_shard,
+        new_per_shard=dict(sorted(new_per_shard.items())), shard_versions=latest,
+        seconds=round(time.perf_counter() - started, 3),
+        timings={k: round(v, 3) for k, v in timings.items()},
+    )
+
+
+def _features(table: pa.Table) -> np.ndarray:
+    column = table["features"].combine_chunks()
+    return column.values.to_numpy().reshape(len(column), -1)
+
+
+def _record_rows(spill: pa.Table, dataset_id: int, ref: ShardVersionRef, source_id: int):
+    for rid, slc, sha, number in zip(
+        spill["record_id"].to_pylist(), spill["slice"].to_pylist(),
+        spill["content_sha256"].to_pylist(), spill["row_number"].to_pylist(),
+    ):
+        yield (dataset_id, rid, ref.shard, slc, sha, source_id, number, ref.version)
+
+
+def _identifier_rows(spill: pa.Table, dataset_id: int):
+    for rid, idents in zip(spill["record_id"].to_pylist(), spill["identifiers"].to_pylist()):
+        for ident in idents:
+            yield (dataset_id, rid, ident["kind"], ident["keyed_hash"])

@@ -1,0 +1,72 @@
+"""Progress reporting for long steps: silent by default, rich bars on stderr from the CLI."""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from typing import Protocol
+
+
+class Step(Protocol):
+    def advance(self, amount: int = 1) -> None: ...
+
+
+class Reporter(Protocol):
+    def step(self, description: str, total: int | None) -> AbstractContextManager[Step]: ...
+
+
+class _SilentStep:
+    def advance(self, amount: int = 1) -> None:
+        pass
+
+    def __enter__(self) -> _SilentStep:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+class SilentReporter:
+    def step(self, description: str, total: int | None) -> _SilentStep:
+        return _SilentStep()
+
+
+class _RichStep:
+    def __init__(self, progress, task_id) -> None:  # noqa: ANN001
+        self._progress, self._task = progress, task_id
+
+    def advance(self, amount: int = 1) -> None:
+        self._progress.advance(self._task, amount)
+
+    def __enter__(self) -> _RichStep:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        total = self._progress.tasks[self._task].completed if self._progress.tasks[self._task].total is None else None
+        self._progress.update(self._task, total=total, completed=self._progress.tasks[self._task].total or total)
+
+
+class RichReporter:
+    """Progress bars on stderr (stdout stays clean for --json)."""
+
+    def __init__(self) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self._progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=Console(stderr=True),
+            transient=False,
+        )
+
+    def __enter__(self) -> RichReporter:
+        self._progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._progress.stop()
+
+    def step(self, description: str, total: int | None) -> _RichStep:
+        return _RichStep(self._progress, self._progress.add_task(description, total=total))
