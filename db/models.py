@@ -98,14 +98,13 @@ class RecordIdentifier(Base):
             name="fk_record_identifiers_record",
         ),
         Index("ix_record_identifiers_lookup", "kind", "keyed_hash"),
-        Index("ix_record_identifiers_record", "dataset_id", "record_id"),
     )
 
-    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
-    dataset_id: Mapped[int] = mapped_column(Integer)
-    record_id: Mapped[str] = mapped_column(String(256))
-    kind: Mapped[str] = mapped_column(String(32))
-    keyed_hash: Mapped[str] = mapped_column(String(64))
+    # A natural key: no sequence to call per row during COPY.
+    dataset_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    record_id: Mapped[str] = mapped_column(String(256), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(32), primary_key=True)
+    keyed_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
 
 
 class ShardVersion(Base):

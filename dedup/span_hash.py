@@ -7,25 +7,24 @@ words ``h = rotl(h + word * P3, 17) * P4`` and bytes ``h = rotl(h + byte * P5, 1
 then the avalanche ``h ^= h >> 15; h *= P2; h ^= h >> 13; h *= P3; h ^= h >> 16``),
 all arithmetic modulo 2^32.
 
-Spans are sorted by length, longest first, so that the spans that still have a
-stripe to hash form a prefix, and spans of one length form a contiguous run that
-shares its tail steps: no per-element branching, every step is one numpy call.
+The spans are hashed in chunks that fit the CPU cache. Within a chunk they are
+ordered by their number of stripes (most first), so the spans that still have a
+stripe to hash form a prefix; then by their tail length (``len % 16``), so the
+spans that share a tail form a contiguous run: every step is one numpy call on
+a contiguous slice, without per-element branching.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-P1 = np.uint32(2654435761)
-P2 = np.uint32(2246822519)
-P3 = np.uint32(3266489917)
-P4 = np.uint32(668265263)
-P5 = np.uint32(374761393)
+P1 = 2654435761
+P2 = 2246822519
+P3 = 3266489917
+P4 = 668265263
+P5 = 374761393
 _MASK = 0xFFFFFFFF
-
-
-def _rotl(x: np.ndarray, r: int) -> np.ndarray:
-    return (x << np.uint32(r)) | (x >> np.uint32(32 - r))
+_CHUNK = 1 << 15
 
 
 def _words32(buffer: np.ndarray) -> np.ndarray:
@@ -35,66 +34,112 @@ def _words32(buffer: np.ndarray) -> np.ndarray:
     return np.ndarray(shape=(len(buffer),), dtype="<u4", buffer=padded, offset=0, strides=(1,))
 
 
+class _Scratch:
+    """Temporaries of one chunk, allocated once."""
+
+    def __init__(self, size: int) -> None:
+        self.t = np.empty(size, dtype=np.uint32)
+        self.u = np.empty(size, dtype=np.uint32)
+
+
+def _rotl_inplace(x: np.ndarray, r: int, t: np.ndarray) -> None:
+    np.right_shift(x, 32 - r, out=t)
+    np.left_shift(x, r, out=x)
+    np.bitwise_or(x, t, out=x)
+
+
+def _round(acc: np.ndarray, lane: np.ndarray, mul: int, rot: int, mul2: int, t: np.ndarray) -> None:
+    """acc = rotl(acc + lane * mul, rot) * mul2, in place."""
+    np.multiply(lane, np.uint32(mul), out=lane)
+    np.add(acc, lane, out=acc)
+    _rotl_inplace(acc, rot, t)
+    np.multiply(acc, np.uint32(mul2), out=acc)
+
+
+def _hash_chunk(buffer: np.ndarray, words: np.ndarray, pos: np.ndarray, ln: np.ndarray, seed: int,
+                s: _Scratch) -> np.ndarray:
+    n = len(pos)
+    stripes = ln >> 4
+    max_stripes = int(stripes.max())
+    if max_stripes > 0:
+        key = (max_stripes - stripes) if max_stripes < 65536 else -stripes
+        order = np.argsort(key.astype(np.uint16) if max_stripes < 65536 else key, kind="stable")
+        pos, ln, stripes = pos[order], ln[order], stripes[order]
+    else:
+        order = None
+    h = np.empty(n, dtype=np.uint32)
+    n_long = int(np.count_nonzero(stripes))
+    if n_long:
+        v = [np.full(n_long, (seed + P1 + P2) & _MASK, dtype=np.uint32),
+             np.full(n_long, (seed + P2) & _MASK, dtype=np.uint32),
+             np.full(n_long, seed, dtype=np.uint32),
+             np.full(n_long, (seed - P1) & _MASK, dtype=np.uint32)]
+        # stripes is descending: spans with more than `k` stripes are a prefix.
+        counts = np.searchsorted(-stripes[:n_long], -np.arange(1, max_stripes + 1), side="right")
+        for k, m in enumerate(counts.tolist()):
+            base = pos[:m] + 16 * k
+            lane, t = s.u[:m], s.t[:m]
+            for j in range(4):
+                np.take(words, base + 4 * j, out=lane)
+                _round(v[j][:m], lane, P2, 13, P1, t)
+        t = s.t[:n_long]
+        hl = h[:n_long]
+        np.right_shift(v[0], 31, out=hl); np.left_shift(v[0], 1, out=t); hl |= t
+        for j, r in ((1, 7), (2, 12), (3, 18)):
+            _rotl_inplace(v[j], r, t)
+            hl += v[j]
+    h[n_long:] = (seed + P5) & _MASK
+    h += ln.astype(np.uint32)
+
+    # Tails, grouped by len % 16.
+    rest = (ln & 15).astype(np.uint8)
+    order2 = np.argsort(rest, kind="stable")
+    rest = rest[order2]
+    hh = h[order2]
+    p = pos[order2] + (ln[order2] & ~np.int64(15))
+    bounds = np.searchsorted(rest, np.arange(17, dtype=np.uint8), side="left").tolist()
+    for r in range(1, 16):
+        a, b = bounds[r], bounds[r + 1]
+        if a == b:
+            continue
+        g, q, t, lane = hh[a:b], p[a:b], s.t[: b - a], s.u[: b - a]
+        for _ in range(r // 4):
+            np.take(words, q, out=lane)
+            _round(g, lane, P3, 17, P4, t)
+            q = q + 4
+        for _ in range(r % 4):
+            lane[:] = buffer[q]
+            _round(g, lane, P5, 11, P1, t)
+            q = q + 1
+    t = s.t[:n]
+    np.right_shift(hh, 15, out=t); hh ^= t
+    hh *= np.uint32(P2)
+    np.right_shift(hh, 13, out=t); hh ^= t
+    hh *= np.uint32(P3)
+    np.right_shift(hh, 16, out=t); hh ^= t
+    out = np.empty(n, dtype=np.uint32)
+    if order is None:
+        out[order2] = hh
+    else:
+        out[order[order2]] = hh
+    return out
+
+
 def xxh32_spans(buffer: np.ndarray, start: np.ndarray, stop: np.ndarray, seed: int = 0) -> np.ndarray:
     """uint32 XXH32 of ``buffer[start[j]:stop[j]]`` for every j."""
     if buffer.dtype != np.uint8 or buffer.ndim != 1:
         raise ValueError("buffer must be a 1-D uint8 array; use np.frombuffer(data, dtype=np.uint8)")
+    start = np.asarray(start, dtype=np.int64)
+    length = np.asarray(stop, dtype=np.int64) - start
     n = len(start)
-    if n == 0:
-        return np.empty(0, dtype=np.uint32)
-    seed = seed & 0xFFFFFFFF
-    words = _words32(buffer)
-    length = (np.asarray(stop, dtype=np.int64) - np.asarray(start, dtype=np.int64))
-    if length.min() < 0:
-        raise ValueError("every span needs start <= stop")
-    order = np.argsort(-length, kind="stable")
-    ln = length[order]
-    pos = np.asarray(start, dtype=np.int64)[order]
-    neg_ln = -ln  # ascending, for prefix counts
-    h = np.empty(n, dtype=np.uint32)
-
-    n_long = int(np.searchsorted(neg_ln, -16, side="right"))  # spans of >= 16 bytes
-    if n_long:
-        v = [
-            np.full(n_long, (seed + int(P1) + int(P2)) & _MASK, dtype=np.uint32),
-            np.full(n_long, (seed + int(P2)) & _MASK, dtype=np.uint32),
-            np.full(n_long, seed, dtype=np.uint32),
-            np.full(n_long, (seed - int(P1)) & _MASK, dtype=np.uint32),
-        ]
-        for stripe in range(int(ln[0]) // 16):
-            m = int(np.searchsorted(neg_ln, -16 * (stripe + 1), side="right"))
-            base = pos[:m] + 16 * stripe
-            for lane in range(4):
-                acc = v[lane][:m]
-                acc += words[base + 4 * lane] * P2
-                acc[:] = _rotl(acc, 13) * P1
-        h[:n_long] = _rotl(v[0], 1) + _rotl(v[1], 7) + _rotl(v[2], 12) + _rotl(v[3], 18)
-    h[n_long:] = (seed + int(P5)) & _MASK
-    h += ln.astype(np.uint32)
-
-    # Tails: runs of equal length share their number of 4-byte words and bytes.
-    bounds = np.flatnonzero(np.diff(ln)) + 1
-    run_starts = np.concatenate(([0], bounds))
-    run_stops = np.concatenate((bounds, [n]))
-    for a, b in zip(run_starts.tolist(), run_stops.tolist()):
-        size = int(ln[a])
-        p = pos[a:b] + (size // 16) * 16
-        rest = size % 16
-        hh = h[a:b]
-        for _ in range(rest // 4):
-            hh += words[p] * P3
-            hh[:] = _rotl(hh, 17) * P4
-            p = p + 4
-        for _ in range(rest % 4):
-            hh += buffer[p].astype(np.uint32) * P5
-            hh[:] = _rotl(hh, 11) * P1
-            p = p + 1
-
-    h ^= h >> np.uint32(15)
-    h *= P2
-    h ^= h >> np.uint32(13)
-    h *= P3
-    h ^= h >> np.uint32(16)
     out = np.empty(n, dtype=np.uint32)
-    out[order] = h
+    if n == 0:
+        return out
+    if length.min() < 0 or start.min() < 0 or int((start + length).max()) > len(buffer):
+        raise ValueError("every span needs 0 <= start <= stop <= len(buffer)")
+    words = _words32(buffer)
+    scratch = _Scratch(min(n, _CHUNK))
+    for c in range(0, n, _CHUNK):
+        out[c : c + _CHUNK] = _hash_chunk(buffer, words, start[c : c + _CHUNK], length[c : c + _CHUNK],
+                                          seed & _MASK, scratch)
     return out

@@ -110,7 +110,8 @@ class IngestSummary:
 
 
 def _identifier_hashes(row: CleanRow, key: bytes) -> list[tuple[str, str]]:
-    return [(kind, keyed_hash(key, kind, value)) for kind, value in row.identifiers]
+    # Two fields may carry the same identifier: store each (kind, hash) once.
+    return list(dict.fromkeys((kind, keyed_hash(key, kind, value)) for kind, value in row.identifiers))
 
 
 def _validate(

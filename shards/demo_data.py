@@ -23,9 +23,12 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing as mp
+import os
 import random
 import re
 import unicodedata
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -239,50 +242,43 @@ _TOPIC_T, _GENERIC_T = _parse_templates()
 _STEPS = {n: [s for s in range(1, n) if math.gcd(s, n) == 1] or [1] for n in range(1, 40)}
 
 
-def _pick(seq):
-    return lambda c: seq[int(c.rnd() * len(seq))]
+def _pool(draw, size: int = 4096) -> tuple[str, ...]:
+    """``size`` values of ``draw(rnd)``, fixed at import: a draw is then one index."""
+    rnd = random.Random(size).random
+    return tuple(draw(rnd) for _ in range(size))
 
 
-def _num(lo: int, hi: int, fmt: str = "{}"):
-    return lambda c: fmt.format(lo + int(c.rnd() * (hi - lo)))
+def _rng(lo: int, hi: int, fmt: str = "{}") -> tuple[str, ...]:
+    return _pool(lambda r: fmt.format(lo + int(r() * (hi - lo))))
 
 
-def _date(c: _Ctx) -> str:
-    month, day = _MONTHS[int(c.rnd() * 12)], 1 + int(c.rnd() * 28)
-    return f"{month} {day}" if c.rnd() < 0.6 else f"{day} {month}"
-
-
-def _syn(groups):
-    def draw(c: _Ctx) -> str:
-        group = groups[int(c.rnd() * len(groups))]
-        return group[(int(c.rnd() * len(group)) + c.alt) % len(group)]
-    return draw
-
-
-def _letter(c: _Ctx) -> str:
-    return chr(65 + int(c.rnd() * 26))
+def _letter(r) -> str:
+    return chr(65 + int(r() * 26))
 
 
 _SLOTS = {
-    "money": lambda c: f"${5 + int(c.rnd() * 895)}.{int(c.rnd() * 100):02d}",
-    "date": _date,
-    "days": _num(2, 30), "n": _num(2, 10), "n2": _num(3, 60), "hours": _num(2, 49), "pct": _num(5, 80, "{}%"),
-    "year": _num(2009, 2025), "order": _num(1_000_000, 99_999_999, "#{}"),
-    "ticket": _num(10_000, 999_999, "ticket {}"), "card": _num(1000, 10_000, "card ending in {}"),
-    "time": lambda c: f"{1 + int(c.rnd() * 12)}:{int(c.rnd() * 60):02d} {'am' if c.rnd() < 0.5 else 'pm'}",
-    "code": lambda c: f"{'EWX'[int(c.rnd() * 3)]}-{100 + int(c.rnd() * 9900)}",
-    "version": lambda c: f"{1 + int(c.rnd() * 11)}.{int(c.rnd() * 30)}.{int(c.rnd() * 10)}",
-    "model": lambda c: f"{_letter(c)}{10 + int(c.rnd() * 990)}",
-    "brand": _pick(_BRANDS), "city": _pick(_CITIES), "courier": _pick(_COURIERS), "store": _pick(_STORES),
-    "feature": _pick(_FEATURES), "plan": _pick(("Basic", "Plus", "Family", "Pro", "Premium", "Student")),
-    "device": lambda c: f"{_DEVICES[int(c.rnd() * len(_DEVICES))]} {2 + int(c.rnd() * 13)}",
+    "money": _pool(lambda r: f"${5 + int(r() * 895)}.{int(r() * 100):02d}"),
+    "date": _pool(lambda r: f"{_MONTHS[int(r() * 12)]} {1 + int(r() * 28)}" if r() < 0.6
+                  else f"{1 + int(r() * 28)} {_MONTHS[int(r() * 12)]}"),
+    "days": _rng(2, 30), "n": _rng(2, 10), "n2": _rng(3, 60), "hours": _rng(2, 49), "pct": _rng(5, 80, "{}%"),
+    "year": _rng(2009, 2025), "order": _rng(1_000_000, 99_999_999, "#{}"),
+    "ticket": _rng(10_000, 999_999, "ticket {}"), "card": _rng(1000, 10_000, "card ending in {}"),
+    "time": _pool(lambda r: f"{1 + int(r() * 12)}:{int(r() * 60):02d} {'am' if r() < 0.5 else 'pm'}"),
+    "code": _pool(lambda r: f"{'EWX'[int(r() * 3)]}-{100 + int(r() * 9900)}"),
+    "version": _pool(lambda r: f"{1 + int(r() * 11)}.{int(r() * 30)}.{int(r() * 10)}"),
+    "model": _pool(lambda r: f"{_letter(r)}{10 + int(r() * 990)}"),
+    "device": _pool(lambda r: f"{_DEVICES[int(r() * len(_DEVICES))]} {2 + int(r() * 13)}", 64),
+    "flight": _pool(lambda r: f"flight {_letter(r)}{_letter(r)} {100 + int(r() * 9900)}"),
+    "brand": tuple(_BRANDS), "city": tuple(_CITIES), "courier": tuple(_COURIERS), "store": tuple(_STORES),
+    "feature": _FEATURES, "plan": ("Basic", "Plus", "Family", "Pro", "Premium", "Student"),
     "hotel": lambda c: f"{c['city2']} {_HOTEL[int(c.rnd() * len(_HOTEL))]}",
-    "flight": lambda c: f"flight {_letter(c)}{_letter(c)} {100 + int(c.rnd() * 9900)}",
     "product": lambda c: f"{c['brand']} {c['model']} {c['item']}",
 }
 for _k in ("money", "date", "city", "code", "model"):
     _SLOTS[_k + "2"] = _SLOTS[_k]
-_TOPIC_SLOTS = [{**_SLOTS, **{k: _syn(g) for k, g in (_SYN | t).items()}} for t in _TOPIC_SYN]
+# per topic and alt (0: original wording, 1: paraphrase): a synonym draw is one index
+_TOPIC_SLOTS = [[{**_SLOTS, **{k: tuple(g[(i + alt) % len(g)] for g in groups for i in range(len(g)))
+                               for k, groups in (_SYN | t).items()}} for alt in (0, 1)] for t in _TOPIC_SYN]
 
 
 class _Ctx(dict):
@@ -290,10 +286,11 @@ class _Ctx(dict):
 
     def __init__(self, rnd, topic: int, alt: int) -> None:
         super().__init__()
-        self.rnd, self.alt, self.fns = rnd, alt, _TOPIC_SLOTS[topic]
+        self.rnd, self.slots = rnd, _TOPIC_SLOTS[topic][alt]
 
     def __missing__(self, key: str) -> str:
-        value = self[key] = self.fns[key](self)
+        pool = self.slots[key]
+        value = self[key] = pool[int(self.rnd() * len(pool))] if type(pool) is tuple else pool(self)
         return value
 
 
@@ -543,27 +540,59 @@ def generate_demo(n_records: int, seed: int = 0, *, copy_rate: float = 0.03, sub
 
 
 def write_demo(path_dir: str | Path, n_records: int, seed: int = 0, *, copy_rate: float = 0.03,
-               subject_rate: float = 0.01, posts_per_person: float = 4.0) -> DemoFiles:
+               subject_rate: float = 0.01, posts_per_person: float = 4.0, workers: int | None = None) -> DemoFiles:
     """Stream ``records.jsonl`` and ``ground_truth.jsonl`` into ``path_dir`` (created if needed).
 
     ``ground_truth.jsonl`` holds one ``{"type": "meta", ...}`` line, then one ``"person"`` line
     per person (ordered by person index), then one ``"copy"`` line per copy (ordered by id).
+    ``workers`` processes render the rows (default: up to 4 from 50k records on); the bytes do
+    not depend on it. Each file is written under a temporary name and renamed when complete.
     """
     plan = _plan(n_records, seed, copy_rate, subject_rate, posts_per_person)
+    if workers is None:
+        workers = min(4, os.cpu_count() or 1) if n_records >= 50_000 else 1
     out = Path(path_dir)
     out.mkdir(parents=True, exist_ok=True)
     records, truth = out / "records.jsonl", out / "ground_truth.jsonl"
-    dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+    starts = range(0, plan.n, _BATCH)
     jaccards: dict[int, float] = {}
-    with open(records, "w", encoding="utf-8", newline="\n") as f:
-        for start in range(0, plan.n, _BATCH):
-            rows, measured = _rows(plan, start, min(plan.n, start + _BATCH))
-            f.write("\n".join(map(dumps, rows)) + "\n")
-            jaccards.update(measured)
-    with open(truth, "w", encoding="utf-8", newline="\n") as f:
+    with open(records.with_suffix(".jsonl.tmp"), "w", encoding="utf-8", newline="\n") as f:
+        if workers <= 1:
+            _init_worker(plan)
+            batches = map(_encoded_batch, starts)
+            pool = None
+        else:
+            method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+            pool = ProcessPoolExecutor(workers, mp.get_context(method), initializer=_init_worker, initargs=(plan,))
+            batches = pool.map(_encoded_batch, starts)
+        try:
+            for text, measured in batches:
+                f.write(text)
+                jaccards.update(measured)
+        finally:
+            _init_worker(None)
+            if pool is not None:
+                pool.shutdown(cancel_futures=True)
+    os.replace(records.with_suffix(".jsonl.tmp"), records)
+    with open(truth.with_suffix(".jsonl.tmp"), "w", encoding="utf-8", newline="\n") as f:
         for obj in _truth(plan, jaccards):
-            f.write(dumps(obj) + "\n")
-    return DemoFiles(records, truth, plan.n, plan.n_persons, len(plan.copy_pos))
+            f.write(_DUMPS(obj) + "\n")
+    os.replace(truth.with_suffix(".jsonl.tmp"), truth)
+    return DemoFiles(records, truth, plan.n, len(plan.people), len(plan.copy_pos))
+
+
+_DUMPS = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+_WORKER: list = [None]  # the plan, in the process that renders rows
+
+
+def _init_worker(plan: _Plan | None) -> None:
+    _WORKER[0] = plan
+
+
+def _encoded_batch(start: int) -> tuple[str, list[tuple[int, float]]]:
+    plan = _WORKER[0]
+    rows, measured = _rows(plan, start, min(plan.n, start + _BATCH))
+    return "\n".join(map(_DUMPS, rows)) + "\n", measured
 
 
 def read_ground_truth(path: str | Path) -> dict:

@@ -6,8 +6,8 @@ of size n/R, the paper's schedule ``E_r = 2e/(R+1)`` makes the samples processed
 
     Σ_r E_r · (r+1)·n/R = 2e/(R+1) · n/R · R(R+1)/2 = e·n,
 
-the same as e epochs over the whole shard (``SliceSchedule.paper``; rounded to
-whole epochs, the rounding is visible in ``CostReport.samples_processed``).
+the same as e epochs over the whole shard (``SliceSchedule.paper``; a fractional
+E ends with a partial pass, so only the rounding of that pass's length remains).
 
 Exactness rests on one rule: nothing that slice r does depends on records of a
 later slice. The initial weights depend on (seed, shard), the batch order of
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -62,34 +63,43 @@ class UnknownRecordIdsError(ValueError):
 
 @dataclass(frozen=True)
 class SliceSchedule:
-    """Epochs to train at each slice: ``epochs[r]`` passes over slices 0..r."""
+    """Epochs to train at each slice: ``epochs[r]`` passes over slices 0..r (may be fractional).
 
-    epochs: tuple[int, ...]
+    A fractional ``E`` runs ``floor(E)`` full passes and then one pass over the
+    first ``round(frac(E)·n)`` records of that pass's shuffled order.
+    """
+
+    epochs: tuple[float, ...]
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "epochs", tuple(int(e) for e in self.epochs))
+        object.__setattr__(self, "epochs", tuple(float(e) for e in self.epochs))
         if not self.epochs:
             raise ValueError("a schedule needs at least one slice; use SliceSchedule.paper(num_slices, total_epochs)")
-        if any(e < 0 for e in self.epochs):
-            raise ValueError(f"epochs per slice must be >= 0, got {self.epochs}")
+        if any(not e >= 0 or math.isinf(e) for e in self.epochs):
+            raise ValueError(f"epochs per slice must be finite and >= 0, got {self.epochs}")
 
     @classmethod
-    def paper(cls, num_slices: int, total_epochs: int) -> SliceSchedule:
-        """Bourtoule et al.: ``E_r = 2e/(R+1)`` epochs per slice (rounded, at least 1), about e epochs in total."""
+    def paper(cls, num_slices: int, total_epochs: float) -> SliceSchedule:
+        """Bourtoule et al.: ``E_r = 2e/(R+1)`` epochs at every slice, e epochs' worth of samples in total."""
         if num_slices < 1:
             raise ValueError(f"num_slices must be at least 1, got {num_slices}")
-        if total_epochs < 1:
-            raise ValueError(f"total_epochs must be at least 1, got {total_epochs}")
-        per_slice = max(1, round(2 * total_epochs / (num_slices + 1)))
-        return cls(epochs=(per_slice,) * num_slices)
+        if not total_epochs > 0:
+            raise ValueError(f"total_epochs must be positive, got {total_epochs}")
+        return cls(epochs=(2 * total_epochs / (num_slices + 1),) * num_slices)
 
     @property
     def num_slices(self) -> int:
         return len(self.epochs)
 
+    def passes(self, r: int, size: int) -> list[int]:
+        """Records visited by each pass of slice r over a cumulative set of ``size`` records."""
+        full = math.floor(self.epochs[r])
+        partial = round((self.epochs[r] - full) * size)
+        return [size] * full + ([partial] if partial else [])
+
     def samples(self, cumulative_sizes: Sequence[int], first_slice: int = 0) -> int:
         """Samples processed training slices ``first_slice..R-1``: ``Σ_r E_r · |D_0..r|``."""
-        return sum(self.epochs[r] * int(cumulative_sizes[r]) for r in range(first_slice, self.num_slices))
+        return sum(sum(self.passes(r, int(cumulative_sizes[r]))) for r in range(first_slice, self.num_slices))
 
 
 @dataclass(frozen=True)
@@ -120,7 +130,7 @@ class TrainConfig:
         return {
             "algorithm": TRAINING_ALGORITHM,
             "model": self.model.to_dict(),
-            "epochs_per_slice": list(self.schedule.epochs),
+            "epochs_per_slice": list(self.schedule.epochs),  # floats: JSON keeps them exactly
             "batch_size": self.batch_size,
             "learning_rate": self.learning_rate,
             "weight_decay": self.weight_decay,
@@ -173,8 +183,8 @@ class ShardData:
         object.__setattr__(self, "record_ids", tuple(str(r) for r in self.record_ids))
         object.__setattr__(self, "untrained_ids", tuple(str(r) for r in self.untrained_ids))
         n = len(self.record_ids)
-        slices = np.asarray(self.slices, dtype=np.int32).reshape(-1)
-        labels = np.asarray(self.labels, dtype=np.int64).reshape(-1)
+        slices = np.array(self.slices, dtype=np.int32, copy=True).reshape(-1)
+        labels = np.array(self.labels, dtype=np.int64, copy=True).reshape(-1)
         features = np.array(self.features, dtype=np.float32, copy=True, order="C")
         if features.ndim == 1 and n == 0:
             features = features.reshape(0, 0)
@@ -278,7 +288,7 @@ class CostReport:
     shard_id: str
     device: str
     samples_processed: int
-    epochs_run: int
+    epochs_run: float
     slices_trained: tuple[int, ...]
     wall_seconds: float
     full_training_samples: int
@@ -396,9 +406,10 @@ def train_shard(
         for r in range(start, config.num_slices):
             rows = torch.from_numpy(order[: sizes[r]].astype(np.int64))
             slice_began = time.perf_counter()
-            for epoch in range(config.schedule.epochs[r]):
-                _train_epoch(model, optimizer, features, labels, rows, config, shard.shard_id, r, epoch, dev)
-            slice_samples = config.schedule.epochs[r] * sizes[r]
+            passes = config.schedule.passes(r, sizes[r])
+            for epoch, visits in enumerate(passes):
+                _train_epoch(model, optimizer, features, labels, rows, visits, config, shard.shard_id, r, epoch, dev)
+            slice_samples = sum(passes)
             samples += slice_samples
             _synchronize(dev)
             payload = {
@@ -475,11 +486,14 @@ def _restore_state(payload: dict[str, Any], model: nn.Module, optimizer: torch.o
         torch.cuda.set_rng_state(payload["rng_state"]["cuda"])
 
 
-def _train_epoch(model, optimizer, features, labels, rows, config: TrainConfig, shard_id, r, epoch, device) -> None:
-    """One pass over the cumulative set ``rows`` in an order fixed by (seed, shard, slice, epoch) and |rows|."""
+def _train_epoch(
+    model, optimizer, features, labels, rows, visits: int, config: TrainConfig, shard_id, r, epoch, device
+) -> None:
+    """One pass over the first ``visits`` of the cumulative set ``rows`` in an order fixed by
+    (seed, shard, slice, epoch) and |rows| alone."""
     model.train()
     shuffle = torch.Generator().manual_seed(derive_seed(config.seed, shard_id, "shuffle", r, epoch))
-    batches = rows[torch.randperm(len(rows), generator=shuffle)].to(device)
+    batches = rows[torch.randperm(len(rows), generator=shuffle)[:visits]].to(device)
     _seed_layers(device, derive_seed(config.seed, shard_id, "layers", r, epoch))  # dropout and similar layers
     for begin in range(0, len(batches), config.batch_size):
         batch = batches[begin : begin + config.batch_size]

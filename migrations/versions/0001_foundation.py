@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-28 23:22:54.974109
+Create Date: 2026-11-28
 """
 
 from __future__ import annotations
@@ -75,20 +75,17 @@ def upgrade() -> None:
     op.create_index('ix_records_dataset_shard_slice', 'records', ['dataset_id', 'shard', 'slice'], unique=False)
     op.create_index(op.f('ix_records_source_file_id'), 'records', ['source_file_id'], unique=False)
     op.create_table('record_identifiers',
-    sa.Column('id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
     sa.Column('dataset_id', sa.Integer(), nullable=False),
     sa.Column('record_id', sa.String(length=256), nullable=False),
     sa.Column('kind', sa.String(length=32), nullable=False),
     sa.Column('keyed_hash', sa.String(length=64), nullable=False),
     sa.ForeignKeyConstraint(['dataset_id', 'record_id'], ['records.dataset_id', 'records.record_id'], name='fk_record_identifiers_record', ondelete='CASCADE'),
-    sa.PrimaryKeyConstraint('id', name=op.f('pk_record_identifiers'))
+    sa.PrimaryKeyConstraint('dataset_id', 'record_id', 'kind', 'keyed_hash', name=op.f('pk_record_identifiers'))
     )
     op.create_index('ix_record_identifiers_lookup', 'record_identifiers', ['kind', 'keyed_hash'], unique=False)
-    op.create_index('ix_record_identifiers_record', 'record_identifiers', ['dataset_id', 'record_id'], unique=False)
 
 
 def downgrade() -> None:
-    op.drop_index('ix_record_identifiers_record', table_name='record_identifiers')
     op.drop_index('ix_record_identifiers_lookup', table_name='record_identifiers')
     op.drop_table('record_identifiers')
     op.drop_index(op.f('ix_records_source_file_id'), table_name='records')

@@ -102,7 +102,7 @@ def check_exact(shard: ShardData, removed: set[str], config: TrainConfig, root: 
     assert not removed & set(state_of(live, result.final)["ids"])
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     n=st.integers(1, 48),
     num_slices=st.integers(1, 4),
@@ -172,8 +172,10 @@ def test_training_is_deterministic_given_the_seed(tmp_path):
     first = train_shard(shard, make_config(4, seed=1), CheckpointStore(tmp_path / "a"), threads=1)
     second = train_shard(shard, make_config(4, seed=1), CheckpointStore(tmp_path / "b"), threads=1)
     other = train_shard(shard, make_config(4, seed=2), CheckpointStore(tmp_path / "c"), threads=1)
-    assert_bitwise_equal(state_of(CheckpointStore(tmp_path / "a"), first.final), state_of(CheckpointStore(tmp_path / "b"), second.final))
-    assert first.final.sha256 == second.final.sha256
+    assert_bitwise_equal(
+        state_of(CheckpointStore(tmp_path / "a"), first.final), state_of(CheckpointStore(tmp_path / "b"), second.final)
+    )
+    assert first.final.key == second.final.key  # the files differ only in their recorded wall times
     assert other.final.key != first.final.key
 
 

@@ -1,0 +1,175 @@
+"""MinHash signatures of word shingles, vectorised across documents.
+
+For a shingle set S and permutation k (datasketch 2.0, scheme ``affine32``)::
+
+    sig[k] = min over s in S of  (a_k * fmix32(h(s)) + b_k)  mod 2^32
+
+with ``h = xxh32`` of the shingle's UTF-8 bytes (seed ``hash_seed``), ``fmix32``
+the MurmurHash3 finalizer, and ``(a_k, b_k)`` the permutations datasketch draws
+from ``numpy.random.RandomState(seed)`` (``a_k`` odd, so each map is a bijection).
+``P[sig_A[k] == sig_B[k]] = J(A, B)``, so the fraction of equal entries estimates
+the Jaccard similarity with standard error ``sqrt(J (1 - J) / num_perm)``.
+
+A signature here equals ``datasketch.MinHash(num_perm, seed, hashfunc=xxh32)``
+updated with the same shingles (see :func:`datasketch_minhash`): the shingles of a
+whole batch are hashed in one pass (:func:`dedup.span_hash.xxh32_spans`) and each
+permutation is one multiply, one add and one segmented minimum over the batch.
+Empty texts get datasketch's empty signature (every entry 2^32 - 1).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import xxhash
+
+from dedup.normalize import DEFAULT_SHINGLE_SIZE, shingles, tokenize_batch
+from dedup.span_hash import xxh32_spans
+
+EMPTY_VALUE = np.uint32(0xFFFFFFFF)
+_SCHEME = "affine32"
+# Shingles per permutation pass: the temporary row stays in the CPU's L2 cache.
+_CHUNK_SHINGLES = 1 << 16
+
+
+@dataclass(frozen=True)
+class MinHashParams:
+    """What makes two signatures comparable; stored with every signature file."""
+
+    num_perm: int = 128
+    seed: int = 1
+    shingle_size: int = DEFAULT_SHINGLE_SIZE
+    hash_seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.num_perm, int) or not 16 <= self.num_perm <= 1024:
+            raise ValueError(f"num_perm must be an integer in 16..1024, got {self.num_perm!r}; 128 is the default")
+        if not isinstance(self.shingle_size, int) or self.shingle_size < 1:
+            raise ValueError(f"shingle_size must be a positive integer, got {self.shingle_size!r}; 5 is the default")
+        if not 0 <= self.seed < 2**32 or not 0 <= self.hash_seed < 2**32:
+            raise ValueError("seed and hash_seed must be in 0..2**32-1")
+
+    def to_dict(self) -> dict:
+        return {"num_perm": self.num_perm, "seed": self.seed, "shingle_size": self.shingle_size,
+                "hash_seed": self.hash_seed, "scheme": _SCHEME, "hash": "xxh32"}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> MinHashParams:
+        if data.get("scheme", _SCHEME) != _SCHEME or data.get("hash", "xxh32") != "xxh32":
+            raise ValueError(f"signatures use scheme {data.get('scheme')!r}/{data.get('hash')!r}; "
+                             f"this version reads only {_SCHEME}/xxh32: rebuild the index")
+        return cls(int(data["num_perm"]), int(data["seed"]), int(data["shingle_size"]), int(data["hash_seed"]))
+
+
+def shingle_hash(shingle: bytes, hash_seed: int = 0) -> int:
+    """The hash function given to datasketch: xxh32 of the shingle's UTF-8 bytes."""
+    return xxhash.xxh32_intdigest(shingle, seed=hash_seed)
+
+
+@functools.lru_cache(maxsize=8)
+def permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """datasketch's own ``(a, b)`` for this ``num_perm`` and ``seed`` (uint32 arrays)."""
+    from datasketch import MinHash
+
+    a, b = MinHash(num_perm=num_perm, seed=seed, scheme=_SCHEME).permutations
+    a, b = np.ascontiguousarray(a, dtype=np.uint32), np.ascontiguousarray(b, dtype=np.uint32)
+    a.setflags(write=False)
+    b.setflags(write=False)
+    return a, b
+
+
+def fmix32(h: np.ndarray) -> np.ndarray:
+    """MurmurHash3's 32-bit finalizer, in place on a uint32 array (returned)."""
+    h ^= h >> np.uint32(16)
+    h *= np.uint32(0x85EBCA6B)
+    h ^= h >> np.uint32(13)
+    h *= np.uint32(0xC2B2AE35)
+    h ^= h >> np.uint32(16)
+    return h
+
+
+def _min_per_doc(hv: np.ndarray, doc_offsets: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(num_perm, n_docs) minima of a_k * hv + b_k over each document's segment."""
+    n_docs = len(doc_offsets) - 1
+    out = np.full((len(a), n_docs), EMPTY_VALUE, dtype=np.uint32)
+    nonempty = np.flatnonzero(doc_offsets[1:] > doc_offsets[:-1])
+    if not len(nonempty):
+        return out
+    starts = doc_offsets[nonempty]
+    # Cut the non-empty documents into groups of about _CHUNK_SHINGLES shingles.
+    cuts = np.searchsorted(starts, np.arange(0, int(doc_offsets[-1]), _CHUNK_SHINGLES), side="left")
+    cuts = np.unique(np.concatenate((cuts, [len(nonempty)])))
+    a_list, b_list = a.tolist(), b.tolist()
+    for g0, g1 in zip(cuts[:-1].tolist(), cuts[1:].tolist()):
+        if g0 == g1:
+            continue
+        docs = nonempty[g0:g1]
+        lo, hi = int(doc_offsets[docs[0]]), int(doc_offsets[docs[-1] + 1])
+        seg = hv[lo:hi]
+        seg_starts = doc_offsets[docs] - lo
+        tmp = np.empty(hi - lo, dtype=np.uint32)
+        block = out[:, docs[0] : docs[-1] + 1]
+        rel = docs - docs[0]
+        contiguous = len(docs) == docs[-1] - docs[0] + 1
+        for k, (ak, bk) in enumerate(zip(a_list, b_list)):
+            np.multiply(seg, ak, out=tmp)
+            tmp += bk
+            if contiguous:
+                np.minimum.reduceat(tmp, seg_starts, out=block[k])
+            else:
+                block[k, rel] = np.minimum.reduceat(tmp, seg_starts)
+    return out
+
+
+def _signatures_batch(texts: Sequence[str], params: MinHashParams) -> np.ndarray:
+    spans = tokenize_batch(texts, params.shingle_size)
+    hv = fmix32(xxh32_spans(spans.buffer, spans.start, spans.stop, params.hash_seed))
+    a, b = permutations(params.num_perm, params.seed)
+    return _min_per_doc(hv, spans.doc_offsets, a, b).T
+
+
+def minhash_signatures(
+    texts: Sequence[str], params: MinHashParams = MinHashParams(), *, batch_size: int = 4096, workers: int = 1
+) -> np.ndarray:
+    """uint32 (len(texts), num_perm) signatures; ``workers`` threads share the numpy work."""
+    if isinstance(texts, (str, bytes)):
+        raise ValueError("texts must be a sequence of strings, not one string; wrap it in a list")
+    if batch_size < 1 or workers < 1:
+        raise ValueError("batch_size and workers must be at least 1")
+    n = len(texts)
+    out = np.empty((n, params.num_perm), dtype=np.uint32)
+    ranges = [(i, min(n, i + batch_size)) for i in range(0, n, batch_size)]
+
+    def run(r: tuple[int, int]) -> None:
+        out[r[0] : r[1]] = _signatures_batch(texts[r[0] : r[1]], params)
+
+    if workers == 1 or len(ranges) < 2:
+        for r in ranges:
+            run(r)
+    else:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            list(pool.map(run, ranges))
+    return out
+
+
+def datasketch_minhash(text: str, params: MinHashParams = MinHashParams()):
+    """The same signature built the ordinary way, with ``datasketch.MinHash`` (the reference)."""
+    from datasketch import MinHash
+
+    m = MinHash(num_perm=params.num_perm, seed=params.seed, scheme=_SCHEME,
+                hashfunc=functools.partial(shingle_hash, hash_seed=params.hash_seed))
+    m.update_batch([s.encode("utf-8") for s in shingles(text, params.shingle_size)])
+    return m
+
+
+def estimate_jaccard(sig: np.ndarray, others: np.ndarray) -> np.ndarray:
+    """Fraction of equal entries between one signature and each row of ``others``."""
+    return (np.asarray(others) == np.asarray(sig)[None, :]).mean(axis=1)
+
+
+def is_empty_signature(sig: np.ndarray) -> np.ndarray:
+    return np.all(np.asarray(sig) == EMPTY_VALUE, axis=-1)
