@@ -28,10 +28,14 @@ _CHUNK = 1 << 15
 
 
 def _words32(buffer: np.ndarray) -> np.ndarray:
-    """A read-only uint32 view starting at every byte: word i = buffer[i:i+4] little-endian."""
-    padded = np.zeros(len(buffer) + 3, dtype=np.uint8)
-    padded[: len(buffer)] = buffer
-    return np.ndarray(shape=(len(buffer),), dtype="<u4", buffer=padded, offset=0, strides=(1,))
+    """uint32 array with word i = buffer[i:i+4] read little-endian (zero-padded at the end)."""
+    b = np.zeros(len(buffer) + 3, dtype=np.uint32)
+    b[: len(buffer)] = buffer
+    words = b[3:] << np.uint32(24)
+    words |= b[2:-1] << np.uint32(16)
+    words |= b[1:-2] << np.uint32(8)
+    words |= b[:-3]
+    return words
 
 
 class _Scratch:
