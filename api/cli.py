@@ -19,6 +19,10 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="GDPR erasure
 db_app = typer.Typer(no_args_is_help=True, help="Database schema.")
 app.add_typer(db_app, name="db")
 
+from api.cli_requests import register_commands  # noqa: E402
+
+register_commands(app)
+
 HomeOpt = Annotated[Optional[Path], typer.Option("--home", help="Data home (env ERASURE_HOME, default ./.erasure).")]
 DbOpt = Annotated[
     Optional[str], typer.Option("--database-url", help="SQLAlchemy URL (env ERASURE_DATABASE_URL; default SQLite in the home).")

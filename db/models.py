@@ -120,3 +120,6 @@ class ShardVersion(Base):
     row_count: Mapped[int] = mapped_column(Integer)
     created_by: Mapped[str] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+import db.requests  # noqa: E402,F401  (registers the request tables on Base.metadata for Alembic)

@@ -24,6 +24,8 @@ def make_engine(url: str) -> Engine:
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute("PRAGMA journal_mode=WAL")
+            # Deleted rows (purged samples, erased lineage) are zeroed on disk.
+            cur.execute("PRAGMA secure_delete=ON")
             cur.close()
 
         return engine

@@ -4,17 +4,23 @@ For a shingle set S and permutation k (datasketch 2.0, scheme ``affine32``)::
 
     sig[k] = min over s in S of  (a_k * fmix32(h(s)) + b_k)  mod 2^32
 
-with ``h = xxh32`` of the shingle's UTF-8 bytes (seed ``hash_seed``), ``fmix32``
-the MurmurHash3 finalizer, and ``(a_k, b_k)`` the permutations datasketch draws
-from ``numpy.random.RandomState(seed)`` (``a_k`` odd, so each map is a bijection).
-``P[sig_A[k] == sig_B[k]] = J(A, B)``, so the fraction of equal entries estimates
-the Jaccard similarity with standard error ``sqrt(J (1 - J) / num_perm)``.
+with ``fmix32`` the MurmurHash3 finalizer and ``(a_k, b_k)`` the permutations
+datasketch draws from ``numpy.random.RandomState(seed)`` (``a_k`` odd, so each map
+is a bijection). ``P[sig_A[k] == sig_B[k]] = J(A, B)``, so the fraction of equal
+entries estimates the Jaccard similarity with standard error
+``sqrt(J (1 - J) / num_perm)``.
 
-A signature here equals ``datasketch.MinHash(num_perm, seed, hashfunc=xxh32)``
-updated with the same shingles (see :func:`datasketch_minhash`): the shingles of a
-whole batch are hashed in one pass (:func:`dedup.span_hash.xxh32_spans`) and each
-permutation is one multiply, one add and one segmented minimum over the batch.
-Empty texts get datasketch's empty signature (every entry 2^32 - 1).
+The hash of a shingle of words ``w_1 .. w_m`` is a polynomial of the words'
+xxh32 hashes (Horner's rule, ``M`` odd, all modulo 2^32)::
+
+    h(s) = sum_j xxh32(w_j) * M^(m - j)
+
+so each word of a batch is hashed once (:func:`dedup.span_hash.xxh32_spans`)
+and a shingle costs ``k`` multiply-adds of contiguous arrays. Each permutation
+is then one multiply, one add and one segmented minimum over the whole batch.
+A signature equals ``datasketch.MinHash(num_perm, seed, hashfunc=shingle_hash)``
+updated with the same shingles (see :func:`datasketch_minhash`). Empty texts get
+datasketch's empty signature (every entry 2^32 - 1).
 """
 
 from __future__ import annotations
@@ -27,11 +33,12 @@ from dataclasses import dataclass
 import numpy as np
 import xxhash
 
-from dedup.normalize import DEFAULT_SHINGLE_SIZE, shingles, tokenize_batch
+from dedup.normalize import DEFAULT_SHINGLE_SIZE, WordBatch, shingles, tokenize_batch
 from dedup.span_hash import xxh32_spans
 
 EMPTY_VALUE = np.uint32(0xFFFFFFFF)
 _SCHEME = "affine32"
+WORD_MULTIPLIER = 0x9E3779B1  # odd: every power is invertible modulo 2^32
 # Shingles per permutation pass: the temporary row stays in the CPU's L2 cache.
 _CHUNK_SHINGLES = 1 << 16
 
@@ -55,19 +62,22 @@ class MinHashParams:
 
     def to_dict(self) -> dict:
         return {"num_perm": self.num_perm, "seed": self.seed, "shingle_size": self.shingle_size,
-                "hash_seed": self.hash_seed, "scheme": _SCHEME, "hash": "xxh32"}
+                "hash_seed": self.hash_seed, "scheme": _SCHEME, "hash": "xxh32-words-poly"}
 
     @classmethod
     def from_dict(cls, data: dict) -> MinHashParams:
-        if data.get("scheme", _SCHEME) != _SCHEME or data.get("hash", "xxh32") != "xxh32":
+        if data.get("scheme", _SCHEME) != _SCHEME or data.get("hash") != "xxh32-words-poly":
             raise ValueError(f"signatures use scheme {data.get('scheme')!r}/{data.get('hash')!r}; "
-                             f"this version reads only {_SCHEME}/xxh32: rebuild the index")
+                             f"this version reads only {_SCHEME}/xxh32-words-poly: rebuild the index")
         return cls(int(data["num_perm"]), int(data["seed"]), int(data["shingle_size"]), int(data["hash_seed"]))
 
 
 def shingle_hash(shingle: bytes, hash_seed: int = 0) -> int:
-    """The hash function given to datasketch: xxh32 of the shingle's UTF-8 bytes."""
-    return xxhash.xxh32_intdigest(shingle, seed=hash_seed)
+    """The hash function given to datasketch: a polynomial of the words' xxh32 hashes."""
+    h = 0
+    for word in shingle.split(b" "):
+        h = (h * WORD_MULTIPLIER + xxhash.xxh32_intdigest(word, seed=hash_seed)) & 0xFFFFFFFF
+    return h
 
 
 @functools.lru_cache(maxsize=8)
@@ -125,15 +135,47 @@ def _min_per_doc(hv: np.ndarray, doc_offsets: np.ndarray, a: np.ndarray, b: np.n
     return out
 
 
+def shingle_hashes(batch: WordBatch, k: int, hash_seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """uint32 :func:`shingle_hash` of every shingle of a batch, and the per-text offsets."""
+    wh = xxh32_spans(batch.buffer, batch.start, batch.stop, hash_seed)
+    word_offsets = batch.doc_offsets
+    per_doc = np.diff(word_offsets)
+    n_sh = np.where(per_doc >= k, per_doc - k + 1, np.minimum(per_doc, 1))
+    offsets = np.zeros(len(per_doc) + 1, dtype=np.int64)
+    np.cumsum(n_sh, out=offsets[1:])
+    total, n_words = int(offsets[-1]), len(wh)
+    out = np.empty(total, dtype=np.uint32)
+    if total == 0:
+        return out, offsets
+    first = np.arange(total, dtype=np.int64)
+    first += np.repeat(word_offsets[:-1] - offsets[:-1], n_sh)
+    if n_words >= k:
+        # Window hash at every word position (windows across texts are dropped below).
+        width = n_words - k + 1
+        window = wh[:width] * np.uint32(pow(WORD_MULTIPLIER, k - 1, 1 << 32))
+        for j in range(1, k):
+            window += wh[j : j + width] * np.uint32(pow(WORD_MULTIPLIER, k - 1 - j, 1 << 32))
+        full = np.flatnonzero(np.repeat(per_doc >= k, n_sh))
+        out[full] = window[first[full]] if len(full) < total else window[first]
+    short_docs = np.flatnonzero((per_doc > 0) & (per_doc < k))
+    if len(short_docs):  # one shingle of all m < k words, by Horner's rule
+        h = np.zeros(len(short_docs), dtype=np.uint32)
+        base, m = word_offsets[short_docs], per_doc[short_docs]
+        for j in range(k - 1):
+            live = m > j
+            h[live] = h[live] * np.uint32(WORD_MULTIPLIER) + wh[base[live] + j]
+        out[offsets[short_docs]] = h
+    return out, offsets
+
+
 def _signatures_batch(texts: Sequence[str], params: MinHashParams) -> np.ndarray:
-    spans = tokenize_batch(texts, params.shingle_size)
-    hv = fmix32(xxh32_spans(spans.buffer, spans.start, spans.stop, params.hash_seed))
+    hv, offsets = shingle_hashes(tokenize_batch(texts), params.shingle_size, params.hash_seed)
     a, b = permutations(params.num_perm, params.seed)
-    return _min_per_doc(hv, spans.doc_offsets, a, b).T
+    return _min_per_doc(fmix32(hv), offsets, a, b).T
 
 
 def minhash_signatures(
-    texts: Sequence[str], params: MinHashParams = MinHashParams(), *, batch_size: int = 4096, workers: int = 1
+    texts: Sequence[str], params: MinHashParams = MinHashParams(), *, batch_size: int = 1024, workers: int = 1
 ) -> np.ndarray:
     """uint32 (len(texts), num_perm) signatures; ``workers`` threads share the numpy work."""
     if isinstance(texts, (str, bytes)):

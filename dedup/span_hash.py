@@ -24,18 +24,20 @@ P3 = 3266489917
 P4 = 668265263
 P5 = 374761393
 _MASK = 0xFFFFFFFF
-_CHUNK = 1 << 15
+_CHUNK = 1 << 16
 
 
 def _words32(buffer: np.ndarray) -> np.ndarray:
     """uint32 array with word i = buffer[i:i+4] read little-endian (zero-padded at the end)."""
-    b = np.zeros(len(buffer) + 3, dtype=np.uint32)
-    b[: len(buffer)] = buffer
-    words = b[3:] << np.uint32(24)
-    words |= b[2:-1] << np.uint32(16)
-    words |= b[1:-2] << np.uint32(8)
-    words |= b[:-3]
-    return words
+    n = len(buffer)
+    m = (n + 3) // 4 * 4
+    padded = np.zeros(m + 4, dtype=np.uint8)
+    padded[:n] = buffer
+    raw = padded.tobytes()
+    words = np.empty(m, dtype=np.uint32)
+    for offset in range(4):  # the words starting at offset, offset + 4, ...
+        words[offset::4] = np.frombuffer(raw, dtype="<u4", count=m // 4, offset=offset)
+    return words[:n]
 
 
 class _Scratch:
@@ -110,11 +112,12 @@ def _hash_chunk(buffer: np.ndarray, words: np.ndarray, pos: np.ndarray, ln: np.n
         for _ in range(r // 4):
             np.take(words, q, out=lane)
             _round(g, lane, P3, 17, P4, t)
-            q = q + 4
+            np.add(q, 4, out=q)
         for _ in range(r % 4):
-            lane[:] = buffer[q]
+            np.take(words, q, out=lane)
+            np.bitwise_and(lane, np.uint32(0xFF), out=lane)
             _round(g, lane, P5, 11, P1, t)
-            q = q + 1
+            np.add(q, 1, out=q)
     t = s.t[:n]
     np.right_shift(hh, 15, out=t); hh ^= t
     hh *= np.uint32(P2)

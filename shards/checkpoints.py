@@ -14,13 +14,15 @@ write goes to a temporary file, is fsynced, then ``os.replace``d into place and
 the directory fsynced; an existing address is left as it is.
 
 Layout: ``<root>/<key[:2]>/<key>.pt`` (a ``torch.save`` dict, read back with
-``weights_only=True``).
+``weights_only=True``). The ``seen_ids`` list is stored as one UTF-8 JSON byte
+tensor: the weights-only unpickler is slow on long lists of strings.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import tempfile
 from dataclasses import dataclass
@@ -84,6 +86,15 @@ def _hash_parts(*parts: str) -> str:
     return digest.hexdigest()
 
 
+def _encode_ids(ids: list[str]) -> torch.Tensor:
+    data = json.dumps(list(ids), ensure_ascii=False, separators=(",", ":")).encode()
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+
+def _decode_ids(tensor: torch.Tensor) -> list[str]:
+    return json.loads(tensor.numpy().tobytes().decode())
+
+
 def _sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -125,8 +136,11 @@ class CheckpointStore:
         if path.is_file():
             return self.ref(key)
         payload = {**payload, "format": CHECKPOINT_FORMAT, "key": key}
+        stored = dict(payload)
+        if "seen_ids" in stored:
+            stored["seen_ids"] = _encode_ids(stored["seen_ids"])
         buffer = io.BytesIO()
-        torch.save(payload, buffer)
+        torch.save(stored, buffer)
         data = buffer.getvalue()
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{key}.", suffix=".tmp", dir=path.parent)
@@ -158,6 +172,8 @@ class CheckpointStore:
         payload = torch.load(path, map_location="cpu", weights_only=True)
         if payload.get("format") != CHECKPOINT_FORMAT or payload.get("key") != key:
             raise ValueError(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint for key {key}")
+        if isinstance(payload.get("seen_ids"), torch.Tensor):
+            payload["seen_ids"] = _decode_ids(payload["seen_ids"])
         return payload
 
     def _ref_of(self, key: str, payload: dict[str, Any], sha256: str) -> CheckpointRef:

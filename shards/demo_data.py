@@ -22,14 +22,15 @@ words is one shingle). Same ``(n_records, seed, copy_rate, subject_rate)`` -> sa
 from __future__ import annotations
 
 import json
-import math
 import multiprocessing as mp
 import os
 import random
 import re
 import unicodedata
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -40,9 +41,12 @@ _KINDS = ("exact", "near", "paraphrase")
 _KIND_SHARE = (0.3, 0.45, 0.25)
 _BATCH = 8192  # records per random stream; fixed so that the output never depends on batching
 _NONWORD = re.compile(r"[\W_]+")
+_ASCII_FOLD = str.maketrans({c: " " for c in map(chr, range(128)) if not c.isalnum()})
 
 
 def _normalize_text(text: str) -> str:
+    if text.isascii():  # the same result, faster
+        return " ".join(text.lower().translate(_ASCII_FOLD).split())
     return _NONWORD.sub(" ", unicodedata.normalize("NFKC", text).casefold()).strip()
 
 
@@ -50,7 +54,7 @@ def _shingles(text: str, k: int = 5) -> set[str]:
     words = _normalize_text(text).split()
     if len(words) <= k:
         return {" ".join(words)} if words else set()
-    return {" ".join(words[i : i + k]) for i in range(len(words) - k + 1)}
+    return set(map(" ".join, zip(*(words[i:] for i in range(k)))))
 
 
 def _jaccard(a: set[str], b: set[str]) -> float:
@@ -125,7 +129,7 @@ _SYN = {k: _g(v) for k, v in {
                 " my sister/my sis, my brother/my bro, a friend/a mate, my dad/my father, my mum/my mother",
 }.items()}
 _TOPIC_SYN = [{k: _g(v) for k, v in d.items()} for d in (
-    {"item": "subscription/membership/plan, account balance/balance", "thing": "charge/payment/transaction, fee/surcharge"},
+    {"item": "subscription/membership/plan, contract/service contract", "thing": "charge/payment/transaction, fee/surcharge"},
     {"item": "package/parcel/shipment, box/carton", "thing": "driver/courier/delivery guy, carrier/shipper"},
     {"item": "password/passcode/login password, PIN/PIN code", "thing": "account/profile/login, user account/account page"},
     {"item": "headphones/earbuds/headset, blender/mixer, backpack/bag/rucksack, kettle/water boiler,"
@@ -181,7 +185,7 @@ _TEMPLATE_SPEC = """
 3: Build and sound are {quality} for {money2}, I will give it that. | For {money2} the build and sound are {quality}, to be fair.
 3: {brand} claims a battery life of {hours} hours, I get maybe half. | Battery life is nowhere near the {hours} hours {brand} advertises.
 3: The {item} is {pct} smaller than the photos suggest. | Compared to the photos the {item} is about {pct} smaller.
-3: The model from {year} that {relation} owns {still} works fine. | {relation} has the {year} model and it {still} runs fine.
+3: The model from {year} that {relation} owns {still} works fine. | The {year} model that {relation} has {still} runs fine.
 3: I would give it {n} stars out of ten, mostly for the {thing}. | {n} out of ten from me, largely thanks to the {thing}.
 3: The {staff} offered a replacement but wanted {money2} for shipping. | They offered a replacement, but the {staff} asked {money2} for shipping.
 3: Do not buy the {product} if you expect it to last past {year}. | If you need something lasting beyond {year}, skip the {product}.
@@ -225,23 +229,6 @@ _TEMPLATE_SPEC = """
 """
 
 
-def _parse_templates() -> tuple[list[list[tuple]], list[tuple]]:
-    topic: list[list[tuple[str, ...]]] = [[] for _ in LABELS]
-    generic: list[tuple[str, ...]] = []
-    for line in _TEMPLATE_SPEC.strip().splitlines():
-        key, _, rest = line.partition(": ")
-        group = tuple(v.strip() for v in rest.split(" | "))
-        assert len(group) >= 2 and all(set(re.findall(r"{\w+}", v)) == set(re.findall(r"{\w+}", group[0]))
-                                       for v in group), line
-        (generic if key == "*" else topic[int(key)]).append(
-            (group, tuple(k for k in _PER_SENTENCE if "{%s}" % k in group[0])))
-    return topic, generic
-
-
-_TOPIC_T, _GENERIC_T = _parse_templates()
-_STEPS = {n: [s for s in range(1, n) if math.gcd(s, n) == 1] or [1] for n in range(1, 40)}
-
-
 def _pool(draw, size: int = 4096) -> tuple[str, ...]:
     """``size`` values of ``draw(rnd)``, fixed at import: a draw is then one index."""
     rnd = random.Random(size).random
@@ -256,7 +243,7 @@ def _letter(r) -> str:
     return chr(65 + int(r() * 26))
 
 
-_SLOTS = {
+_VALUES = {
     "money": _pool(lambda r: f"${5 + int(r() * 895)}.{int(r() * 100):02d}"),
     "date": _pool(lambda r: f"{_MONTHS[int(r() * 12)]} {1 + int(r() * 28)}" if r() < 0.6
                   else f"{1 + int(r() * 28)} {_MONTHS[int(r() * 12)]}"),
@@ -271,60 +258,124 @@ _SLOTS = {
     "flight": _pool(lambda r: f"flight {_letter(r)}{_letter(r)} {100 + int(r() * 9900)}"),
     "brand": tuple(_BRANDS), "city": tuple(_CITIES), "courier": tuple(_COURIERS), "store": tuple(_STORES),
     "feature": _FEATURES, "plan": ("Basic", "Plus", "Family", "Pro", "Premium", "Student"),
-    "hotel": lambda c: f"{c['city2']} {_HOTEL[int(c.rnd() * len(_HOTEL))]}",
-    "product": lambda c: f"{c['brand']} {c['model']} {c['item']}",
 }
 for _k in ("money", "date", "city", "code", "model"):
-    _SLOTS[_k + "2"] = _SLOTS[_k]
-# per topic and alt (0: original wording, 1: paraphrase): a synonym draw is one index
-_TOPIC_SLOTS = [[{**_SLOTS, **{k: tuple(g[(i + alt) % len(g)] for g in groups for i in range(len(g)))
-                               for k, groups in (_SYN | t).items()}} for alt in (0, 1)] for t in _TOPIC_SYN]
+    _VALUES[_k + "2"] = _VALUES[_k]
 
 
-class _Ctx(dict):
-    """Slot values of one text, drawn lazily in order of first use; ``alt`` shifts synonyms."""
-
-    def __init__(self, rnd, topic: int, alt: int) -> None:
-        super().__init__()
-        self.rnd, self.slots = rnd, _TOPIC_SLOTS[topic][alt]
-
-    def __missing__(self, key: str) -> str:
-        pool = self.slots[key]
-        value = self[key] = pool[int(self.rnd() * len(pool))] if type(pool) is tuple else pool(self)
-        return value
-
-
-def _strided(rnd, n: int, k: int) -> list[int]:
-    """k distinct indices in range(n) in a random order (a random start and a coprime stride)."""
-    steps = _STEPS[n]
-    a, b = int(rnd() * n), steps[int(rnd() * len(steps))]
-    return [(a + i * b) % n for i in range(k)]
-
-
-def _body(rnd, topic: int, alt: int) -> list[str]:
-    """The body sentences of one text; ``alt=1`` gives the paraphrase (same draws, other words)."""
-    n = 4 + int(rnd() * rnd() * 12)
-    templates = _TOPIC_T[topic]
-    n_topic = min(len(templates), round(n * 0.7))
-    picks = [templates[i] for i in _strided(rnd, len(templates), n_topic)]
-    for i in _strided(rnd, len(_GENERIC_T), n - n_topic):
-        picks.insert(1 + int(rnd() * len(picks)), _GENERIC_T[i])
-    ctx = _Ctx(rnd, topic, alt)
-    out = []
-    for group, local in picks:
-        v = int(rnd() * len(group))
-        if alt:  # fill the slots in the original's order first, so both draw the same values
-            group[v].format_map(ctx)
-        out.append(group[(v + alt) % len(group)].format_map(ctx))
-        for key in local:
-            del ctx[key]
+def _pools(values: dict[str, tuple]) -> dict[str, tuple[tuple[str, ...], tuple[str, ...]]]:
+    """key -> (pool for the original wording, pool for the paraphrase): synonyms shift by one."""
+    out = {k: (v, v) for k, v in values.items()}
+    for k, groups in values.items():
+        if groups and isinstance(groups[0], tuple):
+            out[k] = tuple(tuple(g[(i + alt) % len(g)] for g in groups for i in range(len(g))) for alt in (0, 1))
     return out
+
+
+_COMMON = _pools({**_VALUES, **_SYN})
+_TOPIC_POOLS = [{**_COMMON, **_pools(t)} for t in _TOPIC_SYN]
+# Each text draws one row of _WIDTH random ints. Every draw has a fixed place in it, so a
+# paraphrase (same row, alt=1) gets the same facts in whatever order its wording uses them.
+# Columns 0-1: length; 2, 4: which templates in which order; 6-10: where the generic ones go;
+# 11-12: frame; 13: hotel; one per record-level slot; then one 63-bit int per sentence (_compile).
+_RECORD_KEYS = sorted(k for k in _TOPIC_POOLS[0] if k not in _PER_SENTENCE)
+_HEAD = 14 + len(_RECORD_KEYS)
+_MAX_SENTENCES = 16
+_WIDTH = _HEAD + _MAX_SENTENCES
+_HIGH = np.array([2**30] * _HEAD + [2**63 - 1] * _MAX_SENTENCES, dtype=np.int64)
+
+
+# plain words of the templates that vary per sentence too (fewer 5-grams shared by chance)
+_WORDS = {w: g for g in _g(
+    "phone/mobile/cell, photos/pictures/pics, email/e-mail, wifi/wi-fi/internet, minutes/mins, cache/app cache,"
+    " stay/visit/trip, booking/reservation, wrong/incorrect, shuttle/shuttle bus, door/front door, website/site,"
+    " cheap/flimsy, shipping/postage, location/area, transfer/connection, somebody/someone, every/each,"
+    " again/once more, finally/eventually, maybe/perhaps, completely/entirely, crushed/squashed/dented,"
+    " missing/absent, closed/shut, delayed/held up, expired/invalid, resets/switches off, freezes/hangs,"
+    " locked/blocked, permission/consent, smaller/tinier, cancelled/stopped, notice/warning, inside/in there,"
+    " reference/case, screenshots/screen captures, customer/client, instead/directly") for w in g}
+
+
+def _compile(variant: str, local: list[str], alt: int):
+    """``variant`` as a function (record values, sentence draw x) -> sentence, via an f-string.
+
+    Bits of x: 0-2 the wording, 3 + 12j the j-th per-sentence slot, 51 + 3i the i-th varied word.
+    """
+    env: dict = {}
+
+    def slot(m: re.Match) -> str:
+        key, word = m.groups()
+        if word:
+            group, i = _WORDS.get(word), sum(n.startswith("_w") for n in env)
+            if group is None or i == 4:
+                return word
+            env[f"_w{i}"] = tuple(group[(k + alt) % len(group)] for k in range(len(group)))
+            return "{_w%d[((x >> %d) & 7) %% %d]}" % (i, 51 + 3 * i, len(group))
+        if key not in local:
+            return "{r[%r]}" % key
+        env["_" + key] = pool = _COMMON[key][alt]
+        return "{_%s[(x >> %d) %% %d]}" % (key, 3 + 12 * local.index(key), len(pool))
+
+    source = re.sub(r"{(\w+)}|\b([a-z][a-z-]*)\b", slot, variant)
+    return eval(f"lambda r, x: f'''{source}'''", env)  # noqa: S307 - our own template constants
+
+
+_USED: dict[int | None, set[str]] = {}  # slot keys used by each topic's templates (None: generic ones)
+
+
+def _parse_templates() -> tuple[list[list[tuple]], list[tuple]]:
+    """Template groups: per alt (0: original, 1: paraphrase), the compiled variants."""
+    topic: list[list[tuple]] = [[] for _ in LABELS]
+    generic: list[tuple] = []
+    for line in _TEMPLATE_SPEC.strip().splitlines():
+        where, _, rest = line.partition(": ")
+        variants = [v.strip() for v in rest.split(" | ")]
+        keys = sorted(set(re.findall(r"{(\w+)}", variants[0])))
+        assert len(variants) >= 2 and all(sorted(set(re.findall(r"{(\w+)}", v))) == keys for v in variants), line
+        local = [k for k in keys if k in _PER_SENTENCE]
+        assert len(local) <= 4 and "'" not in rest, line
+        group = tuple(tuple(_compile(v, local, alt) for v in variants) for alt in (0, 1))
+        (generic if where == "*" else topic[int(where)]).append(group)
+        _USED.setdefault(None if where == "*" else int(where), {"brand", "model", "item", "city2"}).update(keys)
+    return topic, generic
+
+
+_TOPIC_T, _GENERIC_T = _parse_templates()
+# per topic and alt: (key, pool, pool size, column) of the record-level slots its templates use
+_RECORD_SPEC = [[tuple((k, pools[k][alt], len(pools[k][alt]), 14 + i) for i, k in enumerate(_RECORD_KEYS)
+                       if k in _USED[t] | _USED[None]) for alt in (0, 1)] for t, pools in enumerate(_TOPIC_POOLS)]
+
+
+def _row(rng: np.random.Generator, k: int) -> np.ndarray:
+    return rng.integers(0, _HIGH, size=(k, _WIDTH), dtype=np.int64)
+
+
+def _sample(seq: list, k: int, x: int) -> list:
+    """k distinct items of seq in random order: a partial Fisher-Yates shuffle driven by the digits of x."""
+    seq = list(seq)
+    for i in range(k):
+        x, j = divmod(x, len(seq) - i)
+        seq[i], seq[i + j] = seq[i + j], seq[i]
+    return seq[:k]
+
+
+def _body(u: list[int], topic: int, alt: int) -> list[str]:
+    """The body sentences of the text with random row ``u``; ``alt=1``: the paraphrase's wording."""
+    n = 5 + (u[0] % 12) * (u[1] % 12) // 11
+    n_topic = min(len(_TOPIC_T[topic]), round(n * 0.7))
+    picks = _sample(_TOPIC_T[topic], n_topic, u[2])
+    for i, group in enumerate(_sample(_GENERIC_T, n - n_topic, u[4])):
+        picks.insert(1 + u[6 + i] % len(picks), group)
+    rec = {k: pool[u[c] % size] for k, pool, size, c in _RECORD_SPEC[topic][alt]}
+    rec["product"] = f"{rec['brand']} {rec['model']} {rec['item']}"
+    rec["hotel"] = f"{rec['city2']} {_HOTEL[u[13] % len(_HOTEL)]}"
+    return [group[alt][(x + alt) % len(group[alt])](rec, x) for group, x in zip(picks, u[_HEAD:])]
 
 
 def _people(seed: int, n: int) -> np.ndarray:
     """Per person: first, last, middle initial (or -1), email style, domain, email number, user-id number."""
-    m = np.uint64(0xFFFFFFFFFFFFFFFF)
-    h = (np.arange(1, n + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)) ^ np.uint64(seed * 0xBF58476D1CE4E5B9 & m)
+    salt = np.uint64((seed * 0xBF58476D1CE4E5B9) % 2**64)
+    h = (np.arange(1, n + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)) ^ salt
     h = (h ^ (h >> np.uint64(31))) * np.uint64(0x94D049BB133111EB)
     h ^= h >> np.uint64(29)
     part = lambda shift, mod: ((h >> np.uint64(shift)) % np.uint64(mod)).astype(np.int64)  # noqa: E731
@@ -345,19 +396,23 @@ def _person(row) -> tuple[str, str, str]:
     return name, f"{local}{num}@{_DOMAINS[dom]}", f"u{uid:08d}"
 
 
-def _frame(rnd, person: tuple[str, str, str]) -> tuple[str, str]:
+# 40% of texts open naming the author, 70% sign with identifiers; "" is no prefix/suffix
+_PREFIXES = ("Hi, this is {name}.", "Hello, {name} here, user ID {uid}.", "Hi team, writing from account {uid}.",
+             "Dear support, my name is {name} and my email is {email}.", "Hi,", "Hello,", "Hi there,", "Hey team,",
+             "Dear support,", "Good morning,", "", "", "", "")
+_SUFFIXES = ("Thanks, {name}", "— {name} ({email})", "Regards, {name} ({uid})", "Cheers, {first}. Email: {email}",
+             "Best, {name}", "{name}, {email}, {uid}", "Thanks, {name}", "Regards, {name}", "— {name}",
+             "Best, {name} ({email})", "Thanks in advance.", "Any help appreciated.", "", "Thanks for reading.")
+
+
+def _frame(u: list[int], person: tuple[str, str, str]) -> tuple[str, str]:
     """The prefix (greeting, maybe naming the author) and suffix (closing, maybe a signature)."""
     name, email, uid = person
-    first = name.split()[0]
-    p, s = rnd(), rnd()
-    prefix = (f"Hi, this is {name}.", f"Hello, {name} here, user ID {uid}.", f"Hi team, writing from account {uid}.",
-              f"Dear support, my name is {name} and my email is {email}.")[int(p * 4)] if p < 0.4 else (
-        ("Hi,", "Hello,", "Hi there,", "Hey team,", "Dear support,", "Good morning,")[int(p * 10) % 6]
-        if p < 0.7 else "")
-    suffix = (f"Thanks, {name}", f"— {name} ({email})", f"Regards, {name} ({uid})", f"Cheers, {first}. Email: {email}",
-              f"Best, {name}", f"{name}, {email}, {uid}")[int(s * 60) % 6] if s < 0.7 else (
-        ("Thanks.", "Thanks in advance.", "Any help appreciated.", "Thanks for reading.")[int(s * 40) % 4]
-        if s < 0.9 else "")
+    prefix, suffix = _PREFIXES[u[11] % len(_PREFIXES)], _SUFFIXES[u[12] % len(_SUFFIXES)]
+    if "{" in prefix:
+        prefix = prefix.format(name=name, email=email, uid=uid)
+    if "{" in suffix:
+        suffix = suffix.format(name=name, email=email, uid=uid, first=name.split()[0])
     return prefix, suffix
 
 
@@ -370,12 +425,12 @@ def _near_copy(body: str, target: float, orig: set[str], r: random.Random) -> tu
     for _ in range(1 + len(words) // 25):  # noise that normalisation removes
         i, op = r.randrange(len(words)), r.randrange(4)
         w = words[i]
-        words[i] = (w.upper(), w.lower(), w.rstrip(".,") + "!!", w.replace("'", "’") + " ")[op]
+        words[i] = (w.upper(), w.lower(), w.rstrip(".,") + "!!", w + " ")[op]  # " ": a double space
     j = _jaccard(orig, _shingles(" ".join(words)))
     for _ in range(40):
         if j <= target or len(words) < 8:
             break
-        for _ in range(max(1, int(len(words) * (j - target) / 12))):
+        for _ in range(max(1, round(len(words) * (j - target) / (5 * (1 + target))))):  # ~5 shingles per edit
             i, op = r.randrange(len(words)), r.randrange(3)
             if op == 0:
                 words[i] = r.choice(_FILLERS) if r.random() < 0.5 else r.choice(words)
@@ -400,25 +455,29 @@ class _Plan:
     copy_src: np.ndarray  # per copy: original index
     copy_kind: np.ndarray  # per copy: index into _KINDS
     is_source: np.ndarray  # per original: has copies
+    sources: np.ndarray  # the originals that have copies, sorted
+    source_rows: np.ndarray  # their random rows (copies re-derive their original from it)
     people: np.ndarray  # per person: a row of _people
     meta: dict
+    width: int  # digits of the record ids
 
     def rid(self, pos: int) -> str:
-        return f"r{pos:0{max(7, len(str(self.n - 1)))}d}"
+        return f"r{pos:0{self.width}d}"
 
-    def original(self, o: int, rnd, alt: int = 0) -> tuple[str, str, str, tuple[str, str, str]]:
-        person = _person(self.people[self.author[o]].tolist())
-        body = " ".join(_body(rnd, int(self.label[o]), alt))
-        return (*_frame(rnd, person), body, person)
+    def original(self, o: int, u: list[int], person: tuple | None = None) -> tuple[str, str, str, tuple]:
+        """(prefix, suffix, body, (name, email, user_id)) of original ``o`` with random row ``u``."""
+        person = person or _person(self.people[self.author[o]].tolist())
+        return (*_frame(u, person), " ".join(_body(u, int(self.label[o]), 0)), person)
 
-    def source_rnd(self, o: int):
-        """The own random stream of an original that has copies, so that they can re-derive it."""
-        return random.Random(self.seed * 0x9E3779B1 + o * 2 + 1).random
+    def source_row(self, o: int) -> list[int]:
+        return self.source_rows[np.searchsorted(self.sources, o)].tolist()
 
 
 def _plan(n: int, seed: int, copy_rate: float, subject_rate: float, posts_per_person: float) -> _Plan:
-    if n < 1 or not 0 <= copy_rate < 0.5 or not 0 < subject_rate <= 1 or posts_per_person < 1:
-        raise ValueError("need n_records >= 1, 0 <= copy_rate < 0.5, 0 < subject_rate <= 1, posts_per_person >= 1")
+    if n < 1 or seed < 0 or not 0 <= copy_rate < 0.5 or not 0 < subject_rate <= 1 or posts_per_person < 1:
+        raise ValueError(f"bad demo parameters (n_records={n}, seed={seed}, copy_rate={copy_rate}, subject_rate="
+                         f"{subject_rate}, posts_per_person={posts_per_person}); need n_records >= 1, seed >= 0, "
+                         "0 <= copy_rate < 0.5, 0 < subject_rate <= 1, posts_per_person >= 1")
     rng = np.random.default_rng(np.random.SeedSequence([seed, n, 0x5EED]))
     n_copies = round(n * copy_rate)
     n_orig = n - n_copies
@@ -446,43 +505,44 @@ def _plan(n: int, seed: int, copy_rate: float, subject_rate: float, posts_per_pe
             "normalization": "NFKC, casefold, each run of [\\W_] -> one space, strip; words split on spaces",
             "exact_copy": "text == original body: the original text minus its greeting/intro prefix and "
                           "closing/signature suffix (byte-identical to the original when it has neither)"}
-    return _Plan(n, seed, author, label, slot, orig_pos, copy_pos, copy_src, copy_kind, is_source,
-                 _people(seed, n_persons), meta)
+    sources = np.flatnonzero(is_source)
+    return _Plan(n, seed, author, label, slot, orig_pos, copy_pos, copy_src, copy_kind, is_source, sources,
+                 _row(rng, len(sources)), _people(seed, n_persons), meta, max(7, len(str(n - 1))))
 
 
-def _copy_text(plan: _Plan, j: int) -> tuple[str, int, float]:
-    """(text, label, jaccard to the original) of copy ``j``."""
+def _copy_text(plan: _Plan, j: int) -> tuple[str, float, int]:
+    """(text, jaccard to the original, label) of copy ``j``."""
     o, kind = int(plan.copy_src[j]), _KINDS[plan.copy_kind[j]]
-    pre, suf, body, (name, email, uid) = plan.original(o, plan.source_rnd(o))
+    u = plan.source_row(o)
+    pre, suf, body, (name, email, uid) = plan.original(o, u)
     orig = _shingles(" ".join(t for t in (pre, body, suf) if t))
     r = random.Random(plan.seed * 0x9E3779B1 + j * 2 + 1 + (1 << 40))
     if kind == "exact":
         text = body
     elif kind == "near":  # keeps a greeting or closing that names nobody
         keep = [t for t in (pre, body, suf) if t and not any(x in t for x in (name.split()[0], email, uid))]
-        text, _ = _near_copy(" ".join(keep), r.uniform(0.8, 0.97) if r.random() < 0.65 else r.uniform(0.45, 0.8),
-                             orig, r)
+        target = r.uniform(0.8, 0.97) if r.random() < 0.75 else r.uniform(0.45, 0.8)
+        return (*_near_copy(" ".join(keep), target, orig, r), int(plan.label[o]))
     else:
-        sentences = _body(plan.source_rnd(o), int(plan.label[o]), 1)
+        sentences = _body(u, int(plan.label[o]), 1)
         text = " ".join(sentences[:1] + r.sample(sentences[1:], len(sentences) - 1))
-    return text, int(plan.label[o]), _jaccard(orig, _shingles(text))
+    return text, _jaccard(orig, _shingles(text)), int(plan.label[o])
 
 
 def _rows(plan: _Plan, start: int, stop: int) -> tuple[list[dict], list[tuple[int, float]]]:
     """Records at positions [start, stop), and (copy index, jaccard) of the copies among them."""
-    batch_rnd = random.Random(plan.seed * 0x9E3779B1 + (start // _BATCH) * 2).random
+    batch = _row(np.random.default_rng([plan.seed, 2, start // _BATCH]), stop - start)
     rows, measured = [], []
-    slots = plan.slot[start:stop].tolist()
-    src = plan.is_source[np.maximum(plan.slot[start:stop], 0)].tolist()
-    labels = plan.label[np.maximum(plan.slot[start:stop], 0)].tolist()
-    for pos, s, is_src, label in zip(range(start, stop), slots, src, labels):
+    orig = np.maximum(plan.slot[start:stop], 0)
+    columns = (plan.slot[start:stop], plan.is_source[orig], plan.label[orig], plan.people[plan.author[orig]], batch)
+    for pos, s, is_src, label, person, u in zip(range(start, stop), *(c.tolist() for c in columns)):
         if s >= 0:
-            pre, suf, body, (name, email, uid) = plan.original(s, plan.source_rnd(s) if is_src else batch_rnd)
+            pre, suf, body, (name, email, uid) = plan.original(s, plan.source_row(s) if is_src else u, _person(person))
             text = f"{pre} {body}" if pre else body
             rows.append({"id": plan.rid(pos), "text": f"{text} {suf}" if suf else text,
                          "label": label, "email": email, "user_id": uid, "name": name})
         else:
-            text, label, jac = _copy_text(plan, -s - 1)
+            text, jac, label = _copy_text(plan, -s - 1)
             measured.append((-s - 1, jac))
             rows.append({"id": plan.rid(pos), "text": text, "label": label, "email": None, "user_id": None, "name": None})
     return rows, measured
@@ -549,60 +609,64 @@ def write_demo(path_dir: str | Path, n_records: int, seed: int = 0, *, copy_rate
     not depend on it. Each file is written under a temporary name and renamed when complete.
     """
     plan = _plan(n_records, seed, copy_rate, subject_rate, posts_per_person)
-    if workers is None:
-        workers = min(4, os.cpu_count() or 1) if n_records >= 50_000 else 1
+    workers = workers or (min(4, os.cpu_count() or 1) if n_records >= 50_000 else 1)
     out = Path(path_dir)
     out.mkdir(parents=True, exist_ok=True)
-    records, truth = out / "records.jsonl", out / "ground_truth.jsonl"
-    starts = range(0, plan.n, _BATCH)
     jaccards: dict[int, float] = {}
-    with open(records.with_suffix(".jsonl.tmp"), "w", encoding="utf-8", newline="\n") as f:
+    with _atomic(out / "records.jsonl") as f:
+        starts = range(0, plan.n, _BATCH)
         if workers <= 1:
-            _init_worker(plan)
-            batches = map(_encoded_batch, starts)
-            pool = None
-        else:
-            method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-            pool = ProcessPoolExecutor(workers, mp.get_context(method), initializer=_init_worker, initargs=(plan,))
-            batches = pool.map(_encoded_batch, starts)
-        try:
-            for text, measured in batches:
+            for text, measured in map(partial(_encoded_batch, plan), starts):
                 f.write(text)
                 jaccards.update(measured)
-        finally:
-            _init_worker(None)
-            if pool is not None:
-                pool.shutdown(cancel_futures=True)
-    os.replace(records.with_suffix(".jsonl.tmp"), records)
-    with open(truth.with_suffix(".jsonl.tmp"), "w", encoding="utf-8", newline="\n") as f:
+        else:
+            context = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+            with ProcessPoolExecutor(workers, context, initializer=_init_worker, initargs=(plan,)) as pool:
+                for text, measured in pool.map(_encoded_batch, [None] * len(starts), starts):
+                    f.write(text)
+                    jaccards.update(measured)
+    with _atomic(out / "ground_truth.jsonl") as f:
         for obj in _truth(plan, jaccards):
             f.write(_DUMPS(obj) + "\n")
-    os.replace(truth.with_suffix(".jsonl.tmp"), truth)
-    return DemoFiles(records, truth, plan.n, len(plan.people), len(plan.copy_pos))
+    return DemoFiles(out / "records.jsonl", out / "ground_truth.jsonl", plan.n, len(plan.people), len(plan.copy_pos))
+
+
+@contextmanager
+def _atomic(path: Path):
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+        yield f
+    os.replace(tmp, path)
 
 
 _DUMPS = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
-_WORKER: list = [None]  # the plan, in the process that renders rows
+_WORKER: list = [None]  # in a worker process: the plan
 
 
-def _init_worker(plan: _Plan | None) -> None:
+def _init_worker(plan: _Plan) -> None:
     _WORKER[0] = plan
 
 
-def _encoded_batch(start: int) -> tuple[str, list[tuple[int, float]]]:
-    plan = _WORKER[0]
+def _encoded_batch(plan: _Plan | None, start: int) -> tuple[str, list[tuple[int, float]]]:
+    plan = plan or _WORKER[0]
     rows, measured = _rows(plan, start, min(plan.n, start + _BATCH))
-    return "\n".join(map(_DUMPS, rows)) + "\n", measured
+    return "".join(map(_record_line, rows)), measured
+
+
+def _record_line(r: dict, enc=json.encoder.encode_basestring) -> str:
+    """The JSON line of a record, as ``_DUMPS`` would write it (faster)."""
+    email, uid, name = ("null" if v is None else enc(v) for v in (r["email"], r["user_id"], r["name"]))
+    return (f'{{"id":"{r["id"]}","text":{enc(r["text"])},"label":{r["label"]},'
+            f'"email":{email},"user_id":{uid},"name":{name}}}\n')
 
 
 def read_ground_truth(path: str | Path) -> dict:
     """``{"meta": {...}, "persons": [...], "copies": [...]}`` from a ground_truth.jsonl file."""
     result: dict = {"meta": None, "persons": [], "copies": []}
     with open(path, encoding="utf-8") as f:
-        for line in f:
-            obj = json.loads(line)
+        for obj in map(json.loads, f):
             if obj["type"] == "meta":
                 result["meta"] = obj
             else:
-                result[obj["type"] + "s"].append(obj)
+                result["persons" if obj["type"] == "person" else "copies"].append(obj)
     return result

@@ -54,7 +54,7 @@ from shards.training import (
     checkpoint_chain,
     latest_stored,
     shard_from_parquet,
-    train_shard,
+    train_slices,
 )
 
 OUTCOMES = ("retrain", "up_to_date", "emptied")
@@ -108,6 +108,7 @@ class RetrainPlan:
     samples_to_process: int
     full_training_samples: int
     num_slices: int
+    chain_keys: tuple[str, ...] = ()  # checkpoint addresses of the remaining data, slice 0..R-1
 
     @property
     def restore_slice(self) -> int:
@@ -129,6 +130,7 @@ class RetrainPlan:
             "samples_to_process": self.samples_to_process,
             "full_training_samples": self.full_training_samples,
             "num_slices": self.num_slices,
+            "chain_keys": list(self.chain_keys),
         }
 
 
@@ -169,6 +171,12 @@ def plan_retrain(
     normally slice ``earliest - 1``; later when a crashed retraining already
     wrote some; earlier only if checkpoints were deleted.
     """
+    return _plan(shard, removed_ids, config, store)[0]
+
+
+def _plan(
+    shard: ShardData, removed_ids: Iterable[str], config: TrainConfig, store: CheckpointStore
+) -> tuple[RetrainPlan, ShardData]:
     removed = tuple(sorted(set(removed_ids)))
     missing = sorted(set(removed) - shard.all_ids())
     if missing:
@@ -190,20 +198,20 @@ def plan_retrain(
         num_slices=config.num_slices,
     )
     if remaining.num_records == 0:
-        return RetrainPlan(
-            **common, outcome="emptied", restore_from=None, slices_to_retrain=(), samples_to_process=0
-        )
-    keys = checkpoint_chain(remaining, config)
+        plan = RetrainPlan(**common, outcome="emptied", restore_from=None, slices_to_retrain=(), samples_to_process=0)
+        return plan, remaining
+    keys = tuple(checkpoint_chain(remaining, config))
     latest = latest_stored(keys, store)
-    restore = store.ref(keys[latest]) if latest >= 0 else None
     to_train = tuple(range(latest + 1, config.num_slices))
-    return RetrainPlan(
+    plan = RetrainPlan(
         **common,
         outcome="retrain" if to_train else "up_to_date",
-        restore_from=restore,
+        restore_from=store.ref(keys[latest]) if latest >= 0 else None,
         slices_to_retrain=to_train,
         samples_to_process=config.schedule.samples(sizes, latest + 1),
+        chain_keys=keys,
     )
+    return plan, remaining
 
 
 def retrain_from_slice(
@@ -223,8 +231,8 @@ def retrain_from_slice(
     bitwise equal to training from scratch. Interrupted, it leaves every earlier
     checkpoint intact; calling it again resumes after the last checkpoint written.
     """
-    plan = plan_retrain(shard, removed_ids, config, store)
-    recorded = _recorded_runtime(store, plan.restore_from)
+    plan, remaining = _plan(shard, removed_ids, config, store)
+    recorded = _recorded_runtime(store, plan.restore_from, shard, config)
     if device is None and recorded is not None and _available(recorded.device):
         device = torch.device(recorded.device).type
     if threads is None and recorded is not None:
@@ -235,20 +243,10 @@ def retrain_from_slice(
         runtime_device = str(choose_device(device))
         cost = CostReport(shard.shard_id, runtime_device, 0, 0, (), 0.0, plan.full_training_samples)
         return RetrainResult(plan, plan.restore_from, (), cost, expected, True)
-    result = train_shard(
-        shard.without(plan.removed_ids),
-        config,
-        store,
-        device=device,
-        threads=threads,
-        resume=True,
-        on_checkpoint=on_checkpoint,
+    start = plan.restore_slice + 1
+    result = train_slices(
+        remaining, config, store, plan.chain_keys, start, device=device, threads=threads, on_checkpoint=on_checkpoint
     )
-    if result.cost.slices_trained != plan.slices_to_retrain:
-        raise RuntimeError(
-            f"shard {shard.shard_id}: planned to retrain slices {plan.slices_to_retrain} but trained "
-            f"{result.cost.slices_trained}; another process is writing this shard's checkpoints, run one at a time"
-        )
     matches = recorded is None or result.runtime.matches(recorded)
     return RetrainResult(plan, result.final, result.written, result.cost, expected, matches)
 
@@ -317,10 +315,16 @@ def read_ids_file(path: Path | str) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
-def _recorded_runtime(store: CheckpointStore, ref: CheckpointRef | None) -> Runtime | None:
-    if ref is None:
+def _recorded_runtime(
+    store: CheckpointStore, ref: CheckpointRef | None, shard: ShardData, config: TrainConfig
+) -> Runtime | None:
+    """The runtime of the checkpoint restored, or (retraining from slice 0) of the previous training's first one."""
+    if ref is not None:
+        return Runtime.from_dict(store.load(ref)["runtime"])
+    if shard.num_records == 0:
         return None
-    return Runtime.from_dict(store.load(ref)["runtime"])
+    first = checkpoint_chain(shard, config)[0]
+    return Runtime.from_dict(store.load(first)["runtime"]) if store.exists(first) else None
 
 
 def _available(device: str) -> bool:

@@ -292,6 +292,7 @@ class CostReport:
     slices_trained: tuple[int, ...]
     wall_seconds: float
     full_training_samples: int
+    slice_seconds: tuple[float, ...] = ()  # wall time of each trained slice, in ``slices_trained`` order
 
     @property
     def measured_fraction(self) -> float:
@@ -307,6 +308,7 @@ class CostReport:
             "wall_seconds": self.wall_seconds,
             "full_training_samples": self.full_training_samples,
             "measured_fraction": self.measured_fraction,
+            "slice_seconds": list(self.slice_seconds),
         }
 
 
@@ -387,14 +389,35 @@ def train_shard(
         raise EmptyShardError(
             f"shard {shard.shard_id} has no trainable records, so it has no sub-model; drop it from the ensemble"
         )
-    runtime = resolve_runtime(device, threads)
     keys = checkpoint_chain(shard, config)
     start = latest_stored(keys, store) + 1 if resume else 0
+    return train_slices(
+        shard, config, store, keys, start, device=device, threads=threads, on_checkpoint=on_checkpoint
+    )
+
+
+def train_slices(
+    shard: ShardData,
+    config: TrainConfig,
+    store: CheckpointStore,
+    keys: Sequence[str],
+    start: int,
+    *,
+    device: str | torch.device | None = None,
+    threads: int | None = None,
+    on_checkpoint: Callable[[CheckpointRef], None] | None = None,
+) -> TrainResult:
+    """Train slices ``start..R-1`` from checkpoint ``keys[start-1]`` (the initial weights when start = 0).
+
+    ``keys`` must be ``checkpoint_chain(shard, config)``; ``train_shard`` is the checked entry point.
+    """
+    runtime = resolve_runtime(device, threads)
     restored = store.ref(keys[start - 1]) if start > 0 else None
     sizes = shard.cumulative_sizes(config.num_slices)
     full_samples = config.schedule.samples(sizes)
     began = time.perf_counter()
     written: list[CheckpointRef] = []
+    slice_seconds: list[float] = []
     samples = 0
     with deterministic_mode(runtime) as dev, torch.random.fork_rng(devices=_cuda_devices(dev)):
         model, optimizer = _initial_state(config, shard.shard_id, dev)
@@ -412,6 +435,7 @@ def train_shard(
             slice_samples = sum(passes)
             samples += slice_samples
             _synchronize(dev)
+            slice_seconds.append(time.perf_counter() - slice_began)
             payload = {
                 "shard_id": shard.shard_id,
                 "slice_index": r,
@@ -428,7 +452,7 @@ def train_shard(
                 "cost": {
                     "samples_processed": slice_samples,
                     "epochs": config.schedule.epochs[r],
-                    "wall_seconds": time.perf_counter() - slice_began,
+                    "wall_seconds": slice_seconds[-1],
                 },
             }
             ref = store.save(keys[r], payload)
@@ -443,6 +467,7 @@ def train_shard(
         slices_trained=tuple(range(start, config.num_slices)),
         wall_seconds=time.perf_counter() - began,
         full_training_samples=full_samples,
+        slice_seconds=tuple(slice_seconds),
     )
     final = written[-1] if written else restored
     assert final is not None
@@ -504,12 +529,12 @@ def _train_epoch(
 
 
 def _slice_digest(shard: ShardData, rows: np.ndarray) -> str:
+    """sha256 over the slice's ids (length-prefixed), labels and feature bytes, in training order."""
+    encoded = [shard.record_ids[i].encode() for i in rows]
     digest = hashlib.sha256()
     digest.update(len(rows).to_bytes(8, "little"))
-    for i in rows:
-        rid = shard.record_ids[i].encode()
-        digest.update(len(rid).to_bytes(4, "little"))
-        digest.update(rid)
+    digest.update(np.array([len(e) for e in encoded], dtype="<u4").tobytes())
+    digest.update(b"".join(encoded))
     digest.update(np.ascontiguousarray(shard.labels[rows], dtype="<i8").tobytes())
     digest.update(np.ascontiguousarray(shard.features[rows], dtype="<f4").tobytes())
     return digest.hexdigest()

@@ -10,7 +10,10 @@ from sqlalchemy import inspect
 from db.models import Base
 from db.session import alembic_config, make_engine, upgrade_to_head
 
-TABLES = {"datasets", "source_files", "records", "record_identifiers", "shard_versions"}
+TABLES = {
+    "datasets", "source_files", "records", "record_identifiers", "shard_versions",
+    "erasure_requests", "request_identifiers", "request_samples", "request_events", "review_decisions", "api_tokens",
+}
 
 
 def _tables(url: str) -> set[str]:

@@ -1,0 +1,111 @@
+"""Route dependencies as ``Annotated`` aliases: settings, engine, a unit of
+work per request, the HMAC key, and bearer-token authentication by scope."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Header, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session
+
+from db.requests import find_active_token
+from db.session import unit_of_work
+from db.settings import Settings
+from flows.requests import MAX_IDEMPOTENCY_KEY_CHARS
+
+
+class ApiError(Exception):
+    """An error answer: status, machine-readable code, message for a human."""
+
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.headers = status, code, message, headers
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who called: the token's name and scopes."""
+
+    token_name: str
+    scopes: frozenset[str]
+
+    @property
+    def actor(self) -> str:
+        return f"token:{self.token_name}"
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_engine(request: Request) -> Engine:
+    return request.app.state.engine
+
+
+def get_secret_key(request: Request) -> bytes:
+    return request.app.state.secret_key
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+EngineDep = Annotated[Engine, Depends(get_engine)]
+SecretKeyDep = Annotated[bytes, Depends(get_secret_key)]
+
+
+def open_session(engine: EngineDep) -> Iterator[Session]:
+    """One transaction per request, committed before the answer is sent
+    (``scope="function"``) and rolled back when the route raises."""
+    with unit_of_work(engine) as session:
+        yield session
+
+
+SessionDep = Annotated[Session, Depends(open_session, scope="function")]
+
+IdempotencyKeyHeader = Annotated[
+    str,
+    Header(
+        alias="Idempotency-Key",
+        min_length=1,
+        max_length=MAX_IDEMPOTENCY_KEY_CHARS,
+        pattern=r"^[\x21-\x7e]+$",
+        description="A client-chosen unique key (e.g. a UUID): resending the same body with the same key "
+        "returns the first request instead of creating another.",
+    ),
+]
+
+_bearer = HTTPBearer(auto_error=False, description="An API token from `erasure token create`.")
+
+
+def require_scope(*scopes: str) -> Callable[..., Caller]:
+    """A dependency admitting a valid, unrevoked bearer token holding any of
+    ``scopes`` (admin holds them all): 401 without one, 403 without the scope."""
+    wanted = " or ".join(repr(s) for s in scopes)
+
+    def authorised_caller(
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)], engine: EngineDep
+    ) -> Caller:
+        if credentials is None:
+            raise ApiError(401, "unauthorized", "a bearer token is required (Authorization: Bearer <token>)",
+                           {"WWW-Authenticate": "Bearer"})
+        with unit_of_work(engine) as session:
+            token = find_active_token(session, credentials.credentials)
+            if token is None:
+                raise ApiError(401, "unauthorized", "the bearer token is unknown or revoked",
+                               {"WWW-Authenticate": 'Bearer error="invalid_token"'})
+            caller = Caller(token.name, token.scope_set)
+            allowed = any(token.allows(scope) for scope in scopes)
+        if not allowed:
+            held = ", ".join(sorted(caller.scopes)) or "none"
+            raise ApiError(403, "forbidden", f"this token lacks the scope {wanted} (it has: {held})",
+                           {"WWW-Authenticate": f'Bearer error="insufficient_scope", scope="{" ".join(scopes)}"'})
+        return caller
+
+    return authorised_caller
+
+
+IntakeCaller = Annotated[Caller, Depends(require_scope("intake"))]
+ReviewCaller = Annotated[Caller, Depends(require_scope("review"))]
+StatusReader = Annotated[Caller, Depends(require_scope("intake", "review", "audit"))]

@@ -1,0 +1,94 @@
+"""/v1/erasure-requests: intake, status, review decisions, extension, denial.
+Each route calls one service of ``flows.requests``."""
+
+from __future__ import annotations
+
+import uuid
+
+from fastapi import APIRouter, Response
+
+from api.deps import EngineDep, IdempotencyKeyHeader, IntakeCaller, ReviewCaller, SecretKeyDep, SessionDep, StatusReader
+from api.schemas import (
+    DenialIn,
+    ErrorOut,
+    ExtensionIn,
+    RequestStatusOut,
+    ReviewDecisionsIn,
+    SubmissionOut,
+    SubmitRequestIn,
+)
+from flows.requests import (
+    RequestStatus,
+    deny_request,
+    describe_request,
+    extend_deadline,
+    record_review_decisions,
+    submit_request,
+)
+
+PREFIX = "/v1/erasure-requests"
+_ERRORS = {
+    status: {"model": ErrorOut, "description": text}
+    for status, text in {
+        401: "No valid bearer token",
+        403: "The token lacks the scope",
+        413: "The body is too large",
+        422: "Invalid input; `error.fields` names each bad field",
+    }.items()
+}
+_NOT_FOUND = {404: {"model": ErrorOut, "description": "No such request"}}
+_CONFLICT = {409: {"model": ErrorOut, "description": "Not allowed in the request's current state"}}
+
+router = APIRouter(prefix=PREFIX, tags=["erasure requests"], responses=_ERRORS)
+
+
+@router.post(
+    "",
+    status_code=202,
+    response_model=SubmissionOut,
+    summary="Submit an erasure request",
+    responses={409: {"model": ErrorOut, "description": "The Idempotency-Key was used with another body"}},
+)
+def submit(
+    body: SubmitRequestIn,
+    idempotency_key: IdempotencyKeyHeader,
+    caller: IntakeCaller,
+    engine: EngineDep,
+    secret_key: SecretKeyDep,
+    response: Response,
+) -> SubmissionOut:
+    """Store the request durably (committed before this answer) and return its
+    id. Identifiers are kept only as keyed hashes."""
+    submission = submit_request(
+        engine, secret_key, idempotency_key=idempotency_key, identifiers=body.identifier_pairs(),
+        samples=body.samples, actor=caller.actor,
+    )
+    location = f"{PREFIX}/{submission.request_id}"
+    response.headers["Location"] = location
+    if submission.replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    return SubmissionOut.of(submission, location)
+
+
+@router.get("/{request_id}", response_model=RequestStatusOut, summary="A request's state, deadline and timeline",
+            responses=_NOT_FOUND)
+def show(request_id: uuid.UUID, caller: StatusReader, session: SessionDep) -> RequestStatus:
+    return describe_request(session, str(request_id))
+
+
+@router.post("/{request_id}/review-decisions", response_model=RequestStatusOut,
+             summary="Decide borderline matches (erase or keep)", responses=_NOT_FOUND | _CONFLICT)
+def review(request_id: uuid.UUID, body: ReviewDecisionsIn, caller: ReviewCaller, session: SessionDep) -> RequestStatus:
+    return record_review_decisions(session, str(request_id), body.as_inputs(), reviewer=caller.actor)
+
+
+@router.post("/{request_id}/extension", response_model=RequestStatusOut,
+             summary="Extend the deadline by up to two months (Art. 12(3))", responses=_NOT_FOUND | _CONFLICT)
+def extend(request_id: uuid.UUID, body: ExtensionIn, caller: ReviewCaller, session: SessionDep) -> RequestStatus:
+    return extend_deadline(session, str(request_id), months=body.months, reason=body.reason, actor=caller.actor)
+
+
+@router.post("/{request_id}/denial", response_model=RequestStatusOut,
+             summary="Deny the request under an Art. 17(3) ground", responses=_NOT_FOUND | _CONFLICT)
+def deny(request_id: uuid.UUID, body: DenialIn, caller: ReviewCaller, session: SessionDep) -> RequestStatus:
+    return deny_request(session, str(request_id), ground=body.ground, detail=body.detail, actor=caller.actor)

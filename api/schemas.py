@@ -1,0 +1,182 @@
+"""Request and response bodies of the API (pydantic v2), apart from the tables.
+
+Validation here gives early 422 answers naming the field; the services in
+``flows.requests`` check the same rules again for the CLI and the flows.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationInfo, field_validator
+
+from flows.requests import (
+    IDENTIFIER_KINDS,
+    MAX_EXTENSION_MONTHS,
+    MAX_IDENTIFIER_CHARS,
+    MAX_IDENTIFIERS,
+    MAX_REASON_CHARS,
+    MAX_SAMPLE_CHARS,
+    MAX_SAMPLES,
+    DenialGround,
+    ReviewInput,
+    ReviewVerdict,
+    Submission,
+    validate_identifier,
+)
+
+IdentifierKind = Literal[IDENTIFIER_KINDS]  # type: ignore[valid-type]  # the kinds dedup/ normalises
+Reason = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_REASON_CHARS)]
+
+
+def _not_blank(text: str) -> str:
+    if not text.strip():
+        raise ValueError("a sample must contain text, not only whitespace")
+    return text
+
+
+Sample = Annotated[str, StringConstraints(min_length=1, max_length=MAX_SAMPLE_CHARS), AfterValidator(_not_blank)]
+
+
+class _In(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class _Out(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+
+# ---------------------------------------------------------------- intake
+
+
+class IdentifierIn(_In):
+    kind: IdentifierKind = Field(description="What the value is: " + ", ".join(IDENTIFIER_KINDS) + ".")
+    value: str = Field(min_length=1, max_length=MAX_IDENTIFIER_CHARS, description="The identifier; stored only as a keyed hash.")
+
+    @field_validator("value")
+    @classmethod
+    def _normalisable(cls, value: str, info: ValidationInfo) -> str:
+        kind = info.data.get("kind")
+        if kind is not None:
+            validate_identifier(kind, value)  # ValueError -> 422 on this field
+        return value
+
+
+class SubmitRequestIn(_In):
+    identifiers: list[IdentifierIn] = Field(default_factory=list, max_length=MAX_IDENTIFIERS)
+    samples: list[Sample] = Field(
+        default_factory=list,
+        max_length=MAX_SAMPLES,
+        validate_default=True,
+        description=f"Texts the subject wrote or that describe them (at most {MAX_SAMPLES}, "
+        f"{MAX_SAMPLE_CHARS} characters each); deleted when the request closes.",
+    )
+
+    @field_validator("samples")
+    @classmethod
+    def _something_to_look_for(cls, samples: list[str], info: ValidationInfo) -> list[str]:
+        identifiers = info.data.get("identifiers")  # absent when they failed validation themselves
+        if not samples and identifiers == []:
+            raise ValueError("give at least one identifier or one sample (both identifiers and samples are empty)")
+        return samples
+
+    def identifier_pairs(self) -> list[tuple[str, str]]:
+        return [(item.kind, item.value) for item in self.identifiers]
+
+
+class SubmissionOut(_Out):
+    id: str
+    received_at: datetime
+    due_at: datetime = Field(description="The Art. 12(3) deadline: received + one calendar month.")
+    status_url: str
+
+    @classmethod
+    def of(cls, submission: Submission, status_url: str) -> SubmissionOut:
+        return cls(id=submission.request_id, received_at=submission.received_at, due_at=submission.due_at,
+                   status_url=status_url)
+
+
+# ---------------------------------------------------------------- decisions
+
+
+class ExtensionIn(_In):
+    months: int = Field(ge=1, le=MAX_EXTENSION_MONTHS, description="Further months (at most 2 in total).")
+    reason: Reason
+
+
+class DenialIn(_In):
+    ground: DenialGround = Field(description="The Art. 17(3) exemption relied on.")
+    detail: Reason
+
+
+class ReviewDecisionIn(_In):
+    match_ref: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
+    decision: ReviewVerdict
+    note: Annotated[str, StringConstraints(max_length=MAX_REASON_CHARS)] | None = None
+
+
+class ReviewDecisionsIn(_In):
+    decisions: list[ReviewDecisionIn] = Field(min_length=1, max_length=1000)
+
+    def as_inputs(self) -> list[ReviewInput]:
+        return [ReviewInput(d.match_ref, d.decision.value, d.note) for d in self.decisions]
+
+
+# ---------------------------------------------------------------- status
+
+
+class EventOut(_Out):
+    at: datetime
+    actor: str
+    action: str
+    from_state: str | None
+    to_state: str
+    reason: str | None
+
+
+class ReviewDecisionOut(_Out):
+    match_ref: str
+    decision: str
+    reviewer: str
+    note: str | None
+    decided_at: datetime
+
+
+class RequestStatusOut(_Out):
+    id: str
+    state: str
+    received_at: datetime
+    original_due_at: datetime
+    due_at: datetime
+    overdue: bool
+    extension_months: int
+    extension_reason: str | None
+    denial_ground: str | None
+    denial_detail: str | None
+    submitted_by: str
+    identifier_kinds: dict[str, int] = Field(description="How many identifiers of each kind (values are not kept).")
+    sample_count: int
+    samples_purged_at: datetime | None
+    closed_at: datetime | None
+    review_decisions: list[ReviewDecisionOut]
+    history: list[EventOut]
+
+
+# ---------------------------------------------------------------- errors
+
+
+class FieldProblem(BaseModel):
+    location: str = Field(description="body, header, path or query")
+    field: str = Field(description="Dotted path of the field, e.g. identifiers.0.value")
+    message: str
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    fields: list[FieldProblem] = Field(default_factory=list)
+
+
+class ErrorOut(BaseModel):
+    error: ErrorDetail

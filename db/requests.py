@@ -1,0 +1,234 @@
+"""Erasure requests, their history, review decisions and API tokens.
+
+What is stored, and what is not:
+- ``request_identifiers`` holds only the kind and HMAC-SHA256 keyed hash of each
+  normalised identifier (as ``record_identifiers`` does); never a raw value.
+- ``request_samples`` is the only table that holds content a data subject sent;
+  its rows are deleted when the request closes (completed or denied).
+- ``request_events`` is the request's timeline: every state change, extension,
+  denial, review and purge, with time, actor and reason.
+- ``api_tokens`` stores the SHA-256 of each bearer token, never the token.
+
+Times are timezone-aware UTC everywhere (``UTCDateTime``), on SQLite as well.
+The schema is created only by Alembic (``migrations/versions/0002_...``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from datetime import datetime, timezone
+
+from sqlalchemy import (
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+    select,
+)
+from sqlalchemy.orm import Mapped, Session, mapped_column, relationship
+
+from db.models import Base, utcnow
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timestamp with time zone that refuses naive datetimes and always reads
+    back as aware UTC (SQLite keeps no offset, so values are stored in UTC)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect) -> datetime | None:  # noqa: ANN001
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime: pass a timezone-aware time (UTC)")
+        return value.astimezone(timezone.utc)
+
+    def process_result_value(self, value: datetime | None, dialect) -> datetime | None:  # noqa: ANN001
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=timezone.utc)
+        return value.astimezone(timezone.utc)
+
+
+class ErasureRequest(Base):
+    """One Art. 17 request. ``due_at`` is the current deadline (received + one
+    calendar month, + ``extension_months``); ``original_due_at`` never changes."""
+
+    __tablename__ = "erasure_requests"
+    __table_args__ = (Index("ix_erasure_requests_state_due_at", "state", "due_at"),)
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    idempotency_key: Mapped[str] = mapped_column(String(200), unique=True)
+    # HMAC of the normalised submission: tells a replay from a conflicting reuse
+    # of the key without keeping the content.
+    body_fingerprint: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(32))
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    original_due_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    due_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    extension_months: Mapped[int] = mapped_column(Integer, default=0)
+    extension_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    denial_ground: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    denial_detail: Mapped[str | None] = mapped_column(Text, nullable=True)
+    submitted_by: Mapped[str] = mapped_column(String(200))
+    identifier_count: Mapped[int] = mapped_column(Integer)
+    sample_count: Mapped[int] = mapped_column(Integer)
+    samples_purged_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    closed_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+    identifiers: Mapped[list[RequestIdentifier]] = relationship(
+        back_populates="request", order_by="RequestIdentifier.id", cascade="all, delete-orphan"
+    )
+    samples: Mapped[list[RequestSample]] = relationship(
+        back_populates="request", order_by="RequestSample.position", cascade="all, delete-orphan"
+    )
+    events: Mapped[list[RequestEvent]] = relationship(back_populates="request", order_by="RequestEvent.id")
+    review_decisions: Mapped[list[ReviewDecision]] = relationship(
+        back_populates="request", order_by="ReviewDecision.match_ref"
+    )
+
+
+class RequestIdentifier(Base):
+    """A keyed hash of one normalised identifier named in a request."""
+
+    __tablename__ = "request_identifiers"
+    __table_args__ = (
+        UniqueConstraint("request_id", "kind", "keyed_hash", name="uq_request_identifiers_request_kind_hash"),
+        Index("ix_request_identifiers_lookup", "kind", "keyed_hash"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    request_id: Mapped[str] = mapped_column(ForeignKey("erasure_requests.id", ondelete="CASCADE"))
+    kind: Mapped[str] = mapped_column(String(32))
+    keyed_hash: Mapped[str] = mapped_column(String(64))
+
+    request: Mapped[ErasureRequest] = relationship(back_populates="identifiers")
+
+
+class RequestSample(Base):
+    """A content sample sent with a request; deleted when the request closes."""
+
+    __tablename__ = "request_samples"
+    __table_args__ = (UniqueConstraint("request_id", "position", name="uq_request_samples_request_position"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    request_id: Mapped[str] = mapped_column(ForeignKey("erasure_requests.id", ondelete="CASCADE"))
+    position: Mapped[int] = mapped_column(Integer)
+    text: Mapped[str] = mapped_column(Text)
+
+    request: Mapped[ErasureRequest] = relationship(back_populates="samples")
+
+
+class RequestEvent(Base):
+    """One line of a request's timeline. ``action`` is what happened
+    (submitted, transition, extended, denied, review, samples_purged);
+    ``from_state``/``to_state`` are equal when the state did not change."""
+
+    __tablename__ = "request_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    request_id: Mapped[str] = mapped_column(ForeignKey("erasure_requests.id", ondelete="RESTRICT"), index=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime())
+    actor: Mapped[str] = mapped_column(String(200))
+    action: Mapped[str] = mapped_column(String(32))
+    from_state: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    to_state: Mapped[str] = mapped_column(String(32))
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+    request: Mapped[ErasureRequest] = relationship(back_populates="events")
+
+
+class ReviewDecision(Base):
+    """A reviewer's decision on one match of a request (erase or keep); the
+    locate step names matches by ``match_ref``. A later decision replaces it."""
+
+    __tablename__ = "review_decisions"
+    __table_args__ = (UniqueConstraint("request_id", "match_ref", name="uq_review_decisions_request_match_ref"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    request_id: Mapped[str] = mapped_column(ForeignKey("erasure_requests.id", ondelete="RESTRICT"))
+    match_ref: Mapped[str] = mapped_column(String(200))
+    decision: Mapped[str] = mapped_column(String(16))
+    reviewer: Mapped[str] = mapped_column(String(200))
+    note: Mapped[str | None] = mapped_column(Text, nullable=True)
+    decided_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+    request: Mapped[ErasureRequest] = relationship(back_populates="review_decisions")
+
+
+# ------------------------------------------------------------------ API tokens
+
+TOKEN_SCOPES = ("intake", "review", "audit", "screen", "admin")
+TOKEN_PREFIX = "er_"
+
+
+class ApiToken(Base):
+    """A bearer token of the API: its SHA-256 and scopes (space-separated)."""
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    token_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    scopes: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+    @property
+    def scope_set(self) -> frozenset[str]:
+        return frozenset(self.scopes.split())
+
+    def allows(self, scope: str) -> bool:
+        """admin implies every scope."""
+        return scope in self.scope_set or "admin" in self.scope_set
+
+
+def token_digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def issue_token(session: Session, name: str, scopes: list[str] | tuple[str, ...]) -> tuple[str, ApiToken]:
+    """Create a token; returns the plaintext (shown once) and its row."""
+    name = name.strip()
+    if not name or len(name) > 100:
+        raise ValueError("a token needs a name of 1 to 100 characters, e.g. --name intake-portal")
+    unknown = sorted(set(scopes) - set(TOKEN_SCOPES))
+    if unknown or not scopes:
+        problem = f"unknown scope(s): {', '.join(unknown)}" if unknown else "give at least one scope"
+        raise ValueError(f"{problem} (known scopes: {', '.join(TOKEN_SCOPES)})")
+    if session.scalars(select(ApiToken).where(ApiToken.name == name)).one_or_none() is not None:
+        raise ValueError(f"a token named {name!r} exists; revoke it or choose another name")
+    token = TOKEN_PREFIX + secrets.token_urlsafe(32)
+    row = ApiToken(name=name, token_sha256=token_digest(token), scopes=" ".join(sorted(set(scopes))), created_at=utcnow())
+    session.add(row)
+    session.flush()
+    return token, row
+
+
+def find_active_token(session: Session, token: str) -> ApiToken | None:
+    """The unrevoked token row for a presented bearer token, or None."""
+    row = session.scalars(select(ApiToken).where(ApiToken.token_sha256 == token_digest(token))).one_or_none()
+    if row is None or row.revoked_at is not None:
+        return None
+    return row
+
+
+def revoke_token(session: Session, name: str) -> ApiToken:
+    row = session.scalars(select(ApiToken).where(ApiToken.name == name)).one_or_none()
+    if row is None:
+        raise LookupError(f"no token named {name!r}; `erasure token list` shows them")
+    if row.revoked_at is None:
+        row.revoked_at = utcnow()
+    return row
+
+
+def list_tokens(session: Session) -> list[ApiToken]:
+    return list(session.scalars(select(ApiToken).order_by(ApiToken.name)))

@@ -1,0 +1,129 @@
+"""Match policy: what a found record is, how it was found, and what to do with it.
+
+Every match carries a score on its method's own scale and a decision taken by
+:class:`Thresholds`:
+
+* ``identifier``: the record carries one of the subject's identifiers: erase.
+* ``jaccard`` (MinHash candidates, verified exactly on word-5-gram shingle sets):
+  ``J >= 0.8`` erase. Two texts at ``J = 0.8`` share about 89% of their shingles
+  (``2J / (1 + J)`` of each text's shingles when the texts are equally long): a
+  copy with a handful of words changed, i.e. the subject's own words.
+  ``0.5 <= J < 0.8`` review: heavier edits, quotes, or a shared template; a
+  person should look. Below 0.5 keep: at most two thirds of the shingles are
+  shared, which templates and stock phrases reach on their own.
+* ``cosine`` (embedding neighbours): a paraphrase has new words, so it is never
+  provably the subject's text; by default it goes to review
+  (``cosine_review <= c < cosine_erase``) and only a nearly identical vector is
+  erased. Cosine scales differ between embedders, so each embedder has its own
+  defaults (:func:`default_thresholds`), measured on the demo data's planted
+  paraphrases by ``benchmarks/bench_locate.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from enum import Enum
+
+
+class Decision(str, Enum):
+    ERASE = "erase"
+    REVIEW = "review"
+    KEEP = "keep"
+
+    @property
+    def rank(self) -> int:
+        return {"erase": 2, "review": 1, "keep": 0}[self.value]
+
+
+class Method(str, Enum):
+    IDENTIFIER = "identifier"
+    MINHASH = "minhash"
+    EMBEDDING = "embedding"
+    SECOND_HOP = "second-hop"
+
+    @property
+    def rank(self) -> int:
+        return {"identifier": 3, "minhash": 2, "second-hop": 1, "embedding": 0}[self.value]
+
+
+class Metric(str, Enum):
+    IDENTIFIER = "identifier"
+    JACCARD = "jaccard"
+    COSINE = "cosine"
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Decision thresholds; a score at a threshold takes the stronger decision."""
+
+    jaccard_erase: float = 0.8
+    jaccard_review: float = 0.5
+    cosine_erase: float = 0.97
+    cosine_review: float = 0.8
+
+    def __post_init__(self) -> None:
+        for kind in ("jaccard", "cosine"):
+            review, erase = getattr(self, f"{kind}_review"), getattr(self, f"{kind}_erase")
+            if not 0.0 < review <= erase <= 1.0:
+                raise ValueError(
+                    f"need 0 < {kind}_review <= {kind}_erase <= 1, got {review} and {erase}; "
+                    f"set {kind}_erase = {kind}_review to turn review off")
+
+    def decide(self, metric: Metric, score: float) -> Decision:
+        if metric is Metric.IDENTIFIER:
+            return Decision.ERASE
+        erase, review = ((self.jaccard_erase, self.jaccard_review) if metric is Metric.JACCARD
+                         else (self.cosine_erase, self.cosine_review))
+        if score >= erase:
+            return Decision.ERASE
+        return Decision.REVIEW if score >= review else Decision.KEEP
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def with_changes(self, **changes: float) -> Thresholds:
+        return replace(self, **changes)
+
+
+# Measured per embedder on the demo data (see the module doc): the hashing
+# embedder sees shared words only, so its paraphrase cosines are lower.
+_EMBEDDER_COSINES = {
+    "hashing": {"cosine_review": 0.6, "cosine_erase": 0.97},
+    "minilm": {"cosine_review": 0.8, "cosine_erase": 0.98},
+}
+
+
+def default_thresholds(embedder_name: str | None = None) -> Thresholds:
+    """The default thresholds, with the cosine pair of ``embedder_name`` where one is known."""
+    return Thresholds(**_EMBEDDER_COSINES.get(embedder_name or "", {}))
+
+
+@dataclass(frozen=True)
+class Match:
+    """One record found for a request; ``query`` says which input found it."""
+
+    shard: int
+    shard_version: int
+    slice: int
+    record_id: str
+    method: Method
+    metric: Metric
+    score: float
+    decision: Decision
+    hop: int
+    query: str
+
+    @property
+    def key(self) -> tuple[int, str]:
+        return (self.shard, self.record_id)
+
+    def outranks(self, other: Match) -> bool:
+        """Stronger decision first, then the surer method, then the earlier hop, then the higher score."""
+        return ((self.decision.rank, self.method.rank, -self.hop, self.score)
+                > (other.decision.rank, other.method.rank, -other.hop, other.score))
+
+    def to_dict(self) -> dict:
+        return {"shard": self.shard, "shard_version": self.shard_version, "slice": self.slice,
+                "record_id": self.record_id, "method": self.method.value, "metric": self.metric.value,
+                "score": round(float(self.score), 6), "decision": self.decision.value, "hop": self.hop,
+                "query": self.query}

@@ -1,0 +1,262 @@
+"""One shard version's locate indexes: built at ingest, saved beside the shard file, never changed.
+
+For the shard version file ``P`` (e.g. ``.../shard-003/v0002.parquet``) the
+artefacts live in the directory ``P.dedup/``:
+
+* ``manifest.json``: shard, version, row count, MinHash/LSH parameters, the
+  embedder spec and vector index layout, and the size of every file below;
+* ``records.parquet``: row -> record_id, slice, vector id (FAISS id);
+* ``signatures.npy``: uint32 (n, num_perm) MinHash signatures;
+* ``band_keys.npy``, ``band_rows.npy``: the sorted LSH band table;
+* ``vectors.faiss``: the embeddings in a FAISS index (absent without an embedder).
+
+The directory is written under a temporary name, every file fsynced, and then
+renamed into place, so ``P.dedup/`` either holds a complete index or does not
+exist. Removing records yields a new ShardIndex for the next shard version
+(rows renumbered, FAISS ids kept) plus the removed records' signatures, which
+are the only thing the tombstones keep.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from dedup.embeddings import Embedder, check_embedder, embedder_spec
+from dedup.lsh import DEFAULT_THRESHOLD, BandIndex, LSHParams, choose_params
+from dedup.minhash import MinHashParams, minhash_signatures
+from dedup.vector_index import VectorIndex, VectorIndexParams
+
+FORMAT_VERSION = 1
+ARTEFACT_SUFFIX = ".dedup"
+_MANIFEST = "manifest.json"
+
+
+def artefact_dir(shard_version_path: str | Path) -> Path:
+    """Where the indexes of the shard version file ``shard_version_path`` live."""
+    return Path(str(shard_version_path) + ARTEFACT_SUFFIX)
+
+
+@dataclass(frozen=True)
+class RemovedRecords:
+    """What a shard version dropped: the record ids and their signatures (no text)."""
+
+    shard: int
+    version: int
+    record_ids: tuple[str, ...]
+    signatures: np.ndarray  # uint32 (len(record_ids), num_perm)
+    minhash: MinHashParams
+
+
+@dataclass(frozen=True, eq=False)
+class ShardIndex:
+    shard: int
+    version: int
+    record_ids: np.ndarray  # object array of str, row order
+    slices: np.ndarray  # int32
+    vector_ids: np.ndarray  # int64, strictly increasing
+    next_vector_id: int
+    signatures: np.ndarray  # uint32 (n, num_perm)
+    minhash: MinHashParams
+    bands: BandIndex
+    embedder: dict | None
+    vectors: VectorIndex | None
+
+    @property
+    def n(self) -> int:
+        return len(self.record_ids)
+
+    @functools.cached_property
+    def _row_of(self) -> dict[str, int]:
+        return {rid: i for i, rid in enumerate(self.record_ids.tolist())}
+
+    def row(self, record_id: str) -> int | None:
+        """The row of ``record_id``, or None if this shard version does not hold it."""
+        return self._row_of.get(record_id)
+
+    def minhash_candidates(self, signatures: np.ndarray) -> list[np.ndarray]:
+        """For each query signature, the rows that share an LSH band with it."""
+        return self.bands.candidates(signatures)
+
+    def embedding_neighbours(self, vectors: np.ndarray, min_similarity: float,
+                             embedder: Embedder) -> list[tuple[np.ndarray, np.ndarray]]:
+        """For each query vector, (rows, cosines) of the records at ``min_similarity`` or above."""
+        if self.vectors is None or self.embedder is None:
+            return [(np.empty(0, np.int64), np.empty(0, np.float32)) for _ in range(len(vectors))]
+        check_embedder(embedder, self.embedder)
+        found = self.vectors.range_search(vectors, min_similarity)
+        return [(np.searchsorted(self.vector_ids, ids), sims) for ids, sims in found]
+
+    def without(self, record_ids: Sequence[str], new_version: int) -> tuple[ShardIndex, RemovedRecords]:
+        """The index of the next shard version, which no longer holds ``record_ids``."""
+        if new_version <= self.version:
+            raise ValueError(f"the new version must be above {self.version}, got {new_version}")
+        missing = [r for r in record_ids if r not in self._row_of]
+        if missing:
+            raise ValueError(f"{len(missing)} record ids are not in shard {self.shard} version {self.version} "
+                             f"(first: {missing[0]!r}); remove only ids this version holds")
+        rows = np.unique(np.fromiter((self._row_of[r] for r in record_ids), dtype=np.int64, count=len(record_ids)))
+        keep = np.ones(self.n, dtype=bool)
+        keep[rows] = False
+        removed = RemovedRecords(self.shard, self.version, tuple(self.record_ids[rows].tolist()),
+                                 np.array(self.signatures[rows]), self.minhash)
+        vectors = self.vectors.without(self.vector_ids[rows]) if self.vectors is not None else None
+        index = ShardIndex(self.shard, new_version, self.record_ids[keep], self.slices[keep],
+                           self.vector_ids[keep], self.next_vector_id, np.ascontiguousarray(self.signatures[keep]),
+                           self.minhash, self.bands.without(rows), self.embedder, vectors)
+        return index, removed
+
+    # ------------------------------------------------------------------ files
+    def save(self, shard_version_path: str | Path, *, overwrite: bool = False) -> Path:
+        """Write ``<shard_version_path>.dedup/`` atomically; returns that directory."""
+        final = artefact_dir(shard_version_path)
+        if final.exists() and not overwrite:
+            raise FileExistsError(f"{final} exists; shard versions are immutable: save the index of a new "
+                                  "version, or pass overwrite=True to replace a rebuilt one")
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=final.name + ".", suffix=".tmp", dir=final.parent))
+        try:
+            files = {}
+            files["records.parquet"] = _write(tmp / "records.parquet", lambda f: pq.write_table(pa.table({
+                "record_id": pa.array(self.record_ids.tolist(), pa.string()),
+                "slice": pa.array(self.slices, pa.int32()),
+                "vector_id": pa.array(self.vector_ids, pa.int64())}), f))
+            files["signatures.npy"] = _write(tmp / "signatures.npy", lambda f: np.save(f, self.signatures))
+            files["band_keys.npy"] = _write(tmp / "band_keys.npy", lambda f: np.save(f, self.bands.keys))
+            files["band_rows.npy"] = _write(tmp / "band_rows.npy", lambda f: np.save(f, self.bands.rows))
+            vector_meta = None
+            if self.vectors is not None:
+                self.vectors.save(tmp / "vectors.faiss")
+                files["vectors.faiss"] = (tmp / "vectors.faiss").stat().st_size
+                vector_meta = {"kind": self.vectors.kind, "nprobe": self.vectors.nprobe, "dim": self.vectors.dim}
+            manifest = {
+                "format": FORMAT_VERSION, "shard": self.shard, "version": self.version, "rows": self.n,
+                "next_vector_id": self.next_vector_id, "minhash": self.minhash.to_dict(),
+                "lsh": self.bands.params.to_dict(), "embedder": self.embedder, "vector_index": vector_meta,
+                "files": files,
+            }
+            _write(tmp / _MANIFEST, lambda f: f.write(json.dumps(manifest, indent=2, sort_keys=True).encode()))
+            _fsync_dir(tmp)
+            if final.exists():  # overwrite=True: move the old one aside first
+                trash = Path(tempfile.mkdtemp(prefix=final.name + ".", suffix=".old", dir=final.parent))
+                os.replace(final, trash / "old")
+                os.replace(tmp, final)
+                shutil.rmtree(trash, ignore_errors=True)
+            else:
+                os.replace(tmp, final)
+            _fsync_dir(final.parent)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return final
+
+    @classmethod
+    def load(cls, shard_version_path: str | Path, *, mmap: bool = False) -> ShardIndex:
+        """Read ``<shard_version_path>.dedup/``; ``mmap`` maps the signatures instead of reading them."""
+        base = artefact_dir(shard_version_path)
+        try:
+            manifest = json.loads((base / _MANIFEST).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no locate index at {base}: build it with build_shard_index(...).save(...)") from None
+        if manifest.get("format") != FORMAT_VERSION:
+            raise ValueError(f"{base} has index format {manifest.get('format')}, this version reads "
+                             f"{FORMAT_VERSION}: rebuild the index")
+        for name, size in manifest["files"].items():
+            actual = (base / name).stat().st_size
+            if actual != size:
+                raise ValueError(f"{base / name} has {actual} bytes, the manifest says {size}: rebuild the index")
+        table = pq.read_table(base / "records.parquet")
+        record_ids = np.array(table.column("record_id").to_pylist(), dtype=object)
+        slices = table.column("slice").to_numpy().astype(np.int32)
+        vector_ids = table.column("vector_id").to_numpy().astype(np.int64)
+        signatures = np.load(base / "signatures.npy", mmap_mode="r" if mmap else None)
+        lsh = LSHParams.from_dict(manifest["lsh"])
+        bands = BandIndex(lsh, np.load(base / "band_keys.npy"), np.load(base / "band_rows.npy"), len(record_ids))
+        vectors = None
+        if manifest["vector_index"] is not None:
+            meta = manifest["vector_index"]
+            vectors = VectorIndex.load(base / "vectors.faiss", meta["kind"], meta["nprobe"])
+        if len(signatures) != len(record_ids) or (vectors is not None and vectors.ntotal != len(record_ids)):
+            raise ValueError(f"{base}: the signatures, vectors and records disagree in length; rebuild the index")
+        return cls(int(manifest["shard"]), int(manifest["version"]), record_ids, slices, vector_ids,
+                   int(manifest["next_vector_id"]), signatures, MinHashParams.from_dict(manifest["minhash"]),
+                   bands, manifest["embedder"], vectors)
+
+
+def build_shard_index(
+    shard: int,
+    version: int,
+    record_ids: Sequence[str],
+    texts: Sequence[str],
+    slices: Sequence[int] | np.ndarray,
+    *,
+    embedder: Embedder | None = None,
+    minhash: MinHashParams = MinHashParams(),
+    lsh: LSHParams | None = None,
+    vector_params: VectorIndexParams = VectorIndexParams(),
+    workers: int = 1,
+) -> ShardIndex:
+    """Signatures, LSH bands and (with an embedder) the FAISS index of one shard version's records."""
+    n = len(record_ids)
+    if len(texts) != n or len(slices) != n:
+        raise ValueError(f"record_ids, texts and slices must be equally long, got {n}, {len(texts)}, {len(slices)}")
+    ids = np.array(list(record_ids), dtype=object)
+    if n and (not all(isinstance(r, str) and r for r in ids) or len(set(ids.tolist())) != n):
+        raise ValueError("record ids must be unique non-empty strings")
+    lsh = lsh or choose_params(DEFAULT_THRESHOLD, minhash.num_perm)
+    if lsh.width > minhash.num_perm:
+        raise ValueError(f"{lsh.bands}x{lsh.rows} bands need {lsh.width} permutations, the signatures have "
+                         f"{minhash.num_perm}")
+    signatures = minhash_signatures(texts, minhash, workers=workers)
+    vector_ids = np.arange(n, dtype=np.int64)
+    vectors = None
+    if embedder is not None:
+        vectors = VectorIndex.build(embedder.embed(texts), vector_ids, vector_params)
+    return ShardIndex(int(shard), int(version), ids, np.asarray(slices, dtype=np.int32), vector_ids, n,
+                      signatures, minhash, BandIndex.build(signatures, lsh),
+                      embedder_spec(embedder) if embedder is not None else None, vectors)
+
+
+def texts_from_parquet(paths: Mapping[int, str | Path]) -> Callable[[int, Sequence[str]], list[str]]:
+    """A ``fetch_texts(shard, record_ids)`` over shard Parquet files (columns record_id, text).
+
+    Each file's two columns are read once, on first use, and kept in memory.
+    """
+    cache: dict[int, dict[str, str]] = {}
+
+    def fetch(shard: int, record_ids: Sequence[str]) -> list[str]:
+        if shard not in cache:
+            if shard not in paths:
+                raise KeyError(f"no shard file for shard {shard}")
+            table = pq.read_table(paths[shard], columns=["record_id", "text"])
+            cache[shard] = dict(zip(table.column("record_id").to_pylist(), table.column("text").to_pylist()))
+        texts = cache[shard]
+        return [texts[r] for r in record_ids]
+
+    return fetch
+
+
+def _write(path: Path, writer: Callable) -> int:
+    with open(path, "wb") as f:
+        writer(f)
+        f.flush()
+        os.fsync(f.fileno())
+    return path.stat().st_size
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
