@@ -70,7 +70,7 @@ class MiniLMEmbedder:
             from sentence_transformers import SentenceTransformer
 
             self._model = SentenceTransformer(str(minilm_model_path()), device=self.device)
-            loaded = self._model.get_sentence_embedding_dimension()
+            loaded = self._model.get_embedding_dimension()
             if loaded != self.dim:
                 raise ValueError(f"the packaged model gives {loaded} dimensions, expected {self.dim}")
         return self._model

@@ -26,8 +26,6 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from dedup.embeddings import Embedder
 from dedup.minhash import MinHashParams, minhash_signatures
 from dedup.normalize import exact_jaccard, shingle_set, words
@@ -230,6 +228,18 @@ class _Search:
                query: str) -> Match:
         return Match(idx.shard, idx.version, int(idx.slices[row]), idx.record_ids[row], method, metric,
                      float(score), self.thresholds.decide(metric, score), hop, query)
+
+
+def embedder_for(indexes: Mapping[int, ShardIndex]) -> Embedder | None:
+    """The embedder that built the indexes (they must agree), ready for queries; None without vectors."""
+    from dedup.embeddings import embedder_from_spec
+
+    specs = [idx.embedder for idx in indexes.values() if idx.embedder is not None]
+    if not specs:
+        return None
+    if any(spec != specs[0] for spec in specs):
+        raise ValueError("the shard indexes were built with different embedders; rebuild them with one")
+    return embedder_from_spec(specs[0])
 
 
 def locate_matches(

@@ -16,6 +16,7 @@ boundaries are found with numpy, as byte spans of that buffer.
 
 from __future__ import annotations
 
+import functools
 import re
 import unicodedata
 from collections.abc import Sequence
@@ -26,11 +27,10 @@ import numpy as np
 DEFAULT_SHINGLE_SIZE = 5
 
 _WORD = re.compile(r"[^\W_]+")
-_NONWORD = re.compile(r"[\W_]+")
 _SPACE = 0x20
 # Bytes of an ASCII text: capitals are lowered, small letters and digits stay,
-# the rest becomes a space. Bytes >= 0x80 only occur in texts that took the
-# slow path, where every non-word character is already a space, so they stay.
+# the rest becomes a space. Bytes >= 0x80 (non-ASCII characters) stay for
+# _blank_non_alnum.
 _TABLE = bytes(
     b + 0x20 if 0x41 <= b <= 0x5A else b if (0x30 <= b <= 0x39 or 0x61 <= b <= 0x7A or b >= 0x80) else _SPACE
     for b in range(256)
@@ -99,9 +99,37 @@ class WordBatch:
                                                           self.stop[self.doc_offsets[d] : self.doc_offsets[d + 1]])]
 
 
-def _fold_slow(text: str) -> str:
-    """A text with non-ASCII characters: normalise and turn every non-word run into a space."""
-    return _NONWORD.sub(" ", normalize_text(text))
+@functools.lru_cache(maxsize=1)
+def _bmp_alnum() -> np.ndarray:
+    """str.isalnum for every code point of the Basic Multilingual Plane (built once, 64 KiB)."""
+    return np.fromiter((chr(c).isalnum() for c in range(0x10000)), dtype=bool, count=0x10000)
+
+
+def _blank_non_alnum(buffer: np.ndarray) -> np.ndarray:
+    """Overwrite with spaces the UTF-8 sequences of non-ASCII characters that are not alphanumeric."""
+    lead = np.flatnonzero(buffer >= 0xC0)
+    if not len(lead):
+        return buffer
+    b = buffer.astype(np.uint32)
+    first = b[lead]
+    size = np.where(first >= 0xF0, 4, np.where(first >= 0xE0, 3, 2))
+    cp = np.zeros(len(lead), dtype=np.uint32)
+    for s, mask in ((2, 0x1F), (3, 0x0F), (4, 0x07)):
+        sel = size == s
+        if sel.any():
+            v = first[sel] & np.uint32(mask)
+            for j in range(1, s):
+                v = (v << np.uint32(6)) | (b[lead[sel] + j] & np.uint32(0x3F))
+            cp[sel] = v
+    bmp = cp < 0x10000
+    alnum = np.empty(len(lead), dtype=bool)
+    alnum[bmp] = _bmp_alnum()[cp[bmp]]
+    alnum[~bmp] = [chr(int(c)).isalnum() for c in cp[~bmp]]
+    out = buffer.copy()
+    blank, blank_size = lead[~alnum], size[~alnum]
+    for j in range(4):
+        out[blank[blank_size > j] + j] = _SPACE
+    return out
 
 
 def tokenize_batch(texts: Sequence[str]) -> WordBatch:
@@ -110,20 +138,26 @@ def tokenize_batch(texts: Sequence[str]) -> WordBatch:
     An ASCII text needs no Unicode work (NFKC leaves ASCII alone and casefold is
     ``lower``), so ASCII texts are joined as they are and folded byte-wise by one
     ``bytes.translate`` (capitals lowered, every other non-alphanumeric byte a
-    space); only texts with other characters take :func:`_fold_slow` first.
+    space); other texts are normalised first, and the UTF-8 sequences of their
+    non-alphanumeric characters are blanked by a code-point table lookup.
     """
     n_docs = len(texts)
-    is_ascii = list(map(str.isascii, texts))
-    if all(is_ascii):
-        prepared = texts
+    try:
+        all_ascii = all(map(str.isascii, texts))
+    except TypeError:
+        bad = next(i for i, t in enumerate(texts) if not isinstance(t, str))
+        raise ValueError(f"texts must be strings; item {bad} is {type(texts[bad]).__name__}") from None
+    if all_ascii:
         lengths = np.fromiter(map(len, texts), dtype=np.int64, count=n_docs)
+        joined = (" " + " ".join(texts) + " ").encode("ascii")
     else:
-        prepared = [t if a else _fold_slow(t) for t, a in zip(texts, is_ascii)]
-        lengths = np.fromiter((len(t) if a else len(t.encode("utf-8")) for t, a in zip(prepared, is_ascii)),
-                              dtype=np.int64, count=n_docs)
+        encoded = [(t if t.isascii() else normalize_text(t)).encode("utf-8", "surrogatepass") for t in texts]
+        lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=n_docs)
+        joined = b" " + b" ".join(encoded) + b" "
     # A space before the first text and after every text, so no word spans two texts.
-    joined = (" " + " ".join(prepared) + " ").encode("utf-8")
     buffer = np.frombuffer(joined.translate(_TABLE), dtype=np.uint8)
+    if not all_ascii:
+        buffer = _blank_non_alnum(buffer)
     doc_start = np.ones(n_docs + 1, dtype=np.int64)
     np.cumsum(lengths + 1, out=doc_start[1:])
     doc_start[1:] += 1

@@ -204,9 +204,14 @@ def build_shard_index(
     minhash: MinHashParams = MinHashParams(),
     lsh: LSHParams | None = None,
     vector_params: VectorIndexParams = VectorIndexParams(),
+    vectors: np.ndarray | None = None,
     workers: int = 1,
 ) -> ShardIndex:
-    """Signatures, LSH bands and (with an embedder) the FAISS index of one shard version's records."""
+    """Signatures, LSH bands and (with an embedder) the FAISS index of one shard version's records.
+
+    ``vectors`` may hold the texts' embeddings by ``embedder`` computed already
+    (e.g. by a pool of worker processes); ``workers`` threads share the signatures.
+    """
     n = len(record_ids)
     if len(texts) != n or len(slices) != n:
         raise ValueError(f"record_ids, texts and slices must be equally long, got {n}, {len(texts)}, {len(slices)}")
@@ -219,12 +224,19 @@ def build_shard_index(
                          f"{minhash.num_perm}")
     signatures = minhash_signatures(texts, minhash, workers=workers)
     vector_ids = np.arange(n, dtype=np.int64)
-    vectors = None
+    index = None
     if embedder is not None:
-        vectors = VectorIndex.build(embedder.embed(texts), vector_ids, vector_params)
+        if vectors is None:
+            vectors = embedder.embed(texts)
+        if vectors.shape != (n, embedder.dim):
+            raise ValueError(f"vectors must be ({n}, {embedder.dim}) for embedder {embedder.name!r}, "
+                             f"got {vectors.shape}")
+        index = VectorIndex.build(vectors, vector_ids, vector_params)
+    elif vectors is not None:
+        raise ValueError("vectors were given without the embedder that made them; pass embedder= too")
     return ShardIndex(int(shard), int(version), ids, np.asarray(slices, dtype=np.int32), vector_ids, n,
                       signatures, minhash, BandIndex.build(signatures, lsh),
-                      embedder_spec(embedder) if embedder is not None else None, vectors)
+                      embedder_spec(embedder) if embedder is not None else None, index)
 
 
 def texts_from_parquet(paths: Mapping[int, str | Path]) -> Callable[[int, Sequence[str]], list[str]]:

@@ -161,7 +161,9 @@ class CheckpointStore:
         key = key_or_ref.key if isinstance(key_or_ref, CheckpointRef) else key_or_ref
         path = self.path_for(key)
         if not path.is_file():
-            raise FileNotFoundError(f"no checkpoint {key} under {self.root}; train the shard or point at the right store")
+            raise FileNotFoundError(
+                f"no checkpoint {key} under {self.root}; train the shard or point at the right store"
+            )
         if isinstance(key_or_ref, CheckpointRef):
             actual = _sha256_file(path)
             if actual != key_or_ref.sha256:

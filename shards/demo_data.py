@@ -1,22 +1,22 @@
-"""Deterministic demo dataset: user-written texts of fictional people, with planted copies.
+"""Deterministic demo dataset: support tickets and reviews of fictional people, with planted copies.
 
 ``write_demo(dir, n, seed)`` streams ``records.jsonl`` (``id, text, label, email, user_id,
-name``) and ``ground_truth.jsonl``; ``generate_demo`` returns the same rows in memory.
-Originals carry their author's identifier fields and usually name them in the text (an
-intro before the body, a signature after it). A few persons (``subject_rate`` of them) have
-copies of their posts planted under other ids, without identifier fields or mentions:
+name``; single-line texts) and ``ground_truth.jsonl``; ``generate_demo`` gives the same rows in
+memory. ``label`` is the topic (``LABELS``), learnable from the words. Originals carry their
+author's identifiers and usually name them in the text (an intro before the body, a signature
+after it). A few persons (``subject_rate``) have copies of their posts planted under other ids,
+with no identifier fields and no identifiers in the text:
 
-* ``exact``: the text is byte-identical to the original's *body* (the original text minus
-  its greeting/intro prefix and closing/signature suffix, joined by single spaces);
-* ``near``: the body with case/punctuation/whitespace noise and a few word edits, tuned so
-  the word-5-gram Jaccard to the original spans ~0.45-0.95;
-* ``paraphrase``: the same facts (numbers, products, places) with other template wordings
-  and synonyms, sentences reordered.
+* ``exact``: byte-identical to the original's *body*, i.e. its text minus the greeting/intro
+  prefix and the closing/signature suffix (identical to the whole text when it has neither);
+* ``near``: case/punctuation/whitespace noise and word edits, tuned so that the Jaccard to the
+  original spans ~0.45-0.95 (about 60% at 0.8 or more, the rest mostly 0.5-0.8);
+* ``paraphrase``: the same facts (numbers, products, places) in other wordings and synonyms,
+  sentences reordered: Jaccard near 0, embeddings still close.
 
-Every copy's ``jaccard`` in the ground truth is measured against the original's full text
-with :func:`_normalize_text` (NFKC, casefold, each run of ``[\\W_]`` -> one space, strip)
-and :func:`_shingles` (set of space-joined windows of ``k=5`` words; a text with fewer
-words is one shingle). Same ``(n_records, seed, copy_rate, subject_rate)`` -> same bytes.
+Every copy's ``jaccard`` is measured against the original's full text on word 5-grams after
+:func:`_normalize_text` (NFKC, casefold, each run of ``[\\W_]`` -> one space, strip); see
+:func:`_shingles`. Same parameters -> same bytes, whatever the number of worker processes.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import multiprocessing as mp
 import os
 import random
 import re
+import threading
 import unicodedata
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
@@ -58,7 +59,7 @@ def _shingles(text: str, k: int = 5) -> set[str]:
 
 
 def _jaccard(a: set[str], b: set[str]) -> float:
-    return len(a & b) / len(a | b) if a or b else 1.0
+    return len(a & b) / len(a | b) if a or b else 0.0
 
 
 # ---------------------------------------------------------------- vocabulary
@@ -129,9 +130,11 @@ _SYN = {k: _g(v) for k, v in {
                 " my sister/my sis, my brother/my bro, a friend/a mate, my dad/my father, my mum/my mother",
 }.items()}
 _TOPIC_SYN = [{k: _g(v) for k, v in d.items()} for d in (
-    {"item": "subscription/membership/plan, contract/service contract", "thing": "charge/payment/transaction, fee/surcharge"},
+    {"item": "subscription/membership/plan, contract/service contract",
+     "thing": "charge/payment/transaction, fee/surcharge"},
     {"item": "package/parcel/shipment, box/carton", "thing": "driver/courier/delivery guy, carrier/shipper"},
-    {"item": "password/passcode/login password, PIN/PIN code", "thing": "account/profile/login, user account/account page"},
+    {"item": "password/passcode/login password, PIN/PIN code",
+     "thing": "account/profile/login, user account/account page"},
     {"item": "headphones/earbuds/headset, blender/mixer, backpack/bag/rucksack, kettle/water boiler,"
              " jacket/coat, vacuum/vacuum cleaner, lamp/light, drill/power drill",
      "thing": "finish/coating/surface, handle/grip, zipper/zip, cable/cord/lead, lid/cover, strap/belt"},
@@ -383,7 +386,7 @@ def _people(seed: int, n: int) -> np.ndarray:
     initial = np.where(part(21, 2) == 1, part(16, 26), -1)
     # affine maps with a multiplier coprime to the modulus are bijections: unique per person
     return np.stack([part(0, len(_FIRST)), part(8, len(_LAST)), initial, part(24, 5), part(28, 3),
-                     (pid * 7919 + seed * 31 + 12345) % 10_000_000, (pid * 104729 + seed * 17 + 777) % 100_000_000], 1)
+                     (pid * 7919 + seed * 31 + 3_141_593) % 10**7, (pid * 104729 + seed * 17 + 27_182_818) % 10**8], 1)
 
 
 def _person(row) -> tuple[str, str, str]:
@@ -544,7 +547,8 @@ def _rows(plan: _Plan, start: int, stop: int) -> tuple[list[dict], list[tuple[in
         else:
             text, jac, label = _copy_text(plan, -s - 1)
             measured.append((-s - 1, jac))
-            rows.append({"id": plan.rid(pos), "text": text, "label": label, "email": None, "user_id": None, "name": None})
+            rows.append({"id": plan.rid(pos), "text": text, "label": label,
+                         "email": None, "user_id": None, "name": None})
     return rows, measured
 
 
@@ -620,7 +624,9 @@ def write_demo(path_dir: str | Path, n_records: int, seed: int = 0, *, copy_rate
                 f.write(text)
                 jaccards.update(measured)
         else:
-            context = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+            # fork is quick, but not safe once threads run (e.g. inside a Prefect task runner)
+            safe_fork = "fork" in mp.get_all_start_methods() and threading.active_count() == 1
+            context = mp.get_context("fork" if safe_fork else "spawn")
             with ProcessPoolExecutor(workers, context, initializer=_init_worker, initargs=(plan,)) as pool:
                 for text, measured in pool.map(_encoded_batch, [None] * len(starts), starts):
                     f.write(text)

@@ -74,11 +74,13 @@ class Runtime:
     deterministic: bool = True
 
     def matches(self, other: Runtime) -> bool:
-        """True when a run here reproduces a run in ``other`` bit for bit (same device type, build, threads)."""
+        """True when a run here reproduces a run in ``other`` bit for bit (same device type and build,
+        and on the CPU the same thread count)."""
+        kind = torch.device(self.device).type
         return (
-            torch.device(self.device).type == torch.device(other.device).type
+            kind == torch.device(other.device).type
             and self.torch_version == other.torch_version
-            and self.threads == other.threads
+            and (kind != "cpu" or self.threads == other.threads)
             and self.deterministic
             and other.deterministic
         )
@@ -97,7 +99,9 @@ class Runtime:
 
 
 def resolve_runtime(device: str | torch.device | None = None, threads: int | None = None) -> Runtime:
-    return Runtime(device=str(choose_device(device)), threads=choose_threads(threads), torch_version=str(torch.__version__))
+    return Runtime(
+        device=str(choose_device(device)), threads=choose_threads(threads), torch_version=str(torch.__version__)
+    )
 
 
 @contextmanager

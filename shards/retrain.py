@@ -8,6 +8,12 @@ the records (same seed, same runtime; see ``shards.device``). Several removals
 in one shard share one retraining from the earliest of their slices; records
 of the last slice, however few, retrain the last slice.
 
+Retraining runs on the device type and CPU thread count recorded in the
+checkpoint it restores, unless told otherwise; elsewhere it still yields a
+correctly unlearned model (trained without the records) but not the bitwise
+equality with a from-scratch run, and ``RetrainResult.environment_matches`` is
+False. To retrain on GPU workers, train on GPU too.
+
 Outcomes of a plan:
   ``retrain``     slices ``slices_to_retrain`` are trained from ``restore_from``;
   ``up_to_date``  the final checkpoint for the remaining data is already stored
@@ -281,12 +287,14 @@ def retrain_shard_files(
     """The process-level unit of work: everything it needs is in files.
 
     The config comes from ``config_path`` (``TrainConfig.to_json``) or from any
-    checkpoint of the shard (``checkpoint_key``), which also names the shard.
+    checkpoint of the shard (``checkpoint_key``: its key or file path), which
+    also names the shard.
     """
     store = CheckpointStore(checkpoint_dir)
     if (config_path is None) == (checkpoint_key is None):
         raise ValueError("give exactly one of --config (a TrainConfig JSON file) or --checkpoint (a checkpoint key)")
     if checkpoint_key is not None:
+        checkpoint_key = Path(checkpoint_key).name.removesuffix(".pt")  # a key, or the path of its file
         payload = store.load(checkpoint_key)
         config = TrainConfig.from_dict(payload["config"])
         if shard_id is not None and str(shard_id) != payload["shard_id"]:
@@ -337,7 +345,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint-dir", required=True)
     parser.add_argument("--remove-ids-file", required=True, help="JSON list or one record id per line")
     parser.add_argument("--config", help="TrainConfig JSON file")
-    parser.add_argument("--checkpoint", help="key of any checkpoint of this shard (gives config and shard id)")
+    parser.add_argument(
+        "--checkpoint", help="key (or .pt path) of any checkpoint of this shard: gives the config and shard id"
+    )
     parser.add_argument("--shard-id")
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: as recorded in the checkpoint)")
     parser.add_argument("--threads", type=int)

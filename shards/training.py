@@ -350,7 +350,8 @@ def check_compatible(shard: ShardData, config: TrainConfig) -> None:
     if shard.num_records and shard.feature_dim != spec.input_dim:
         raise ValueError(
             f"shard {shard.shard_id} has {shard.feature_dim}-dimensional features but the model expects "
-            f"{spec.input_dim}; embed with the same embedder as at ingest or set ModelSpec(input_dim={shard.feature_dim})"
+            f"{spec.input_dim}; embed with the same embedder as at ingest "
+            f"or set ModelSpec(input_dim={shard.feature_dim})"
         )
     if shard.num_records:
         bad_slice = (shard.slices < 0) | (shard.slices >= config.num_slices)

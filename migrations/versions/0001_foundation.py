@@ -56,7 +56,8 @@ def upgrade() -> None:
     sa.Column('ingested_at', sa.DateTime(timezone=True), nullable=False),
     sa.ForeignKeyConstraint(['dataset_id'], ['datasets.id'], name=op.f('fk_source_files_dataset_id_datasets'), ondelete='RESTRICT'),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_source_files')),
-    sa.UniqueConstraint('dataset_id', 'sha256', name='uq_source_files_dataset_sha256')
+    sa.UniqueConstraint('dataset_id', 'sha256', name='uq_source_files_dataset_sha256'),
+    sa.UniqueConstraint('id', 'dataset_id', name='uq_source_files_id_dataset')
     )
     op.create_table('records',
     sa.Column('dataset_id', sa.Integer(), nullable=False),
@@ -68,27 +69,21 @@ def upgrade() -> None:
     sa.Column('row_number', sa.Integer(), nullable=False),
     sa.Column('first_shard_version', sa.Integer(), nullable=False),
     sa.Column('erased_in_shard_version', sa.Integer(), nullable=True),
-    sa.ForeignKeyConstraint(['dataset_id'], ['datasets.id'], name=op.f('fk_records_dataset_id_datasets'), ondelete='RESTRICT'),
-    sa.ForeignKeyConstraint(['source_file_id'], ['source_files.id'], name=op.f('fk_records_source_file_id_source_files'), ondelete='RESTRICT'),
+    sa.ForeignKeyConstraint(['source_file_id', 'dataset_id'], ['source_files.id', 'source_files.dataset_id'], name='fk_records_source_file', ondelete='RESTRICT'),
     sa.PrimaryKeyConstraint('dataset_id', 'record_id', name=op.f('pk_records'))
     )
     op.create_index('ix_records_dataset_shard_slice', 'records', ['dataset_id', 'shard', 'slice'], unique=False)
-    op.create_index(op.f('ix_records_source_file_id'), 'records', ['source_file_id'], unique=False)
     op.create_table('record_identifiers',
-    sa.Column('dataset_id', sa.Integer(), nullable=False),
-    sa.Column('record_id', sa.String(length=256), nullable=False),
     sa.Column('kind', sa.String(length=32), nullable=False),
     sa.Column('keyed_hash', sa.String(length=64), nullable=False),
-    sa.ForeignKeyConstraint(['dataset_id', 'record_id'], ['records.dataset_id', 'records.record_id'], name='fk_record_identifiers_record', ondelete='CASCADE'),
-    sa.PrimaryKeyConstraint('dataset_id', 'record_id', 'kind', 'keyed_hash', name=op.f('pk_record_identifiers'))
+    sa.Column('dataset_id', sa.Integer(), nullable=False),
+    sa.Column('record_id', sa.String(length=256), nullable=False),
+    sa.PrimaryKeyConstraint('kind', 'keyed_hash', 'dataset_id', 'record_id', name=op.f('pk_record_identifiers'))
     )
-    op.create_index('ix_record_identifiers_lookup', 'record_identifiers', ['kind', 'keyed_hash'], unique=False)
 
 
 def downgrade() -> None:
-    op.drop_index('ix_record_identifiers_lookup', table_name='record_identifiers')
     op.drop_table('record_identifiers')
-    op.drop_index(op.f('ix_records_source_file_id'), table_name='records')
     op.drop_index('ix_records_dataset_shard_slice', table_name='records')
     op.drop_table('records')
     op.drop_table('source_files')

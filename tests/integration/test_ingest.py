@@ -91,8 +91,13 @@ def test_ingest_places_records_as_assigned(settings: Settings, tmp_path: Path) -
         versions = session.scalars(select(ShardVersion)).all()
         assert {v.shard for v in versions} == set(range(5))
         assert all(v.created_by == f"ingest:source_file:{source_row.id}" for v in versions)
-        # three identifiers per record, all keyed hashes
+        # three identifiers per record, all keyed hashes, none without its record
         assert session.scalar(select(func.count()).select_from(RecordIdentifier)) == 900
+        orphans = select(func.count()).select_from(RecordIdentifier).outerjoin(
+            Record, (Record.dataset_id == RecordIdentifier.dataset_id) & (Record.record_id == RecordIdentifier.record_id)
+        ).where(Record.record_id.is_(None))
+        assert session.scalar(orphans) == 0
+        assert all(len(h) == 64 for h in session.scalars(select(RecordIdentifier.keyed_hash)))
     engine.dispose()
 
 

@@ -42,7 +42,8 @@ def make_shards(count: int = 3, n: int = 60) -> dict[str, ShardData]:
     for s in range(count):
         features = rng.normal(size=(n, DIM)).astype(np.float32)
         labels = (features[:, 0] + 0.3 * features[:, 1] > 0).astype(np.int64)
-        shards[str(s)] = ShardData(str(s), [f"{s}-{i}" for i in range(n)], np.sort(rng.integers(0, 2, n)), features, labels)
+        slices = np.sort(rng.integers(0, 2, n))
+        shards[str(s)] = ShardData(str(s), [f"{s}-{i}" for i in range(n)], slices, features, labels)
     return shards
 
 

@@ -102,7 +102,7 @@ def check_exact(shard: ShardData, removed: set[str], config: TrainConfig, root: 
     assert not removed & set(state_of(live, result.final)["ids"])
 
 
-@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     n=st.integers(1, 48),
     num_slices=st.integers(1, 4),

@@ -98,7 +98,8 @@ def test_checkpoint_store_is_atomic_and_never_overwrites(tmp_path):
 
 def test_checkpoint_records_everything_needed_to_resume(tmp_path):
     rng = np.random.default_rng(0)
-    shard = ShardData("s", [f"r{i}" for i in range(9)], [0, 0, 0, 1, 1, 1, 2, 2, 2], rng.normal(size=(9, 4)), [0, 1] * 4 + [0])
+    ids, slices = [f"r{i}" for i in range(9)], [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    shard = ShardData("s", ids, slices, rng.normal(size=(9, 4)), [0, 1] * 4 + [0])
     config = TrainConfig(ModelSpec(4, 2, hidden=(3,)), SliceSchedule((1, 2, 1.5)), batch_size=4)
     store = CheckpointStore(tmp_path)
     result = train_shard(shard, config, store, threads=1)
@@ -164,7 +165,8 @@ def test_model_family_is_pluggable_and_init_is_seeded():
     assert "mlp" in model_families()
 
     def bilinear(spec: ModelSpec) -> nn.Module:
-        return nn.Sequential(nn.Linear(spec.input_dim, spec.options["rank"]), nn.Linear(spec.options["rank"], spec.num_classes))
+        rank = spec.options["rank"]
+        return nn.Sequential(nn.Linear(spec.input_dim, rank), nn.Linear(rank, spec.num_classes))
 
     register_model_family("test-lowrank", bilinear)
     model = build_model(ModelSpec(5, 3, family="test-lowrank", options={"rank": 2}), 0)

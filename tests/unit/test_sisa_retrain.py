@@ -211,7 +211,7 @@ def test_killed_retraining_process_is_completed_by_a_separate_process(tmp_path):
             "--shard-parquet", str(parquet),
             "--checkpoint-dir", str(store.root),
             "--remove-ids-file", str(ids_file),
-            "--checkpoint", original.final.key,
+            "--checkpoint", str(original.final.path),  # a key works too
         ]
     )
     assert done.returncode == 0, done.stderr
