@@ -131,7 +131,13 @@ def demo_data(
     if records < 1:
         _fail("--records must be positive")
     files = write_demo(directory, records, seed)
-    data = {k: str(v) for k, v in vars(files).items()} if hasattr(files, "__dict__") else {"files": str(files)}
+    data = {
+        "records": str(files.records),
+        "ground_truth": str(files.ground_truth),
+        "n_records": files.n_records,
+        "n_persons": files.n_persons,
+        "n_copies": files.n_copies,
+    }
     _emit(data, as_json, f"demo data written to {directory}")
 
 

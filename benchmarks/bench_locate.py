@@ -329,7 +329,8 @@ def _paraphrase_scores(query_vecs, vectors, query_pos, related, para, thresholds
     return sweep
 
 
-def bench_paraphrases(corpus: Corpus, vectors: np.ndarray, minilm_subset: int, seed: int) -> dict:
+def bench_paraphrases(corpus: Corpus, vectors: np.ndarray, minilm_subset: int, seed: int,
+                      minilm_queries: int = 200) -> dict:
     by_orig_para, by_orig_all = {}, {}
     for c in corpus.copies:
         o, p = corpus.pos[c["original_id"]], corpus.pos[c["id"]]
@@ -344,6 +345,7 @@ def bench_paraphrases(corpus: Corpus, vectors: np.ndarray, minilm_subset: int, s
     out["hashing"] = {"records": corpus.n, "cosine_review": review, **hashing[str(review)], "sweep": hashing}
     if minilm_subset:
         rng = np.random.default_rng(seed)
+        queries = sorted(rng.choice(queries, min(len(queries), minilm_queries), replace=False).tolist())
         rel = set(queries) | {p for o in queries for p in by_orig_all[o]}
         others = rng.choice(corpus.n, min(corpus.n, minilm_subset), replace=False).tolist()
         subset = sorted(rel | set(others))
@@ -355,7 +357,8 @@ def bench_paraphrases(corpus: Corpus, vectors: np.ndarray, minilm_subset: int, s
         para_local = {where[o]: {where[p] for p in by_orig_para[o]} for o in queries}
         minilm = _paraphrase_scores(vecs[q_local], vecs, q_local, rel_local, para_local, sweep_at)
         review = default_thresholds("minilm").cosine_review
-        out["minilm"] = {"records": len(subset), "cosine_review": review, **minilm[str(review)], "sweep": minilm,
+        out["minilm"] = {"records": len(subset), "queries": len(queries), "cosine_review": review,
+                         **minilm[str(review)], "sweep": minilm,
                          "note": "subset: the queries, all their copies and random others"}
         hashing_sub = _paraphrase_scores(vectors[subset][q_local], vectors[subset], q_local, rel_local, para_local,
                                          sweep_at)
@@ -445,7 +448,10 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--no-rensa", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--parts", default="signatures,embedders,sizes",
+                    help="which figures to produce (comma-separated subset of the default)")
     args = ap.parse_args()
+    parts = set(args.parts.split(","))
     sizes = [int(s) for s in (args.sizes or ("20000" if args.quick else "100000,1000000")).split(",")]
     sig_docs = args.sig_docs or (3000 if args.quick else 20000)
     minilm_n = args.minilm if args.minilm is not None else (100 if args.quick else 500)
@@ -472,11 +478,14 @@ def main() -> None:
             corpus = Corpus(n, args.seed, Path(tmp), shards)
             entry: dict = {"demo_generation_s": round(corpus.gen_seconds, 1), "planted_copies": len(corpus.copies)}
             first = n == sizes[0]
-            if first:
+            if first and "signatures" in parts:
                 report["signatures"] = bench_signatures(corpus.texts, sig_docs, args.workers, not args.no_rensa)
                 log(f"signatures: {report['signatures']['ours_docs_per_s']}")
+            if first and "embedders" in parts:
                 report["embedders"] = bench_embedders(corpus.texts, minilm_n)
                 log(f"embedders: {report['embedders']}")
+            if "sizes" not in parts:
+                break
             log("embedding all records (hashing)")
             t = time.perf_counter()
             vectors = embed_parallel(corpus.texts, args.workers)

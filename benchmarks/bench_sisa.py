@@ -221,12 +221,12 @@ def single_deletions(shards, config, store, args, rng, progress) -> list[dict[st
 
 
 def batched_deletions(
-    shards, config, store, args, rng, k: int, full_seconds: float, full_samples: int
+    shards, config, store, args, rng, k: int, full_seconds: float, full_cpu: float, full_samples: int
 ) -> dict[str, Any]:
     pool = [rid for s in shards.values() for rid in s.record_ids]
     chosen = [pool[i] for i in rng.choice(len(pool), size=min(k, len(pool)), replace=False)]
     routed = route_removals(shards, chosen)
-    began = time.perf_counter()
+    began, cpu_began = time.perf_counter(), time.process_time()
     per_shard = []
     samples = 0
     for sid, ids in routed.items():
@@ -234,9 +234,10 @@ def batched_deletions(
         result = retrain_from_slice(shards[sid], ids, config, store, device=args.device, threads=args.threads)
         per_shard.append(time.perf_counter() - shard_began)
         samples += result.cost.samples_processed
-    seconds = time.perf_counter() - began
+    seconds, cpu_seconds = time.perf_counter() - began, time.process_time() - cpu_began
     return {
         "k": k,
+        "cpu_seconds": cpu_seconds,
         "shards_retrained": len(routed),
         "seconds": seconds,
         "parallel_seconds": max(per_shard) if per_shard else 0.0,
@@ -244,6 +245,7 @@ def batched_deletions(
         "measured_fraction": samples / full_samples,
         "expected_fraction": expected_retrain_fraction(len(shards), config.num_slices, k),
         "time_fraction": seconds / full_seconds,
+        "cpu_time_fraction": cpu_seconds / full_cpu,
     }
 
 
@@ -369,7 +371,7 @@ def main_figures(args, data, trained, sweep, rng, progress, work: Path) -> dict[
     for k in args.batch_k:
         draws = []
         for _ in range(args.batch_draws):
-            draws.append(batched_deletions(shards, config, store, args, rng, k, full_seconds, full_samples))
+            draws.append(batched_deletions(shards, config, store, args, rng, k, full_seconds, full_cpu, full_samples))
             progress.advance(task)
         batched_seconds = float(np.mean([d["seconds"] for d in draws]))
         batching.append(
@@ -383,6 +385,7 @@ def main_figures(args, data, trained, sweep, rng, progress, work: Path) -> dict[
                 "expected_fraction": expected_retrain_fraction(S, R, k),
                 "expected_fraction_k_separate": k * expected_retrain_fraction(S, R, 1),
                 "time_fraction": batched_seconds / full_seconds,
+                "cpu_time_fraction": float(np.mean([d["cpu_time_fraction"] for d in draws])),
                 "speedup_vs_k_single_retrainings": k * mean_seconds / batched_seconds,
                 "per_draw": draws,
             }

@@ -502,6 +502,7 @@ def _plan(n: int, seed: int, copy_rate: float, subject_rate: float, posts_per_pe
     is_source = np.zeros(n_orig, dtype=bool)
     is_source[copy_src] = True
     meta = {"type": "meta", "n_records": n, "seed": seed, "copy_rate": copy_rate, "subject_rate": subject_rate,
+            "posts_per_person": posts_per_person,
             "n_persons": n_persons, "n_subjects": len(subjects), "n_copies": n_copies,
             "kinds": {k: int((copy_kind == i).sum()) for i, k in enumerate(_KINDS)},
             "labels": list(LABELS), "shingle_k": 5,
@@ -566,9 +567,11 @@ def _truth(plan: _Plan, jaccards: dict[int, float]):
         yield {"type": "person", "person": pid, "name": name, "email": email, "user_id": uid,
                "originals": [plan.rid(p) for p in o_pos[o_b[pid]:o_b[pid + 1]].tolist()],
                "copies": [plan.rid(p) for p in c_pos[c_b[pid]:c_b[pid + 1]].tolist()]}
-    for j, (pos, o, kind) in enumerate(zip(plan.copy_pos.tolist(), plan.copy_src.tolist(), plan.copy_kind.tolist())):
+    copies = zip(plan.copy_pos.tolist(), plan.copy_src.tolist(), plan.copy_kind.tolist())
+    for j, (pos, o, kind) in enumerate(copies):
         yield {"type": "copy", "id": plan.rid(pos), "original_id": plan.rid(int(plan.orig_pos[o])),
-               "person": int(plan.author[o]), "kind": _KINDS[kind], "label": int(plan.label[o]), "jaccard": jaccards[j]}
+               "person": int(plan.author[o]), "kind": _KINDS[kind], "label": int(plan.label[o]),
+               "jaccard": jaccards[j]}
 
 
 # ---------------------------------------------------------------- public API
@@ -609,11 +612,15 @@ def write_demo(path_dir: str | Path, n_records: int, seed: int = 0, *, copy_rate
 
     ``ground_truth.jsonl`` holds one ``{"type": "meta", ...}`` line, then one ``"person"`` line
     per person (ordered by person index), then one ``"copy"`` line per copy (ordered by id).
-    ``workers`` processes render the rows (default: up to 4 from 50k records on); the bytes do
-    not depend on it. Each file is written under a temporary name and renamed when complete.
+    ``workers`` processes render the rows; the bytes do not depend on it. By default up to 4 from
+    50k records on, forked, and only in a process without other threads (forking those is unsafe;
+    an explicit ``workers`` > 1 there uses spawn, which needs the ``__main__`` guard in scripts).
+    Each file is written under a temporary name and renamed when complete.
     """
     plan = _plan(n_records, seed, copy_rate, subject_rate, posts_per_person)
-    workers = workers or (min(4, os.cpu_count() or 1) if n_records >= 50_000 else 1)
+    fork_ok = "fork" in mp.get_all_start_methods() and threading.active_count() == 1
+    if workers is None:
+        workers = min(4, os.cpu_count() or 1) if n_records >= 50_000 and fork_ok else 1
     out = Path(path_dir)
     out.mkdir(parents=True, exist_ok=True)
     jaccards: dict[int, float] = {}
@@ -624,9 +631,7 @@ def write_demo(path_dir: str | Path, n_records: int, seed: int = 0, *, copy_rate
                 f.write(text)
                 jaccards.update(measured)
         else:
-            # fork is quick, but not safe once threads run (e.g. inside a Prefect task runner)
-            safe_fork = "fork" in mp.get_all_start_methods() and threading.active_count() == 1
-            context = mp.get_context("fork" if safe_fork else "spawn")
+            context = mp.get_context("fork" if fork_ok else "spawn")
             with ProcessPoolExecutor(workers, context, initializer=_init_worker, initargs=(plan,)) as pool:
                 for text, measured in pool.map(_encoded_batch, [None] * len(starts), starts):
                     f.write(text)
@@ -634,7 +639,8 @@ def write_demo(path_dir: str | Path, n_records: int, seed: int = 0, *, copy_rate
     with _atomic(out / "ground_truth.jsonl") as f:
         for obj in _truth(plan, jaccards):
             f.write(_DUMPS(obj) + "\n")
-    return DemoFiles(out / "records.jsonl", out / "ground_truth.jsonl", plan.n, len(plan.people), len(plan.copy_pos))
+    return DemoFiles(out / "records.jsonl", out / "ground_truth.jsonl", plan.n, len(plan.people),
+                     len(plan.copy_pos))
 
 
 @contextmanager
