@@ -81,6 +81,9 @@ def ingest(
     slices: Annotated[int, typer.Option(help="Number of slices R per shard (fixed per dataset).")] = 4,
     seed: Annotated[int, typer.Option(help="Placement seed (fixed per dataset).")] = 0,
     format: Annotated[Optional[str], typer.Option("--format", help="jsonl, csv or parquet (default: from the suffix).")] = None,
+    embedder: Annotated[
+        str, typer.Option(help="Features/paraphrase embedder: 'hashing' (fast, words) or 'minilm' (meaning, ~200 texts/s).")
+    ] = "hashing",
     home: HomeOpt = None,
     database_url: DbOpt = None,
     as_json: JsonOpt = False,
@@ -103,6 +106,7 @@ def ingest(
         n_slices=slices,
         seed=seed,
         fmt=format,
+        embedder=embedder,
     )
     try:
         with RichReporter() as reporter:
@@ -146,6 +150,7 @@ def demo(
     records: Annotated[int, typer.Option(help="Number of demo records.")] = 2000,
     shards: Annotated[int, typer.Option(help="SISA shards.")] = 4,
     slices: Annotated[int, typer.Option(help="Slices per shard.")] = 4,
+    embedder: Annotated[str, typer.Option(help="'minilm' (finds paraphrases) or 'hashing' (faster).")] = "minilm",
     home: HomeOpt = None,
     database_url: DbOpt = None,
     as_json: JsonOpt = False,
@@ -156,8 +161,49 @@ def demo(
 
     settings = _settings(home, database_url)
     with RichReporter() as reporter:
-        result = run_demo(settings, records=records, shards=shards, slices=slices, reporter=reporter)
+        result = run_demo(settings, records=records, shards=shards, slices=slices, embedder=embedder, reporter=reporter)
     _emit(result, as_json, json.dumps(result, indent=2, default=str))
+
+
+@app.command()
+def locate(
+    dataset: Annotated[str, typer.Option(help="Dataset name.")] = "default",
+    identifier: Annotated[
+        list[str], typer.Option("--identifier", "-i", help="KIND=VALUE, e.g. email=a@example.com. Repeatable.")
+    ] = [],  # noqa: B006
+    sample: Annotated[list[str], typer.Option(help="A text the subject wrote. Repeatable.")] = [],  # noqa: B006
+    sample_file: Annotated[list[Path], typer.Option(help="A UTF-8 file holding one sample. Repeatable.")] = [],  # noqa: B006
+    hops: Annotated[int, typer.Option(help="Second-hop depth: search from the found records' texts too.")] = 1,
+    show_keep: Annotated[bool, typer.Option("--show-keep", help="Also list near misses decided 'keep'.")] = False,
+    home: HomeOpt = None,
+    database_url: DbOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Dry run: every record of a subject, by identifier, near-copy and paraphrase. Changes nothing."""
+    from db.session import unit_of_work
+    from dedup.locate import LocateRequest
+    from flows.database import open_database
+    from flows.locate import locate_dry_run
+
+    settings = _settings(home, database_url)
+    try:
+        request = LocateRequest.parse(identifier, sample, [str(p) for p in sample_file])
+        with unit_of_work(open_database(settings)) as session:
+            result = locate_dry_run(settings, session, dataset, request, hops=hops, report_keep=show_keep)
+    except (ValueError, LookupError, OSError) as exc:
+        _fail(str(exc))
+    data = {"dataset": dataset, **result.to_dict()}
+    by_method: dict[str, int] = {}
+    for match in result.matches:
+        by_method[match.method.value] = by_method.get(match.method.value, 0) + 1
+    data["by_method"] = by_method
+    lines = [f"{len(result.matches)} match(es) in {dataset!r}: " + ", ".join(f"{k} {v}" for k, v in data["counts"].items())]
+    for match in result.matches:
+        lines.append(
+            f"  {match.decision.value:6} shard {match.shard} slice {match.slice} {match.record_id}  "
+            f"{match.method.value} {match.metric.value}={match.score:.3f} (hop {match.hop})"
+        )
+    _emit(data, as_json, "\n".join(lines))
 
 
 @app.command("shards")

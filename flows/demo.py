@@ -18,12 +18,14 @@ DEMO_FIELDS = FieldMap(
 )
 
 
-def run_demo(settings: Settings, *, records: int, shards: int, slices: int, reporter: Reporter) -> dict:
+def run_demo(
+    settings: Settings, *, records: int, shards: int, slices: int, reporter: Reporter, embedder: str = "minilm"
+) -> dict:
     demo_dir = settings.home / "demo" / f"n{records}"
     files = write_demo(demo_dir, records, seed=0)
     summary = ingest_source_file(
         files.records,
-        IngestOptions(dataset="demo", fields=DEMO_FIELDS, n_shards=shards, n_slices=slices),
+        IngestOptions(dataset="demo", fields=DEMO_FIELDS, n_shards=shards, n_slices=slices, embedder=embedder),
         settings,
         reporter,
     )

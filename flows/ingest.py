@@ -37,9 +37,9 @@ from db.lineage import (
 )
 from db.session import unit_of_work
 from db.settings import Settings
-from dedup.hashing_embedder import HashingEmbedder
 from dedup.identifiers import key_id, keyed_hash
 from flows.database import open_database
+from flows.locate import build_and_save_index, dataset_embedder, load_tombstones, remove_index
 from flows.progress import Reporter, SilentReporter
 from shards.assign import place_record, validate_layout
 from shards.sources import (
@@ -83,6 +83,7 @@ class IngestOptions:
     n_slices: int = 4
     seed: int = 0
     fmt: str | None = None
+    embedder: str = "hashing"  # "minilm" for paraphrase search by meaning (slower)
 
 
 @dataclass
@@ -94,6 +95,7 @@ class IngestSummary:
     rows: int
     new_records: int
     skipped_existing: int
+    screened_out: int
     shards: int
     slices: int
     per_shard_counts: dict[int, int]
@@ -101,6 +103,7 @@ class IngestSummary:
     shard_versions: dict[int, int]
     seconds: float
     timings: dict[str, float] = field(default_factory=dict)
+    screened: list[dict] = field(default_factory=list)  # records refused by the tombstone screen
 
     def to_json(self) -> dict:
         data = asdict(self)
@@ -229,8 +232,8 @@ def ingest_source_file(
     sha = file_sha256(path)
     key = settings.secret_key_bytes()
     engine = open_database(settings)
-    embedder = HashingEmbedder(dim=DEFAULT_FEATURE_DIM)
-    embedder_name = f"{embedder.name}-{embedder.dim}"
+    embedder = dataset_embedder(options.embedder, DEFAULT_FEATURE_DIM)
+    embedder_name = embedder.name
     store = ShardStore(settings.shards_dir)
     timings: dict[str, float] = {}
 
@@ -249,7 +252,7 @@ def ingest_source_file(
                 versions = latest_shard_versions(session, dataset.id)
                 return IngestSummary(
                     dataset=options.dataset, source_file=str(path), sha256=sha, status="already_ingested",
-                    rows=done.row_count, new_records=0, skipped_existing=done.row_count,
+                    rows=done.row_count, new_records=0, skipped_existing=done.row_count, screened_out=0,
                     shards=dataset.n_shards, slices=dataset.n_slices,
                     per_shard_counts={s: v.row_count for s, v in sorted(versions.items())},
                     new_per_shard={}, shard_versions={s: v.version for s, v in sorted(versions.items())},
@@ -266,6 +269,8 @@ def ingest_source_file(
     spill_dir.mkdir(parents=True, exist_ok=True)
     written: list[ShardVersionRef] = []
     new_per_shard: dict[int, int] = {}
+    screened: dict[str, dict] = {}  # record id -> why it was not ingested (no text kept)
+    tombstones = load_tombstones(settings, options.dataset)
     try:
         t = time.perf_counter()
         spills = _spill(path, fmt, options, existing, key, spill_dir, rows, reporter)
@@ -277,6 +282,24 @@ def ingest_source_file(
         with reporter.step("writing shard versions", len(spills)) as step:
             for shard in sorted(spills):
                 new = _read_spill(spills[shard])
+                if tombstones is not None and len(tombstones):
+                    # Erased content must not come back with a data refresh.
+                    hits = tombstones.screen(new["text"].to_pylist())
+                    rows_hit = {}
+                    for hit in hits:
+                        rows_hit.setdefault(hit.text_index, hit)
+                    if rows_hit:
+                        ids = new["record_id"].to_pylist()
+                        numbers = new["row_number"].to_pylist()
+                        for i, hit in rows_hit.items():
+                            screened[ids[i]] = {"row": numbers[i], "tombstone": hit.key,
+                                                "estimated_jaccard": round(hit.estimated_jaccard, 3)}
+                        keep = np.ones(new.num_rows, dtype=bool)
+                        keep[list(rows_hit)] = False
+                        new = new.filter(pa.array(keep))
+                if new.num_rows == 0:
+                    step.advance()
+                    continue
                 new_per_shard[shard] = new.num_rows
                 table = build_shard_table(
                     new["record_id"].to_pylist(),
@@ -297,7 +320,9 @@ def ingest_source_file(
                         old["label"].to_pylist() + table["label"].to_pylist(),
                         np.vstack([_features(old), _features(table)]),
                     )
-                written.append(store.write_version(options.dataset, shard, table))
+                ref = store.write_version(options.dataset, shard, table)
+                written.append(ref)
+                build_and_save_index(ref, embedder, table)
                 step.advance()
         timings["write_shards_s"] = time.perf_counter() - t
 
@@ -319,6 +344,9 @@ def ingest_source_file(
             with reporter.step("recording lineage", sum(new_per_shard.values())) as step:
                 for ref in written:
                     spill = _read_spill(spills[ref.shard])
+                    if screened:
+                        keep = [rid not in screened for rid in spill["record_id"].to_pylist()]
+                        spill = spill.filter(pa.array(keep))
                     bulk_insert(session, "records", RECORD_COLUMNS, _record_rows(spill, dataset.id, ref, source.id))
                     bulk_insert(session, "record_identifiers", IDENTIFIER_COLUMNS, _identifier_rows(spill, dataset.id))
                     step.advance(spill.num_rows)
@@ -328,6 +356,7 @@ def ingest_source_file(
         timings["lineage_s"] = time.perf_counter() - t
     except BaseException:
         for ref in written:
+            remove_index(ref.path)
             store.remove_version_file(ref)
         raise
     finally:
@@ -335,11 +364,12 @@ def ingest_source_file(
 
     return IngestSummary(
         dataset=options.dataset, source_file=str(path), sha256=sha, status="ingested", rows=rows,
-        new_records=sum(new_per_shard.values()), skipped_existing=unchanged,
+        new_records=sum(new_per_shard.values()), skipped_existing=unchanged, screened_out=len(screened),
         shards=options.n_shards, slices=options.n_slices, per_shard_counts=per_shard,
         new_per_shard=dict(sorted(new_per_shard.items())), shard_versions=latest,
         seconds=round(time.perf_counter() - started, 3),
         timings={k: round(v, 3) for k, v in timings.items()},
+        screened=[{"record_id": rid, **why} for rid, why in sorted(screened.items())],
     )
 
 

@@ -22,7 +22,7 @@ def run_cli(args: list[str], home: Path, database_url: str | None = None) -> sub
 
 
 def test_demo_ingests_the_demo_dataset(tmp_path: Path, database_url: str) -> None:
-    result = run_cli(["demo", "--records", "1500", "--json"], tmp_path / "home", database_url)
+    result = run_cli(["demo", "--records", "1500", "--embedder", "hashing", "--json"], tmp_path / "home", database_url)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)  # stdout is exactly one JSON document
     assert report["ingest"]["new_records"] == 1500 == report["demo_data"]["n_records"]
@@ -33,7 +33,7 @@ def test_demo_ingests_the_demo_dataset(tmp_path: Path, database_url: str) -> Non
     shards = json.loads(listed.stdout)["shards"]
     assert sum(s["row_count"] for s in shards) == 1500 and all(Path(s["path"]).exists() for s in shards)
 
-    again = run_cli(["demo", "--records", "1500", "--json"], tmp_path / "home", database_url)
+    again = run_cli(["demo", "--records", "1500", "--embedder", "hashing", "--json"], tmp_path / "home", database_url)
     assert json.loads(again.stdout)["ingest"]["status"] == "already_ingested"
 
 

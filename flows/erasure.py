@@ -1,0 +1,424 @@
+"""The erasure steps of a request, as plain functions over our database: record
+the located matches, apply review verdicts, erase per shard, verify.
+
+Every function is idempotent: it reads what is done from the database (the
+request's matches, ``records.erased_in_shard_version``, shard versions) and
+does only the rest, so a process killed at any point can simply run again.
+
+Per-shard serialisation. ``erase_from_shard`` runs in one transaction that
+first takes the shard's lock: ``pg_advisory_xact_lock`` on PostgreSQL (held
+until commit), so two requests erasing from one shard queue up and the second
+writes its version on top of the first's — neither deletion is lost. SQLite
+has a single writer per database file (a write transaction blocks the next),
+which is enough for the embedded default of one process; run one worker
+against a SQLite database.
+
+Crash safety of a shard rewrite: the new version file is written (and fsynced)
+before the transaction that records it commits. Killed in between, the file
+exists unrecorded; the next run finds it, checks that it holds exactly the
+base version minus the records to erase, and adopts it instead of writing
+another (otherwise ``write_version`` takes the next free number: no version is
+ever overwritten).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import pyarrow.parquet as pq
+from sqlalchemy import Engine, select, text
+from sqlalchemy.orm import Session
+
+from db.lineage import add_shard_version, get_dataset, latest_shard_versions
+from db.models import Dataset, Record, ShardVersion, utcnow
+from db.requests import ErasureRequest
+from db.session import unit_of_work
+from db.settings import Settings
+from db.training import JOB_DONE, JOB_PENDING, JOB_RUNNING, RequestMatch, ShardRetrainJob
+from flows.requests import get_request, identifier_hashes, review_verdicts, sample_texts
+from shards.store import ShardStore, ShardVersionRef
+
+ERASE = "erase"
+KEEP = "keep"
+REVIEW = "review"
+KILL_ENV = "ERASURE_FAULT_KILL_AT"  # fault injection for the crash tests: the step boundary to die at
+
+_LOCK_NAMESPACE = 0x5E15  # high bits of our advisory lock keys
+
+
+# ---------------------------------------------------------------- fault injection
+
+
+def crash_point(name: str) -> None:
+    """Die with SIGKILL here when ``$ERASURE_FAULT_KILL_AT`` names this step boundary.
+
+    Only the crash tests set it: they kill the process at each boundary and
+    check that running the flow again reaches the same final state.
+    """
+    if os.environ.get(KILL_ENV) == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+# ---------------------------------------------------------------- locks
+
+
+def _lock_key(kind: int, dataset_id: int, shard: int) -> int:
+    return (_LOCK_NAMESPACE << 48) | (kind << 44) | ((dataset_id & 0xFFFFFF) << 20) | (shard & 0xFFFFF)
+
+
+def lock_shard(session: Session, dataset_id: int, shard: int) -> None:
+    """Serialise writers of one shard until the transaction ends (PostgreSQL);
+    SQLite's single writer serialises anyway."""
+    if session.connection().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _lock_key(1, dataset_id, shard)})
+
+
+def lock_dataset(session: Session, dataset_id: int) -> None:
+    """Serialise updates of a dataset-wide artefact (ensemble version, tombstones)."""
+    if session.connection().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _lock_key(2, dataset_id, 0)})
+
+
+class retrain_lock:
+    """A session-level advisory lock on one shard's retraining, held on its own
+    connection for the whole training (a killed process drops the connection and
+    with it the lock). No-op on SQLite."""
+
+    def __init__(self, engine: Engine, dataset_id: int, shard: int) -> None:
+        self.engine, self.key, self.connection = engine, _lock_key(3, dataset_id, shard), None
+
+    def __enter__(self) -> retrain_lock:
+        if self.engine.dialect.name == "postgresql":
+            self.connection = self.engine.connect()
+            self.connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": self.key})
+            self.connection.commit()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.connection is not None:
+            try:
+                self.connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": self.key})
+                self.connection.commit()
+            finally:
+                self.connection.close()
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def dataset_or_fail(session: Session, name: str) -> Dataset:
+    dataset = get_dataset(session, name)
+    if dataset is None:
+        raise LookupError(f"no dataset named {name!r}; ingest a file first")
+    return dataset
+
+
+def match_ref(shard: int, record_id: str) -> str:
+    """How reviewers name a match: ``<shard>/<record id>``."""
+    return f"{shard}/{record_id}"
+
+
+def request_matches(session: Session, request_id: str, dataset_id: int | None = None) -> list[RequestMatch]:
+    query = select(RequestMatch).where(RequestMatch.request_id == str(request_id))
+    if dataset_id is not None:
+        query = query.where(RequestMatch.dataset_id == dataset_id)
+    return list(session.scalars(query.order_by(RequestMatch.shard, RequestMatch.record_id)))
+
+
+# ---------------------------------------------------------------- locate + record
+
+
+def locate_for_request(settings: Settings, session: Session, request_id: str, dataset: str):
+    """The request's matches in the dataset's current shard versions (a LocateResult)."""
+    import flows.locate as locate
+
+    if hasattr(locate, "locate_request"):
+        return locate.locate_request(settings, session, request_id, dataset)
+    return locate.locate_in_dataset(
+        settings, session, dataset,
+        identifier_hashes=identifier_hashes(session, request_id),
+        samples=tuple(sample_texts(session, request_id)),
+    )
+
+
+def record_matches(session: Session, request_id: str, dataset_id: int, matches) -> dict[str, int]:  # noqa: ANN001
+    """Store the located matches (erase and review; keep is not stored).
+    Idempotent: a match already recorded for the request is left as it is."""
+    existing = {(m.shard, m.record_id) for m in request_matches(session, request_id, dataset_id)}
+    counts = {ERASE: 0, REVIEW: 0}
+    for match in matches:
+        decision = match.decision.value
+        if decision == KEEP or (match.shard, match.record_id) in existing:
+            continue
+        session.add(RequestMatch(
+            request_id=str(request_id), dataset_id=dataset_id, match_ref=match_ref(match.shard, match.record_id),
+            shard=match.shard, shard_version=match.shard_version, slice=match.slice, record_id=match.record_id,
+            method=match.method.value, metric=match.metric.value, score=float(match.score), decision=decision,
+            hop=match.hop, query=match.query[:300], final_decision=ERASE if decision == ERASE else None,
+            found_at=utcnow(),
+        ))
+        existing.add((match.shard, match.record_id))
+        counts[decision] += 1
+    session.flush()
+    return counts
+
+
+def apply_review_verdicts(session: Session, request_id: str) -> int:
+    """Copy reviewers' verdicts onto the borderline matches; returns how many still wait."""
+    verdicts = review_verdicts(session, request_id)
+    waiting = 0
+    for match in request_matches(session, request_id):
+        if match.decision != REVIEW or match.erased_in_shard_version is not None:
+            continue
+        verdict = verdicts.get(match.match_ref)
+        if verdict in (ERASE, KEEP):
+            match.final_decision = verdict
+        else:
+            waiting += 1
+    session.flush()
+    return waiting
+
+
+def undecided_refs(session: Session, request_id: str) -> list[str]:
+    return [m.match_ref for m in request_matches(session, request_id) if m.final_decision is None]
+
+
+def resolve_undecided(session: Session, request_id: str, decision: str) -> int:
+    """The review timeout policy ``keep``/``erase``: decide what no reviewer did."""
+    count = 0
+    for match in request_matches(session, request_id):
+        if match.final_decision is None:
+            match.final_decision = decision
+            count += 1
+    session.flush()
+    return count
+
+
+# ---------------------------------------------------------------- erase
+
+
+@dataclass(frozen=True)
+class ShardErasure:
+    shard: int
+    erased: int  # records removed by this request's new shard version
+    already_erased: int  # records another request had removed (not erased twice)
+    new_version: int | None
+    retrain_job_id: int | None
+
+    def to_dict(self) -> dict:
+        return {"shard": self.shard, "erased": self.erased, "already_erased": self.already_erased,
+                "new_version": self.new_version, "retrain_job_id": self.retrain_job_id}
+
+
+def shards_to_erase(session: Session, request_id: str, dataset_id: int) -> list[int]:
+    return sorted({m.shard for m in request_matches(session, request_id, dataset_id)
+                   if m.final_decision == ERASE and m.erased_in_shard_version is None})
+
+
+def erase_from_shard(settings: Settings, engine: Engine, request_id: str, dataset_name: str, shard: int) -> ShardErasure:
+    """Remove the request's records from one shard: a new shard version without
+    them, its indexes, tombstones, lineage, and a pending retraining. One
+    transaction under the shard's lock; a rerun does only what is left."""
+    store = ShardStore(settings.shards_dir)
+    with unit_of_work(engine) as session:
+        dataset = dataset_or_fail(session, dataset_name)
+        lock_shard(session, dataset.id, shard)
+        request = get_request(session, request_id)
+        todo = [m for m in request_matches(session, request_id, dataset.id)
+                if m.shard == shard and m.final_decision == ERASE and m.erased_in_shard_version is None]
+        if not todo:
+            return ShardErasure(shard, 0, 0, None, None)
+        records = {r.record_id: r for r in session.scalars(
+            select(Record).where(Record.dataset_id == dataset.id, Record.record_id.in_([m.record_id for m in todo]))
+        )}
+        # Records another request erased meanwhile: not erased twice; this match waits for that retraining.
+        done_before = [m for m in todo if records[m.record_id].erased_in_shard_version is not None]
+        for m in done_before:
+            m.erased_in_shard_version = records[m.record_id].erased_in_shard_version
+            m.retrain_job_id = _job_of_erased_record(session, dataset.id, m.record_id)
+        remove = sorted(m.record_id for m in todo if records[m.record_id].erased_in_shard_version is None)
+        new_version = job_id = None
+        if remove:
+            base = latest_shard_versions(session, dataset.id)[shard]
+            ref = _write_or_adopt(store, dataset_name, shard, base, remove)
+            crash_point("erase:after_shard_file")
+            update_indexes_and_tombstones(settings, session, dataset, shard, base, ref, remove, request_id)
+            add_shard_version(session, dataset_id=dataset.id, shard=shard, version=ref.version, path=str(ref.path),
+                              sha256=ref.sha256, row_count=ref.row_count, created_by=f"erasure:request:{request_id}")
+            for rid in remove:
+                records[rid].erased_in_shard_version = ref.version
+            job_id = _pending_job(session, dataset.id, shard, request.due_at) if _shard_is_trained(session, dataset.id, shard) else None
+            for m in todo:
+                if m.record_id in remove:
+                    m.erased_in_shard_version = ref.version
+                    m.retrain_job_id = job_id
+            new_version = ref.version
+        session.flush()
+        return ShardErasure(shard, len(remove), len(done_before), new_version, job_id)
+
+
+def _write_or_adopt(store: ShardStore, dataset: str, shard: int, base: ShardVersion, remove: list[str]) -> ShardVersionRef:
+    """The shard version ``base`` minus ``remove``: an unrecorded next version left by
+    a killed run is adopted when it holds exactly that, else a new one is written."""
+    stray = store.path_of(dataset, shard, base.version + 1)
+    if stray.exists():
+        base_ids = pq.read_table(base.path, columns=["record_id"])["record_id"].to_pylist()
+        stray_ids = pq.read_table(stray, columns=["record_id"])["record_id"].to_pylist()
+        removed = set(remove)
+        if stray_ids == [rid for rid in base_ids if rid not in removed]:
+            return ShardVersionRef(dataset, shard, base.version + 1, stray, _sha256(stray), len(stray_ids))
+    return store.write_without(dataset, shard, remove, base_version=base.version)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def update_indexes_and_tombstones(
+    settings: Settings, session: Session, dataset: Dataset, shard: int, base: ShardVersion,
+    new: ShardVersionRef, removed_ids: list[str], request_id: str,
+) -> None:
+    """The locate indexes of the new shard version (the base's minus the records) and
+    the removed records' MinHash signatures added to the dataset's tombstones, keyed
+    ``<request id>/<shard>/<record id>`` (a key already present is not added again).
+
+    Both are idempotent: an index directory already written is kept; tombstone
+    keys present are skipped. The tombstone file is shared by the dataset's shards,
+    so its update takes the dataset lock (PostgreSQL) until the transaction ends.
+    """
+    from dedup.shard_index import artefact_dir
+    from dedup.tombstones import TombstoneSet
+    from flows.locate import dataset_embedder, load_index, load_tombstones, tombstone_path
+
+    embedder = dataset_embedder(_embedder_name(dataset.embedder), dataset.feature_dim)
+    base_index = load_index(base.path, shard, base.version, embedder)
+    new_index, removed = base_index.without(removed_ids, new.version)
+    if not artefact_dir(new.path).is_dir():
+        new_index.save(new.path)
+    lock_dataset(session, dataset.id)
+    tombstones = load_tombstones(settings, dataset.name) or TombstoneSet.empty(removed.minhash)
+    present = set(tombstones.keys)
+    keys = [f"{request_id}/{shard}/{rid}" for rid in removed.record_ids]
+    fresh = [i for i, key in enumerate(keys) if key not in present]
+    if fresh:
+        tombstones = tombstones.added(removed.signatures[fresh], [keys[i] for i in fresh], removed.minhash)
+        tombstones.save(tombstone_path(settings, dataset.name))
+
+
+def _embedder_name(stored: str) -> str:
+    # datasets created before the embedder option stored "<name>-<dim>"
+    name, _, dim = stored.rpartition("-")
+    return name if name and dim.isdigit() else stored
+
+
+def _shard_is_trained(session: Session, dataset_id: int, shard: int) -> bool:
+    """Whether the ensemble in service has a sub-model of the shard (then it must be retrained)."""
+    from flows.training import current_ensemble_row
+    from db.training import EnsembleMemberRow
+
+    current = current_ensemble_row(session, dataset_id)
+    if current is None:
+        return False
+    return session.get(EnsembleMemberRow, (current.id, shard)) is not None
+
+
+def _pending_job(session: Session, dataset_id: int, shard: int, due_at: datetime) -> int:
+    """The shard's pending retraining job (created if none), its due date the earliest served."""
+    job = session.scalars(
+        select(ShardRetrainJob).where(
+            ShardRetrainJob.dataset_id == dataset_id, ShardRetrainJob.shard == shard, ShardRetrainJob.status == JOB_PENDING
+        ).order_by(ShardRetrainJob.id)
+    ).first()
+    if job is None:
+        job = ShardRetrainJob(dataset_id=dataset_id, shard=shard, status=JOB_PENDING, due_at=due_at, created_at=utcnow())
+        session.add(job)
+        session.flush()
+    elif due_at < job.due_at:
+        job.due_at = due_at
+    return job.id
+
+
+def _job_of_erased_record(session: Session, dataset_id: int, record_id: str) -> int | None:
+    return session.scalars(
+        select(RequestMatch.retrain_job_id).where(
+            RequestMatch.dataset_id == dataset_id, RequestMatch.record_id == record_id,
+            RequestMatch.erased_in_shard_version.is_not(None), RequestMatch.retrain_job_id.is_not(None),
+        ).order_by(RequestMatch.id)
+    ).first()
+
+
+# ---------------------------------------------------------------- retraining status, verification
+
+
+def request_jobs(session: Session, request_id: str) -> list[ShardRetrainJob]:
+    ids = sorted({m.retrain_job_id for m in request_matches(session, request_id) if m.retrain_job_id is not None})
+    if not ids:
+        return []
+    return list(session.scalars(select(ShardRetrainJob).where(ShardRetrainJob.id.in_(ids)).order_by(ShardRetrainJob.id)))
+
+
+def retraining_done(session: Session, request_id: str) -> bool:
+    return all(job.status == JOB_DONE for job in request_jobs(session, request_id))
+
+
+def erased_record_ids(session: Session, request_id: str) -> list[str]:
+    return sorted({m.record_id for m in request_matches(session, request_id) if m.erased_in_shard_version is not None})
+
+
+@dataclass(frozen=True)
+class Verification:
+    passed: bool
+    ensemble_version: str | None
+    erased_records: int
+    still_in_manifest: int
+
+    def to_dict(self) -> dict:
+        return {"passed": self.passed, "ensemble_version": self.ensemble_version,
+                "erased_records": self.erased_records, "still_in_manifest": self.still_in_manifest}
+
+
+def verify_request(settings: Settings, session: Session, request_id: str, dataset_name: str) -> Verification:
+    """The ensemble in service was trained on none of the request's erased records
+    (its training manifest: every member checkpoint's ``seen_ids``)."""
+    from flows.training import current_ensemble, checkpoint_store
+    from shards.ensemble import training_ids
+
+    dataset = dataset_or_fail(session, dataset_name)
+    erased = erased_record_ids(session, request_id)
+    version = current_ensemble(session, dataset.id)
+    if version is None:
+        return Verification(True, None, len(erased), 0)
+    seen = training_ids(version, checkpoint_store(settings, dataset_name))
+    left = sum(rid in seen for rid in erased)
+    return Verification(left == 0, version.version_id, len(erased), left)
+
+
+def open_requests_waiting(session: Session, dataset_id: int) -> list[ErasureRequest]:
+    """Requests waiting for retraining of this dataset's shards, earliest deadline first."""
+    ids = select(RequestMatch.request_id).where(RequestMatch.dataset_id == dataset_id).distinct()
+    return list(session.scalars(
+        select(ErasureRequest).where(
+            ErasureRequest.id.in_(ids), ErasureRequest.state.in_(["awaiting_retrain", "retraining"])
+        ).order_by(ErasureRequest.due_at, ErasureRequest.id)
+    ))
+
+
+def per_method_counts(matches: list[RequestMatch]) -> dict[str, dict[str, int]]:
+    table: dict[str, dict[str, int]] = defaultdict(lambda: {"found": 0, "erased": 0, "kept": 0})
+    for m in matches:
+        row = table[m.method]
+        row["found"] += 1
+        row["erased"] += m.erased_in_shard_version is not None
+        row["kept"] += m.final_decision == KEEP
+    return dict(sorted(table.items()))
+

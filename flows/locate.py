@@ -1,0 +1,157 @@
+"""Locating a subject's records across a dataset's current shard versions.
+
+Glue between the database (keyed identifier hashes -> records; which shard
+version is current) and the pure ``dedup`` library (indexes, MinHash, FAISS).
+A dry run (``erasure locate``) and a stored request use the same path.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from db.lineage import get_dataset, latest_shard_versions
+from db.models import Record, RecordIdentifier
+from db.settings import Settings
+from dedup.embeddings import Embedder, get_embedder
+from dedup.identifiers import keyed_hash
+from dedup.locate import LocateRequest, LocateResult, SeedRecord, embedder_for, locate_matches
+from dedup.policy import Thresholds
+from dedup.shard_index import ShardIndex, artefact_dir, build_shard_index, texts_from_parquet
+from dedup.tombstones import TombstoneSet
+from shards.store import ShardVersionRef
+
+import pyarrow.parquet as pq
+
+
+def dataset_embedder(name: str, dim: int) -> Embedder:
+    """The embedder a dataset was ingested with (its features are its vectors)."""
+    return get_embedder(name, dim=dim) if name == "hashing" else get_embedder(name)
+
+
+def build_and_save_index(ref: ShardVersionRef, embedder: Embedder, table=None) -> ShardIndex:
+    """Indexes of one shard version, from its file (features are the stored embeddings)."""
+    table = table if table is not None else pq.read_table(ref.path)
+    features = table["features"].combine_chunks()
+    vectors = features.values.to_numpy().reshape(len(features), -1) if len(features) else None
+    index = build_shard_index(
+        ref.shard,
+        ref.version,
+        table["record_id"].to_pylist(),
+        table["text"].to_pylist(),
+        table["slice"].to_numpy(),
+        embedder=embedder,
+        vectors=vectors if vectors is not None else None,
+    )
+    index.save(ref.path)
+    return index
+
+
+def remove_index(shard_version_path: str | Path) -> None:
+    shutil.rmtree(artefact_dir(shard_version_path), ignore_errors=True)
+
+
+def load_index(path: str | Path, shard: int, version: int, embedder: Embedder) -> ShardIndex:
+    """The saved index of a shard version; rebuilt (and saved) if a crash left none."""
+    if artefact_dir(path).is_dir():
+        return ShardIndex.load(path)
+    from shards.store import _sha256  # rebuild path: rare
+
+    ref = ShardVersionRef("", shard, version, Path(path), _sha256(Path(path)), 0)
+    return build_and_save_index(ref, embedder)
+
+
+def tombstone_path(settings: Settings, dataset: str) -> Path:
+    return settings.home / "tombstones" / f"{dataset}.npz"
+
+
+def load_tombstones(settings: Settings, dataset: str) -> TombstoneSet | None:
+    path = tombstone_path(settings, dataset)
+    return TombstoneSet.load(path) if path.exists() else None
+
+
+def seeds_for_hashes(session: Session, dataset_id: int, hashes: Iterable[tuple[str, str]]) -> list[SeedRecord]:
+    """Records (not yet erased) that carry one of the (kind, keyed hash) pairs."""
+    seeds: list[SeedRecord] = []
+    for kind, digest in hashes:
+        rows = session.execute(
+            select(Record.shard, Record.record_id)
+            .join(
+                RecordIdentifier,
+                (RecordIdentifier.dataset_id == Record.dataset_id) & (RecordIdentifier.record_id == Record.record_id),
+            )
+            .where(
+                RecordIdentifier.kind == kind,
+                RecordIdentifier.keyed_hash == digest,
+                RecordIdentifier.dataset_id == dataset_id,
+                Record.erased_in_shard_version.is_(None),
+            )
+        ).all()
+        seeds += [SeedRecord(shard, record_id, kind) for shard, record_id in rows]
+    return seeds
+
+
+def current_indexes(settings: Settings, session: Session, dataset_name: str) -> tuple[dict[int, ShardIndex], dict[int, str], Embedder]:
+    dataset = get_dataset(session, dataset_name)
+    if dataset is None:
+        raise LookupError(f"no dataset named {dataset_name!r}; ingest a file first")
+    embedder = dataset_embedder(dataset.embedder, dataset.feature_dim)
+    versions = latest_shard_versions(session, dataset.id)
+    indexes = {s: load_index(v.path, s, v.version, embedder) for s, v in versions.items()}
+    return indexes, {s: v.path for s, v in versions.items()}, embedder
+
+
+def locate_in_dataset(
+    settings: Settings,
+    session: Session,
+    dataset_name: str,
+    *,
+    identifier_hashes: Iterable[tuple[str, str]] = (),
+    samples: tuple[str, ...] = (),
+    thresholds: Thresholds | None = None,
+    hops: int = 1,
+    report_keep: bool = False,
+) -> LocateResult:
+    """Every match of a subject (given as keyed identifier hashes and samples) in the current data."""
+    dataset = get_dataset(session, dataset_name)
+    if dataset is None:
+        raise LookupError(f"no dataset named {dataset_name!r}; ingest a file first")
+    indexes, paths, embedder = current_indexes(settings, session, dataset_name)
+    seeds = seeds_for_hashes(session, dataset.id, identifier_hashes)
+    return locate_matches(
+        LocateRequest(samples=samples),
+        indexes,
+        texts_from_parquet(paths),
+        seeds=seeds,
+        embedder=embedder if embedder_for(indexes) is not None else None,
+        thresholds=thresholds,
+        hops=hops,
+        report_keep=report_keep,
+    )
+
+
+def locate_dry_run(
+    settings: Settings,
+    session: Session,
+    dataset_name: str,
+    request: LocateRequest,
+    *,
+    thresholds: Thresholds | None = None,
+    hops: int = 1,
+    report_keep: bool = False,
+) -> LocateResult:
+    """``erasure locate``: identifiers given in clear are hashed here, never stored."""
+    key = settings.secret_key_bytes()
+    hashes = [(kind, keyed_hash(key, kind, value)) for kind, value in request.identifiers]
+    return locate_in_dataset(
+        settings, session, dataset_name, identifier_hashes=hashes, samples=request.samples,
+        thresholds=thresholds, hops=hops, report_keep=report_keep,
+    )
+
+
+def indexes_by_shard(indexes: Mapping[int, ShardIndex]) -> dict[int, int]:
+    return {s: idx.n for s, idx in indexes.items()}
