@@ -216,7 +216,5 @@ def retrain_pending(dataset: str | None = None) -> dict:
     retrained = []
     for name, shard in pending_shards(settings, dataset):
         retrained += dispatch_retraining(name, [shard])
-    datasets = sorted({name for name, _ in pending_shards(settings, None)} | ({dataset} if dataset else set())
-                      | {r.get("dataset", dataset) for r in retrained if r.get("dataset", dataset)})
     completed = finish_waiting_requests(dataset)
-    return {"retrained": retrained, "completed": completed, "datasets": datasets}
+    return {"retrained": retrained, "completed": completed}

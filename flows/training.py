@@ -242,3 +242,37 @@ def ingest_dataset(path: str, dataset: str, id_field: str = "id", text_field: st
     data = summary.to_json()
     data.pop("screened", None)  # counts only in a flow's result
     return data
+
+
+class use_settings:
+    """Point flows run in this process at ``settings`` (they read the environment,
+    as a worker's flows do); the previous values come back afterwards."""
+
+    NAMES = ("ERASURE_HOME", "ERASURE_DATABASE_URL", "ERASURE_SECRET_KEY")
+
+    def __init__(self, settings: Settings) -> None:
+        import os
+
+        self._os = os
+        self.values = {
+            "ERASURE_HOME": str(settings.home),
+            "ERASURE_DATABASE_URL": settings.resolved_database_url,
+            "ERASURE_SECRET_KEY": settings.secret_key.get_secret_value() if settings.secret_key else None,
+        }
+        self.saved: dict[str, str | None] = {}
+
+    def __enter__(self) -> use_settings:
+        for name, value in self.values.items():
+            self.saved[name] = self._os.environ.get(name)
+            if value is None:
+                self._os.environ.pop(name, None)
+            else:
+                self._os.environ[name] = value
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for name, value in self.saved.items():
+            if value is None:
+                self._os.environ.pop(name, None)
+            else:
+                self._os.environ[name] = value

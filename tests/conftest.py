@@ -17,6 +17,8 @@ import pytest
 
 from db.settings import Settings
 
+pytest_plugins = ["tests.prefect_server"]
+
 ADMIN_URL = os.environ.get("ERASURE_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 TEST_SECRET = "test-secret-key-not-for-production-0123456789"
 

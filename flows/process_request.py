@@ -1,0 +1,409 @@
+"""``process_erasure_request``: one request from receipt to completion.
+
+    locate -> record matches -> human review of borderline matches -> erase
+           -> retrain now (or leave it to the scheduled ``retrain_pending``)
+           -> verify the new ensemble's training manifest -> complete
+
+Every step reads the request's state and recorded matches first and does only
+what is left, so running the flow again after a crash (or a ``kill -9``) at any
+point finishes with the same result: nothing is erased twice, no shard version
+is lost, no request stays stuck.
+
+Review. Borderline matches (policy decision ``review``) need a person. The flow
+pauses (``pause_flow_run``) for a typed input: decisions ``[{match_ref,
+decision}]``, or none at all when the decisions were recorded through the API
+(``POST .../review`` or ``erasure request review``) — resuming then re-reads
+them. The timeout policy (``on_review_timeout``): ``leave`` (default) ends this
+run with the request ``awaiting_review``, and a later run continues once the
+decisions exist; ``keep`` / ``erase`` decide what no reviewer did; ``fail``
+fails the request. ``review_timeout_s <= 0`` applies the policy without pausing.
+
+The flow's parameters are ids and options only, never identifiers or texts;
+its tasks return ids and counts (Prefect keeps both in its own database).
+"""
+
+from __future__ import annotations
+
+import flows.prefect_setup  # noqa: F401  (our Prefect defaults, before prefect is imported)
+
+from typing import Literal
+
+from prefect import flow, pause_flow_run, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.exceptions import FlowPauseTimeout
+from prefect.input import RunInput
+from pydantic import BaseModel, Field
+from sqlalchemy import select
+
+from db.session import unit_of_work
+from db.settings import load_settings
+from db.training import ShardRetrainJob
+from flows.database import open_database
+from flows.erasure import (
+    ERASE,
+    KEEP,
+    apply_review_verdicts,
+    crash_point,
+    dataset_or_fail,
+    erase_from_shard,
+    locate_for_request,
+    open_requests_waiting,
+    per_method_counts,
+    record_matches,
+    request_jobs,
+    request_matches,
+    resolve_undecided,
+    retraining_done,
+    shards_to_erase,
+    verify_request,
+)
+from flows.requests import (
+    CLOSED_STATES,
+    RequestState,
+    ReviewInput,
+    get_request,
+    record_review_decisions,
+    transition,
+)
+from flows.retraining import dispatch_retraining
+from flows.training import RETRY
+
+ACTOR = "flow:process-erasure-request"
+S = RequestState
+
+
+class ReviewDecisionIn(BaseModel):
+    match_ref: str = Field(min_length=1, max_length=200)
+    decision: Literal["erase", "keep"]
+
+
+class ReviewDecisionsInput(RunInput):
+    """What resumes a paused review: decisions, or none when they were recorded through the API."""
+
+    decisions: list[ReviewDecisionIn] = Field(default_factory=list)
+    reviewer: str = "prefect"
+    note: str | None = None
+
+
+def _engine():  # noqa: ANN202
+    return open_database(load_settings())
+
+
+def _state(request_id: str) -> str:
+    engine = _engine()
+    try:
+        with unit_of_work(engine) as session:
+            return get_request(session, request_id).state
+    finally:
+        engine.dispose()
+
+
+# ---------------------------------------------------------------- tasks
+
+
+@task(name="start-processing", result_serializer="json", **RETRY)
+def start_processing(request_id: str) -> str:
+    """received -> locating; any other state is left as it is (a rerun)."""
+    engine = _engine()
+    try:
+        with unit_of_work(engine) as session:
+            request = get_request(session, request_id, for_update=True)
+            if request.state == S.RECEIVED:
+                transition(session, request_id, S.LOCATING, actor=ACTOR)
+            return get_request(session, request_id).state
+    finally:
+        engine.dispose()
+
+
+@task(name="locate-and-record", result_serializer="json", **RETRY)
+def locate_and_record(request_id: str, dataset: str) -> dict:
+    """Locate the subject's records and store the matches, in one transaction with
+    the next state: awaiting_review (borderline matches), erasing, or completed."""
+    settings = load_settings()
+    engine = open_database(settings)
+    try:
+        with unit_of_work(engine) as session:
+            request = get_request(session, request_id, for_update=True)
+            if request.state != S.LOCATING:
+                return {"state": request.state, "located": False}
+            ds = dataset_or_fail(session, dataset)
+            result = locate_for_request(settings, session, request_id, dataset)
+            counts = record_matches(session, request_id, ds.id, result.matches)
+            waiting = apply_review_verdicts(session, request_id)
+            _after_decisions(session, request_id, waiting,
+                             f"{counts['erase']} match(es) to erase, {counts['review']} to review")
+            return {"state": get_request(session, request_id).state, "located": True, **counts}
+    finally:
+        engine.dispose()
+
+
+def _after_decisions(session, request_id: str, waiting: int, reason: str) -> None:  # noqa: ANN001
+    """Leave locating/awaiting_review once every match is decided (or wait for review)."""
+    state = get_request(session, request_id).state
+    if waiting:
+        if state == S.LOCATING:
+            transition(session, request_id, S.AWAITING_REVIEW, actor=ACTOR, reason=f"{reason}; {waiting} undecided")
+        return
+    to_erase = any(m.final_decision == ERASE for m in request_matches(session, request_id))
+    transition(session, request_id, S.ERASING if to_erase else S.COMPLETED, actor=ACTOR,
+               reason=reason if to_erase else f"{reason}; nothing to erase")
+
+
+@task(name="apply-review", result_serializer="json", **RETRY)
+def apply_review(request_id: str, decisions: list[dict], reviewer: str, note: str | None) -> dict:
+    """Record decisions given with a resume (if any), then move on if every match is decided."""
+    engine = _engine()
+    try:
+        with unit_of_work(engine) as session:
+            if get_request(session, request_id).state != S.AWAITING_REVIEW:
+                return {"state": get_request(session, request_id).state, "waiting": 0}
+            if decisions:
+                record_review_decisions(session, request_id,
+                                        [ReviewInput(d["match_ref"], d["decision"], note) for d in decisions],
+                                        reviewer=reviewer)
+            waiting = apply_review_verdicts(session, request_id)
+            if not waiting:
+                _after_decisions(session, request_id, 0, "review complete")
+            return {"state": get_request(session, request_id).state, "waiting": waiting}
+    finally:
+        engine.dispose()
+
+
+@task(name="review-timeout", result_serializer="json", **RETRY)
+def apply_review_timeout(request_id: str, policy: str) -> str:
+    engine = _engine()
+    try:
+        with unit_of_work(engine) as session:
+            if get_request(session, request_id).state != S.AWAITING_REVIEW:
+                return get_request(session, request_id).state
+            if policy == "fail":
+                transition(session, request_id, S.FAILED, actor=ACTOR, reason="no review decision before the timeout")
+            else:
+                decided = resolve_undecided(session, request_id, policy)
+                _after_decisions(session, request_id, 0, f"review timed out: {decided} undecided match(es) {policy}")
+            return get_request(session, request_id).state
+    finally:
+        engine.dispose()
+
+
+@task(name="erase-records", result_serializer="json", **RETRY)
+def erase_records(request_id: str, dataset: str) -> dict:
+    """New shard versions without the records (one per affected shard, each under the
+    shard's lock), then awaiting_retrain (or verifying when no model saw the shards)."""
+    settings = load_settings()
+    engine = open_database(settings)
+    try:
+        with unit_of_work(engine) as session:
+            if get_request(session, request_id).state != S.ERASING:
+                return {"state": get_request(session, request_id).state, "shards": []}
+            shards = shards_to_erase(session, request_id, dataset_or_fail(session, dataset).id)
+        done = []
+        for shard in shards:
+            done.append(erase_from_shard(settings, engine, request_id, dataset, shard).to_dict())
+            crash_point("erase:after_shard")
+        with unit_of_work(engine) as session:
+            needs_retrain = bool(request_jobs(session, request_id))
+            transition(session, request_id, S.AWAITING_RETRAIN if needs_retrain else S.VERIFYING, actor=ACTOR,
+                       reason=f"{sum(d['erased'] for d in done)} record(s) erased from {len(done)} shard(s)")
+            return {"state": get_request(session, request_id).state, "shards": done}
+    finally:
+        engine.dispose()
+
+
+@task(name="shards-awaiting-retraining", result_serializer="json", **RETRY)
+def shards_awaiting_retraining(request_id: str) -> list[int]:
+    engine = _engine()
+    try:
+        with unit_of_work(engine) as session:
+            return sorted({job.shard for job in request_jobs(session, request_id) if job.status != "done"})
+    finally:
+        engine.dispose()
+
+
+@task(name="verify-and-complete", result_serializer="json", **RETRY)
+def verify_and_complete(request_id: str, dataset: str) -> dict:
+    """Once every retraining it waits for is done: verify the ensemble in service
+    was trained on none of the erased records, then complete (samples are purged)."""
+    settings = load_settings()
+    engine = open_database(settings)
+    try:
+        with unit_of_work(engine) as session:
+            state = get_request(session, request_id, for_update=True).state
+            if state in (S.AWAITING_RETRAIN, S.RETRAINING):
+                if not retraining_done(session, request_id):
+                    return {"state": state, "verification": None}
+                if state == S.AWAITING_RETRAIN:
+                    transition(session, request_id, S.RETRAINING, actor=ACTOR, reason="retrained by another run")
+                transition(session, request_id, S.VERIFYING, actor=ACTOR)
+                state = S.VERIFYING
+            if state != S.VERIFYING:
+                return {"state": state, "verification": None}
+        crash_point("verify:before")
+        with unit_of_work(engine) as session:
+            get_request(session, request_id, for_update=True)
+            result = verify_request(settings, session, request_id, dataset)
+            if result.passed:
+                transition(session, request_id, S.COMPLETED, actor=ACTOR,
+                           reason=f"ensemble {result.ensemble_version or '(none trained)'} holds none of the "
+                                  f"{result.erased_records} erased record(s)")
+            else:
+                transition(session, request_id, S.FAILED, actor=ACTOR,
+                           reason=f"{result.still_in_manifest} erased record(s) still in the training manifest")
+            return {"state": get_request(session, request_id).state, "verification": result.to_dict()}
+    finally:
+        engine.dispose()
+
+
+def request_summary(request_id: str) -> dict:
+    """Counts and ids only: what was found by each method, erased, retrained at what cost."""
+    engine = _engine()
+    try:
+        with unit_of_work(engine) as session:
+            request = get_request(session, request_id)
+            matches = request_matches(session, request_id)
+            jobs = request_jobs(session, request_id)
+            shards: dict[int, dict] = {}
+            for m in matches:
+                if m.erased_in_shard_version is not None:
+                    entry = shards.setdefault(m.shard, {"shard": m.shard, "erased": 0, "slices": set(),
+                                                        "new_version": m.erased_in_shard_version})
+                    entry["erased"] += 1
+                    entry["slices"].add(m.slice)
+                    entry["new_version"] = max(entry["new_version"], m.erased_in_shard_version)
+            return {
+                "request_id": request.id,
+                "state": request.state,
+                "due_at": request.due_at.isoformat(),
+                "by_method": per_method_counts(matches),
+                "matches": len(matches),
+                "review": sum(m.decision == "review" for m in matches),
+                "erased": sum(m.erased_in_shard_version is not None for m in matches),
+                "kept": sum(m.final_decision == KEEP for m in matches),
+                "shards": [{**e, "slices": sorted(e["slices"])} for _, e in sorted(shards.items())],
+                "retraining": [_job_dict(j) for j in jobs],
+            }
+    finally:
+        engine.dispose()
+
+
+def _job_dict(job: ShardRetrainJob) -> dict:
+    fraction = (job.samples_processed / job.full_training_samples
+                if job.samples_processed is not None and job.full_training_samples else None)
+    return {"job_id": job.id, "shard": job.shard, "status": job.status, "shard_version": job.target_shard_version,
+            "restored_slice": job.restored_slice, "retrained_from_slice":
+                None if job.restored_slice is None else job.restored_slice + 1,
+            "samples_processed": job.samples_processed, "full_shard_samples": job.full_training_samples,
+            "fraction_of_shard": None if fraction is None else round(fraction, 4),
+            "seconds": None if job.wall_seconds is None else round(job.wall_seconds, 3),
+            "device": job.device, "ensemble_version": job.ensemble_version_id}
+
+
+def publish_artifact(summary: dict) -> None:
+    """A markdown table per request (ids and counts only), key ``erasure-request-<id>``."""
+    lines = [f"# Erasure request {summary['request_id']}", "", f"State **{summary['state']}**, due {summary['due_at']}.",
+             "", "| method | found | erased | kept |", "|---|---:|---:|---:|"]
+    lines += [f"| {method} | {c['found']} | {c['erased']} | {c['kept']} |" for method, c in summary["by_method"].items()]
+    lines += ["", "| shard | erased | slices | new shard version |", "|---:|---:|---|---:|"]
+    lines += [f"| {s['shard']} | {s['erased']} | {', '.join(map(str, s['slices']))} | {s['new_version']} |"
+              for s in summary["shards"]]
+    lines += ["", "| shard | retraining | from slice | samples | share of the shard | ensemble |",
+              "|---:|---|---:|---:|---:|---|"]
+    lines += [f"| {j['shard']} | {j['status']} | {j['retrained_from_slice']} | {j['samples_processed']} | "
+              f"{j['fraction_of_shard']} | {(j['ensemble_version'] or '')[:12]} |" for j in summary["retraining"]]
+    try:
+        create_markdown_artifact(key=f"erasure-request-{summary['request_id']}".lower(), markdown="\n".join(lines),
+                                 description="what was found, erased and retrained (counts only)")
+    except Exception:  # noqa: BLE001 - an artifact is a convenience; the database holds the record
+        pass
+
+
+# ---------------------------------------------------------------- flows
+
+
+@flow(name="process-erasure-request")
+def process_erasure_request(
+    request_id: str,
+    dataset: str,
+    retrain: Literal["now", "scheduled"] = "now",
+    review_timeout_s: int = 3600,
+    on_review_timeout: Literal["leave", "keep", "erase", "fail"] = "leave",
+    review_poll_s: int = 10,
+) -> dict:
+    """locate -> review -> erase -> retrain -> verify -> complete; a rerun resumes."""
+    state = start_processing(request_id)
+    if state in CLOSED_STATES or state == S.FAILED:
+        return request_summary(request_id)
+    located = locate_and_record(request_id, dataset)
+    crash_point("after:locate")
+    if located["state"] == S.AWAITING_REVIEW:
+        if not wait_for_review(request_id, review_timeout_s, on_review_timeout, review_poll_s):
+            summary = request_summary(request_id)
+            publish_artifact(summary)
+            return summary
+    erase_records(request_id, dataset)
+    crash_point("after:erase")
+    if _state(request_id) in (S.AWAITING_RETRAIN, S.RETRAINING):
+        if retrain == "scheduled":
+            summary = request_summary(request_id)
+            publish_artifact(summary)
+            return summary
+        dispatch_retraining(dataset, shards_awaiting_retraining(request_id))
+        crash_point("after:retrain")
+    verify_and_complete(request_id, dataset)
+    summary = request_summary(request_id)
+    publish_artifact(summary)
+    return summary
+
+
+def wait_for_review(request_id: str, timeout_s: int, policy: str, poll_s: int) -> bool:
+    """Pause until every borderline match is decided; False when the run ends waiting."""
+    attempt = 0
+    while True:
+        review = apply_review(request_id, [], "", None)
+        if review["state"] != S.AWAITING_REVIEW:
+            return review["state"] not in (S.FAILED,)
+        if timeout_s <= 0:
+            break
+        attempt += 1
+        try:
+            answer = pause_flow_run(wait_for_input=ReviewDecisionsInput, timeout=timeout_s, poll_interval=poll_s,
+                                    key=f"review-{attempt}")
+        except FlowPauseTimeout:
+            break
+        decisions = [d.model_dump() for d in answer.decisions] if answer is not None else []
+        if decisions:
+            apply_review(request_id, decisions, answer.reviewer, answer.note)
+    if policy == "leave":
+        return False
+    return apply_review_timeout(request_id, policy) not in (S.AWAITING_REVIEW, S.FAILED)
+
+
+@task(name="waiting-requests", result_serializer="json", **RETRY)
+def _waiting_requests(dataset: str | None) -> list[tuple[str, str]]:
+    from db.lineage import get_dataset
+    from db.models import Dataset
+
+    engine = _engine()
+    try:
+        with unit_of_work(engine) as session:
+            datasets = ([get_dataset(session, dataset)] if dataset else
+                        list(session.scalars(select(Dataset).order_by(Dataset.name))))
+            pairs = []
+            for ds in datasets:
+                if ds is not None:
+                    pairs += [(r.id, ds.name) for r in open_requests_waiting(session, ds.id)]
+            return pairs
+    finally:
+        engine.dispose()
+
+
+def finish_waiting_requests(dataset: str | None = None) -> list[dict]:
+    """Verify and complete every request whose retraining is done (used by ``retrain_pending``)."""
+    finished = []
+    for request_id, name in _waiting_requests(dataset):
+        result = verify_and_complete(request_id, name)
+        if result["state"] in (S.COMPLETED, S.FAILED):
+            summary = request_summary(request_id)
+            publish_artifact(summary)
+            finished.append({"request_id": request_id, "state": result["state"]})
+    return finished

@@ -1,0 +1,95 @@
+"""A pytest plugin: one real ``prefect server start`` for the whole test session.
+
+Started lazily by the first test that asks for ``prefect_api_url`` (tests that
+do not use Prefect never pay for it): a free port, a temporary PREFECT_HOME,
+no UI, its own process group; ``/api/health`` is polled until it answers, and
+the group is killed at the end of the session. ``prefect_env`` points this
+process (via ``temporary_settings``) and the returned environment (for
+subprocesses) at it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import flows.prefect_setup  # noqa: F401  (our Prefect defaults before anything imports prefect)
+
+STARTUP_TIMEOUT_S = 120
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def server_environment(home: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    env.update(
+        PREFECT_HOME=str(home),
+        PREFECT_SERVER_UI_ENABLED="false",
+        PREFECT_UI_ENABLED="false",
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_LOGGING_LEVEL="WARNING",
+    )
+    return env
+
+
+@pytest.fixture(scope="session")
+def prefect_api_url() -> Iterator[str]:
+    home = Path(tempfile.mkdtemp(prefix="prefect-home-"))
+    port = _free_port()
+    log = open(home / "server.log", "wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=server_environment(home), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}/api"
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    try:
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"prefect server exited with {process.returncode}: "
+                                   f"{(home / 'server.log').read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as answer:
+                    if answer.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"prefect server did not answer within {STARTUP_TIMEOUT_S} s")
+            time.sleep(0.5)
+        yield url
+    finally:
+        try:
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait(timeout=15)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        log.close()
+        shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture
+def prefect_env(prefect_api_url: str) -> Iterator[dict[str, str]]:
+    """This process talks to the session's server; the dict is the environment for subprocesses."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: prefect_api_url}):
+        yield {**os.environ, "PREFECT_API_URL": prefect_api_url}
