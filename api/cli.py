@@ -7,13 +7,15 @@ stdout; progress bars go to stderr. Bad input exits with status 2 and a message.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from db.settings import Settings, load_settings
+from api.cli_common import DbOpt, HomeOpt, JsonOpt
+from api.cli_common import emit as _emit
+from api.cli_common import fail as _fail
+from api.cli_common import settings_from_flags as _settings
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="GDPR erasure pipeline for ML training data.")
 db_app = typer.Typer(no_args_is_help=True, help="Database schema.")
@@ -23,31 +25,6 @@ from api.cli_requests import register_commands  # noqa: E402
 
 register_commands(app)
 
-HomeOpt = Annotated[Optional[Path], typer.Option("--home", help="Data home (env ERASURE_HOME, default ./.erasure).")]
-DbOpt = Annotated[
-    Optional[str], typer.Option("--database-url", help="SQLAlchemy URL (env ERASURE_DATABASE_URL; default SQLite in the home).")
-]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
-
-
-def _settings(home: Path | None, database_url: str | None) -> Settings:
-    try:
-        return load_settings(home=home, database_url=database_url)
-    except ValueError as exc:
-        _fail(str(exc))
-        raise  # unreachable
-
-
-def _fail(message: str, code: int = 2) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
-
-
-def _emit(data: dict, as_json: bool, human: str) -> None:
-    if as_json:
-        sys.stdout.write(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
-    else:
-        typer.echo(human)
 
 
 def _parse_identifier_fields(specs: list[str]) -> tuple[tuple[str, str], ...]:

@@ -9,7 +9,6 @@ the API's answers); bad input exits with status 2 and a message on stderr.
 from __future__ import annotations
 
 import getpass
-import json
 import sys
 import uuid
 from collections.abc import Iterator
@@ -21,16 +20,15 @@ import typer
 from pydantic import ValidationError
 from sqlalchemy import Engine
 
-from db.settings import Settings, load_settings
+from api.cli_common import DbOpt, HomeOpt, JsonOpt
+from api.cli_common import emit as _emit
+from api.cli_common import fail as _fail
+from api.cli_common import settings_from_flags as _settings
+from db.settings import Settings
 
 request_app = typer.Typer(no_args_is_help=True, help="Erasure requests: submit, show, review, extend, deny.")
 token_app = typer.Typer(no_args_is_help=True, help="API bearer tokens (stored only as SHA-256).")
 
-HomeOpt = Annotated[Optional[Path], typer.Option("--home", help="Data home (env ERASURE_HOME, default ./.erasure).")]
-DbOpt = Annotated[
-    Optional[str], typer.Option("--database-url", help="SQLAlchemy URL (env ERASURE_DATABASE_URL; default SQLite in the home).")
-]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
 ActorOpt = Annotated[Optional[str], typer.Option("--actor", help="Who acts, for the timeline (default cli:$USER).")]
 RequestId = Annotated[str, typer.Argument(help="The request id (a UUID).")]
 
@@ -45,24 +43,6 @@ def register_commands(app: typer.Typer) -> None:
 # ---------------------------------------------------------------- helpers
 
 
-def _fail(message: str, code: int = 2) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
-
-
-def _emit(data: dict, as_json: bool, human: str) -> None:
-    if as_json:
-        sys.stdout.write(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
-    else:
-        typer.echo(human)
-
-
-def _settings(home: Path | None, database_url: str | None) -> Settings:
-    try:
-        return load_settings(home=home, database_url=database_url)
-    except ValueError as exc:
-        _fail(str(exc))
-        raise  # unreachable
 
 
 def _actor(actor: str | None) -> str:

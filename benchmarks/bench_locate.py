@@ -274,7 +274,11 @@ def bench_embedders(texts: list[str], minilm_n: int) -> dict:
         emb.embed(texts[:8])
         sub = texts[:minilm_n]
         secs = best_of(lambda: emb.embed(sub), repeat=1)
+        short = [" ".join(t.split()[:20]) for t in sub]
+        short_secs = best_of(lambda: emb.embed(short), repeat=1)
         out["minilm"] = {"texts_per_s": round(len(sub) / secs, 1), "dim": 384, "texts": len(sub),
+                         "avg_words": round(float(np.mean([len(t.split()) for t in sub])), 1),
+                         "sentences_of_20_words_per_s": round(len(short) / short_secs, 1),
                          "torch_threads": __import__("torch").get_num_threads()}
     return out
 
@@ -357,6 +361,10 @@ def bench_paraphrases(corpus: Corpus, vectors: np.ndarray, minilm_subset: int, s
         para_local = {where[o]: {where[p] for p in by_orig_para[o]} for o in queries}
         minilm = _paraphrase_scores(vecs[q_local], vecs, q_local, rel_local, para_local, sweep_at)
         review = default_thresholds("minilm").cosine_review
+        for th, row in minilm.items():  # false finds grow with the number of unrelated records
+            false = row["found"] * (1 - row["precision"])
+            row["false_per_query_scaled_to_all_records"] = round(
+                false / len(queries) * (corpus.n - len(rel)) / max(1, len(subset) - len(rel)), 1)
         out["minilm"] = {"records": len(subset), "queries": len(queries), "cosine_review": review,
                          **minilm[str(review)], "sweep": minilm,
                          "note": "subset: the queries, all their copies and random others"}
@@ -364,6 +372,32 @@ def bench_paraphrases(corpus: Corpus, vectors: np.ndarray, minilm_subset: int, s
                                          sweep_at)
         out["hashing_on_minilm_subset"] = {"cosine_review": default_thresholds("hashing").cosine_review,
                                            **hashing_sub[str(default_thresholds("hashing").cosine_review)]}
+    return out
+
+
+def bench_vector_recall(corpus: Corpus, indexes, vectors: np.ndarray, n_queries: int, seed: int) -> dict:
+    """IVF range search against the exact answer (every vector), per nprobe, at the hashing review cosine."""
+    rng = np.random.default_rng(seed)
+    sources = sorted({corpus.pos[c["original_id"]] for c in corpus.copies})
+    queries = rng.choice(sources, min(len(sources), n_queries), replace=False)
+    threshold = default_thresholds("hashing").cosine_review
+    qv = vectors[queries]
+    exact = [set(np.flatnonzero(vectors @ q >= threshold).tolist()) for q in qv]
+    kinds = {idx.vectors.kind for idx in indexes.values()}
+    out = {"queries": len(queries), "threshold": threshold, "layout": sorted(kinds),
+           "exact_results": sum(len(e) for e in exact), "by_nprobe": {}}
+    for nprobe in ([2, 4, 8, 16, 32] if "ivf" in kinds else [None]):
+        found = [set() for _ in queries]
+        t = time.perf_counter()
+        for idx in indexes.values():
+            for qi, (rows, _) in enumerate(idx.vectors.range_search(qv, threshold, nprobe)):
+                found[qi] |= {corpus.pos[idx.record_ids[r]] for r in np.searchsorted(idx.vector_ids, rows)}
+        secs = time.perf_counter() - t
+        hit = sum(len(f & e) for f, e in zip(found, exact))
+        out["by_nprobe"][str(nprobe or "flat")] = {
+            "recall": round(hit / max(1, out["exact_results"]), 5),
+            "ms_per_query_all_shards": round(secs * 1000 / len(queries), 3)}
+    out["default_nprobe"] = next(iter(indexes.values())).vectors.nprobe
     return out
 
 
@@ -382,7 +416,7 @@ def linear_scan_request(corpus: Corpus, table: ShingleTable, vectors: np.ndarray
 
 
 def bench_latency(corpus: Corpus, indexes, table: ShingleTable | None, vectors: np.ndarray, n_requests: int,
-                  n_scan: int, seed: int) -> dict:
+                  n_scan: int, seed: int, nprobe: int | None = None) -> dict:
     rng = np.random.default_rng(seed)
     with_copies = [p for p in corpus.persons if p["copies"]]
     others = [p for p in corpus.persons if not p["copies"]]
@@ -394,11 +428,11 @@ def bench_latency(corpus: Corpus, indexes, table: ShingleTable | None, vectors: 
     times, counts, queries = [], [], []
     for p in chosen[:3]:  # warm-up
         locate_matches(LocateRequest.parse([f"email={p['email']}"]), indexes, corpus.fetch, lookup=corpus.lookup,
-                       embedder=emb)
+                       embedder=emb, nprobe=nprobe)
     for p in chosen:
         t = time.perf_counter()
         res = locate_matches(LocateRequest.parse([f"email={p['email']}"]), indexes, corpus.fetch,
-                             lookup=corpus.lookup, embedder=emb, thresholds=thresholds)
+                             lookup=corpus.lookup, embedder=emb, thresholds=thresholds, nprobe=nprobe)
         times.append(time.perf_counter() - t)
         counts.append(len(res.matches))
         queries.append(len(res.queries))
@@ -408,7 +442,8 @@ def bench_latency(corpus: Corpus, indexes, table: ShingleTable | None, vectors: 
            "p95_ms": round(float(np.percentile(ms, 95)), 2), "max_ms": round(float(ms.max()), 2),
            "mean_queries_per_request": round(float(np.mean(queries)), 2),
            "mean_matches_per_request": round(float(np.mean(counts)), 2),
-           "vector_index": next(iter(indexes.values())).vectors.kind, "embedder": "hashing"}
+           "vector_index": next(iter(indexes.values())).vectors.kind,
+           "nprobe": nprobe or next(iter(indexes.values())).vectors.nprobe, "embedder": "hashing"}
     if table is not None and n_scan:
         scan = []
         for p in chosen[:n_scan]:
@@ -438,6 +473,7 @@ def index_memory(indexes) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="20k records and small samples (~2 min)")
+    ap.add_argument("--nprobe", type=int, default=None, help="IVF cells read per vector search (default: the index's)")
     ap.add_argument("--sizes", default=None, help="comma-separated record counts (default 100000,1000000)")
     ap.add_argument("--shards", type=int, default=8)
     ap.add_argument("--requests", type=int, default=100)
@@ -448,7 +484,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--no-rensa", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--parts", default="signatures,embedders,sizes",
+    ap.add_argument("--parts", default="signatures,embedders,sizes,quality",
                     help="which figures to produce (comma-separated subset of the default)")
     args = ap.parse_args()
     parts = set(args.parts.split(","))
@@ -510,16 +546,23 @@ def main() -> None:
                               "load_s": round(time.perf_counter() - t, 1)}
             del loaded
             shutil.rmtree(Path(tmp) / f"idx-{n}")
-            log("shingle table for the exhaustive truth and the linear scan")
-            table = ShingleTable(corpus.texts)
-            if first:
+            log("vector index recall against the exact answer")
+            entry["vector_recall"] = bench_vector_recall(corpus, indexes, vectors, 200, args.seed)
+            log(f"vector recall: {entry['vector_recall']['by_nprobe']}")
+            n_scan = args.scan_requests if args.scan_requests is not None else (20 if n <= 200_000 else 5)
+            quality = first and "quality" in parts
+            table = None
+            if quality or n_scan:
+                log("shingle table for the exhaustive truth and the linear scan")
+                table = ShingleTable(corpus.texts)
+            if quality:
                 log("near-copy recall and precision")
                 entry["near_copies"] = bench_near_copies(corpus, indexes, table)
                 log(f"near copies: recall {entry['near_copies']['recall']} precision {entry['near_copies']['precision']}")
                 entry["paraphrases"] = bench_paraphrases(corpus, vectors, minilm_subset if minilm_n else 0, args.seed)
-            n_scan = args.scan_requests if args.scan_requests is not None else (20 if n <= 200_000 else 5)
             log("latency")
-            entry["latency"] = bench_latency(corpus, indexes, table, vectors, args.requests, n_scan, args.seed)
+            entry["latency"] = bench_latency(corpus, indexes, table, vectors, args.requests, n_scan, args.seed,
+                                             args.nprobe)
             log(f"latency: p50 {entry['latency']['p50_ms']} ms, p95 {entry['latency']['p95_ms']} ms")
             report["sizes"][str(n)] = entry
             del corpus, indexes, table, vectors

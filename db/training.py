@@ -33,7 +33,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import Mapped, mapped_column
 
 from db.models import Base, utcnow
-from db.requests import UTCDateTime
+from db.models import UTCDateTime
 
 JOB_PENDING = "pending"
 JOB_RUNNING = "running"

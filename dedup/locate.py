@@ -165,8 +165,8 @@ class _Search:
     """The state of one locate run."""
 
     def __init__(self, indexes: Mapping[int, ShardIndex], fetch_texts: FetchTexts, embedder: Embedder | None,
-                 thresholds: Thresholds, report_keep: bool) -> None:
-        self.indexes, self.fetch_texts, self.embedder = indexes, fetch_texts, embedder
+                 thresholds: Thresholds, report_keep: bool, nprobe: int | None) -> None:
+        self.indexes, self.fetch_texts, self.embedder, self.nprobe = indexes, fetch_texts, embedder, nprobe
         self.thresholds, self.report_keep = thresholds, report_keep
         self.matches: dict[tuple[int, str], Match] = {}
         self.queried: set[tuple[int, str]] = set()
@@ -219,7 +219,7 @@ class _Search:
                             score = exact_jaccard(query_sets[q], sets[r])
                             self.offer(self._match(idx, r, near, Metric.JACCARD, score, hop, fresh[q][0]))
             if vectors is not None and idx.vectors is not None:
-                found = idx.embedding_neighbours(vectors, self.thresholds.cosine_review, self.embedder)
+                found = idx.embedding_neighbours(vectors, self.thresholds.cosine_review, self.embedder, self.nprobe)
                 for q, (rows_q, sims) in enumerate(found):
                     for r, s in zip(rows_q.tolist(), sims.tolist()):
                         self.offer(self._match(idx, r, para, Metric.COSINE, s, hop, fresh[q][0]))
@@ -253,6 +253,7 @@ def locate_matches(
     thresholds: Thresholds | None = None,
     hops: int = DEFAULT_HOPS,
     report_keep: bool = False,
+    nprobe: int | None = None,
 ) -> LocateResult:
     """All records of the subject in ``indexes`` (shard -> its current version's index).
 
@@ -260,14 +261,16 @@ def locate_matches(
     caller's keyed-hash index); ``seeds`` may be given instead or as well.
     ``fetch_texts(shard, record_ids)`` returns the records' texts, for exact
     verification and as second-hop queries. ``embedder`` must be the one the
-    indexes were built with (None skips the embedding search).
+    indexes were built with (:func:`embedder_for`; None skips the embedding
+    search). ``report_keep`` also lists verified candidates below the review
+    thresholds; ``nprobe`` overrides how many IVF cells a vector search reads.
     """
     if hops < 0:
         raise ValueError(f"hops must be 0 or more, got {hops}; 1 (the default) also searches from the seeds' texts")
     if request.identifiers and lookup is None:
         raise ValueError("the request has identifiers but no lookup was given: pass lookup=(kind, value) -> seeds")
     thresholds = thresholds or default_thresholds(embedder.name if embedder is not None else None)
-    search = _Search(indexes, fetch_texts, embedder, thresholds, report_keep)
+    search = _Search(indexes, fetch_texts, embedder, thresholds, report_keep, nprobe)
 
     all_seeds = list(seeds)
     for kind, value in request.identifiers:

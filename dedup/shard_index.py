@@ -88,13 +88,13 @@ class ShardIndex:
         """For each query signature, the rows that share an LSH band with it."""
         return self.bands.candidates(signatures)
 
-    def embedding_neighbours(self, vectors: np.ndarray, min_similarity: float,
-                             embedder: Embedder) -> list[tuple[np.ndarray, np.ndarray]]:
+    def embedding_neighbours(self, vectors: np.ndarray, min_similarity: float, embedder: Embedder,
+                             nprobe: int | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
         """For each query vector, (rows, cosines) of the records at ``min_similarity`` or above."""
         if self.vectors is None or self.embedder is None:
             return [(np.empty(0, np.int64), np.empty(0, np.float32)) for _ in range(len(vectors))]
         check_embedder(embedder, self.embedder)
-        found = self.vectors.range_search(vectors, min_similarity)
+        found = self.vectors.range_search(vectors, min_similarity, nprobe)
         return [(np.searchsorted(self.vector_ids, ids), sims) for ids, sims in found]
 
     def without(self, record_ids: Sequence[str], new_version: int) -> tuple[ShardIndex, RemovedRecords]:

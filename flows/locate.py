@@ -11,6 +11,7 @@ import shutil
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+import pyarrow.parquet as pq
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -23,9 +24,8 @@ from dedup.locate import LocateRequest, LocateResult, SeedRecord, embedder_for, 
 from dedup.policy import Thresholds
 from dedup.shard_index import ShardIndex, artefact_dir, build_shard_index, texts_from_parquet
 from dedup.tombstones import TombstoneSet
+from shards.files import sha256_file
 from shards.store import ShardVersionRef
-
-import pyarrow.parquet as pq
 
 
 def dataset_embedder(name: str, dim: int) -> Embedder:
@@ -59,9 +59,7 @@ def load_index(path: str | Path, shard: int, version: int, embedder: Embedder) -
     """The saved index of a shard version; rebuilt (and saved) if a crash left none."""
     if artefact_dir(path).is_dir():
         return ShardIndex.load(path)
-    from shards.store import _sha256  # rebuild path: rare
-
-    ref = ShardVersionRef("", shard, version, Path(path), _sha256(Path(path)), 0)
+    ref = ShardVersionRef("", shard, version, Path(path), sha256_file(path), 0)
     return build_and_save_index(ref, embedder)
 
 

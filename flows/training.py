@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prefect import flow, task
+from prefect.cache_policies import NONE as NO_CACHE
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -52,7 +53,10 @@ def transient_fault(task, task_run, state) -> bool:  # noqa: ANN001 - Prefect's 
     return False
 
 
-RETRY = dict(retries=TRANSIENT_RETRIES, retry_delay_seconds=[1, 4, 15], retry_condition_fn=transient_fault)
+# Our database says what is done, so no Prefect caching: within one run a task
+# called twice with the same inputs (e.g. re-reading review decisions) must run twice.
+RETRY = dict(retries=TRANSIENT_RETRIES, retry_delay_seconds=[1, 4, 15], retry_condition_fn=transient_fault,
+             cache_policy=NO_CACHE, persist_result=False)
 
 
 @dataclass(frozen=True)

@@ -23,13 +23,14 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from shards.files import sha256_file as _sha256_file
+from shards.files import write_atomically
 
 CHECKPOINT_FORMAT = "sisa-checkpoint/1"
 CHAIN_FORMAT = "sisa-chain/1"
@@ -95,22 +96,6 @@ def _decode_ids(tensor: torch.Tensor) -> list[str]:
     return json.loads(tensor.numpy().tobytes().decode())
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class CheckpointStore:
     """A directory of checkpoints addressed by their chain key."""
 
@@ -142,18 +127,7 @@ class CheckpointStore:
         buffer = io.BytesIO()
         torch.save(stored, buffer)
         data = buffer.getvalue()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{key}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp_name, path)
-        except BaseException:
-            Path(tmp_name).unlink(missing_ok=True)
-            raise
-        _fsync_dir(path.parent)
+        write_atomically(path, data)
         return self._ref_of(key, payload, hashlib.sha256(data).hexdigest())
 
     def load(self, key_or_ref: str | CheckpointRef) -> dict[str, Any]:

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +31,7 @@ import torch
 
 from shards.checkpoints import CheckpointRef, CheckpointStore
 from shards.device import choose_device
+from shards.files import write_atomically
 from shards.training import TrainConfig, TrainResult, load_submodel
 
 AGGREGATIONS = ("mean_prob", "vote")
@@ -118,19 +117,7 @@ class EnsembleVersion:
 
     def write(self, path: Path | str) -> Path:
         """Write the manifest atomically (temp file, fsync, ``os.replace``)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w") as fh:
-                json.dump(self.to_dict(), fh, indent=2, sort_keys=True)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return write_atomically(path, json.dumps(self.to_dict(), indent=2, sort_keys=True).encode())
 
     @classmethod
     def read(cls, path: Path | str) -> EnsembleVersion:

@@ -12,7 +12,6 @@ Rows are in training order (slice, order_key, record_id); see ``shards.assign``.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 from collections.abc import Callable, Iterable
@@ -23,6 +22,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
+from shards.files import fsync_dir as _fsync_dir
+from shards.files import sha256_file as _sha256
 
 _VERSION_FILE = re.compile(r"^v(\d{6})\.parquet$")
 _DATASET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,199}$")
@@ -97,22 +99,6 @@ def build_shard_table(
 
 def sort_training_order(table: pa.Table) -> pa.Table:
     return table.sort_by([("slice", "ascending"), ("order_key", "ascending"), ("record_id", "ascending")])
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class ShardStore:

@@ -93,3 +93,42 @@ def prefect_env(prefect_api_url: str) -> Iterator[dict[str, str]]:
 
     with temporary_settings({PREFECT_API_URL: prefect_api_url}):
         yield {**os.environ, "PREFECT_API_URL": prefect_api_url}
+
+
+# ---------------------------------------------------------------- a small trained demo dataset
+
+DEMO_RECORDS = 1000
+IDENTIFIER_FIELDS = [["email", "email"], ["user_id", "user_id"], ["name", "name"]]
+
+
+def demo_subject(ground_truth: Path) -> dict:
+    """The demo person with the most planted copies (every locate method has work)."""
+    import json
+
+    rows = [json.loads(line) for line in ground_truth.read_text().splitlines()]
+    return max((r for r in rows if r["type"] == "person"), key=lambda p: (len(p["copies"]), -p["person"]))
+
+
+def trained_demo(settings, records: int = DEMO_RECORDS, shards: int = 4, slices: int = 3) -> dict:  # noqa: ANN001
+    """Ingest and train the demo data through the flows (settings exported to the environment)."""
+    from flows.training import ingest_dataset, train_ensemble, use_settings
+    from shards.demo_data import write_demo
+
+    files = write_demo(settings.home / "demo-data", records, seed=0)
+    with use_settings(settings):
+        ingested = ingest_dataset(str(files.records), "demo", identifier_fields=IDENTIFIER_FIELDS,
+                                  shards=shards, slices=slices)
+        trained = train_ensemble("demo", epochs=2)
+    return {"files": files, "ingest": ingested, "train": trained, "subject": demo_subject(files.ground_truth)}
+
+
+def submit_for(settings, subject: dict, key: str = "test-request") -> str:  # noqa: ANN001
+    from flows.database import open_database
+    from flows.requests import submit_request
+
+    engine = open_database(settings)
+    try:
+        return submit_request(engine, settings.secret_key_bytes(), idempotency_key=key,
+                              identifiers=[("email", subject["email"])], samples=[], actor="test").request_id
+    finally:
+        engine.dispose()

@@ -18,7 +18,7 @@ depends_on = None
 
 
 def _utc() -> sa.DateTime:
-    # db.requests.UTCDateTime stores through this type; the migration names the
+    # db.models.UTCDateTime stores through this type; the migration names the
     # plain type so that it never imports application code.
     return sa.DateTime(timezone=True)
 

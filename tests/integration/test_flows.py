@@ -1,0 +1,172 @@
+"""The Prefect flows against a real Prefect server and both database backends:
+review by pause and resume, review through the API, two requests on the same
+shards at once with scheduled (batched) retraining."""
+
+from __future__ import annotations
+
+import contextvars
+import threading
+import time
+
+import pytest
+from sqlalchemy import select
+
+from db.lineage import latest_shard_versions
+from db.models import Record, ShardVersion
+from db.session import unit_of_work
+from db.training import ShardRetrainJob
+from flows.database import open_database
+from flows.erasure import erased_record_ids, request_matches, undecided_refs
+from flows.requests import ReviewInput, get_request, record_review_decisions
+from flows.training import checkpoint_store, current_ensemble, use_settings
+from tests.prefect_server import submit_for, trained_demo
+
+
+def _check_erased(settings, request_id: str) -> dict:  # noqa: ANN001
+    """Everything the request erased is gone from the current shard versions, the
+    lineage says where, and the ensemble in service never saw it."""
+    import pyarrow.parquet as pq
+
+    from shards.ensemble import training_ids
+
+    engine = open_database(settings)
+    with unit_of_work(engine) as session:
+        request = get_request(session, request_id)
+        erased = set(erased_record_ids(session, request_id))
+        dataset_id = session.scalars(select(Record.dataset_id)).first()
+        current = set()
+        for version in latest_shard_versions(session, dataset_id).values():
+            current |= set(pq.read_table(version.path, columns=["record_id"])["record_id"].to_pylist())
+        records = {r.record_id: r for r in session.scalars(select(Record).where(Record.record_id.in_(erased)))}
+        ensemble = current_ensemble(session, dataset_id)
+        by_erasure = session.scalars(select(ShardVersion).where(
+            ShardVersion.created_by == f"erasure:request:{request_id}")).all()
+        state, samples = request.state, len(request.samples)
+    engine.dispose()
+    assert erased and not erased & current
+    assert all(records[rid].erased_in_shard_version is not None for rid in erased)
+    assert not erased & training_ids(ensemble, checkpoint_store(settings, "demo"))
+    assert by_erasure
+    return {"state": state, "erased": erased, "samples": samples}
+
+
+def _thread(fn) -> threading.Thread:  # noqa: ANN001
+    """A thread that sees this one's Prefect settings (they live in context variables)."""
+    return threading.Thread(target=contextvars.copy_context().run, args=(fn,))
+
+
+def _paused_run_id(request_id: str, timeout: float = 90):  # noqa: ANN202
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
+    from prefect.client.schemas.objects import StateType
+    from prefect.input.run_input import keyset_from_paused_state
+
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        while time.monotonic() < deadline:
+            runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED]))))
+            for run in runs:
+                if run.parameters.get("request_id") == request_id:
+                    # The input schema is saved just after the pause: resume only once it is there.
+                    try:
+                        client.read_flow_run_input(run.id, keyset_from_paused_state(run.state)["schema"])
+                    except Exception:  # noqa: BLE001 - not saved yet
+                        break
+                    return run.id
+            time.sleep(0.5)
+    raise AssertionError("the flow did not pause for review")
+
+
+def test_lifecycle_with_review_pause_and_resume(settings, prefect_env) -> None:  # noqa: ANN001
+    from prefect.flow_runs import resume_flow_run
+
+    from flows.process_request import process_erasure_request
+
+    demo = trained_demo(settings)
+    request_id = submit_for(settings, demo["subject"])
+    outcome: dict = {}
+    with use_settings(settings):
+        worker = _thread(lambda: outcome.update(process_erasure_request(
+            request_id, "demo", review_timeout_s=120, review_poll_s=1, on_review_timeout="fail")))
+        worker.start()
+        run_id = _paused_run_id(request_id)
+        engine = open_database(settings)
+        with unit_of_work(engine) as session:
+            assert get_request(session, request_id).state == "awaiting_review"
+            refs = undecided_refs(session, request_id)
+        engine.dispose()
+        assert refs
+        # Input that does not match the schema is refused; the run stays paused.
+        with pytest.raises(Exception):
+            resume_flow_run(run_id, run_input={"decisions": [{"match_ref": refs[0], "decision": "maybe"}]})
+        resume_flow_run(run_id, run_input={"decisions": [{"match_ref": ref, "decision": "erase"} for ref in refs],
+                                           "reviewer": "test-reviewer"})
+        worker.join(timeout=180)
+        assert not worker.is_alive()
+        assert outcome["state"] == "completed"
+        checked = _check_erased(settings, request_id)
+        assert checked["samples"] == 0
+        assert outcome["erased"] == len(checked["erased"])
+        assert outcome["retraining"] and all(job["status"] == "done" for job in outcome["retraining"])
+        # Running a completed request again changes nothing.
+        again = process_erasure_request(request_id, "demo")
+        assert again["erased"] == outcome["erased"] and again["state"] == "completed"
+    assert (settings.home / "tombstones" / "demo.npz").exists()
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_review_through_the_api_then_scheduled_retraining(settings, prefect_env) -> None:  # noqa: ANN001
+    from flows.process_request import process_erasure_request
+    from flows.retraining import retrain_pending
+
+    demo = trained_demo(settings)
+    request_id = submit_for(settings, demo["subject"])
+    with use_settings(settings):
+        first = process_erasure_request(request_id, "demo", review_timeout_s=0, on_review_timeout="leave")
+        assert first["state"] == "awaiting_review" and first["erased"] == 0
+        engine = open_database(settings)
+        with unit_of_work(engine) as session:
+            refs = undecided_refs(session, request_id)
+            record_review_decisions(session, request_id, [ReviewInput(ref, "keep") for ref in refs], reviewer="api")
+        second = process_erasure_request(request_id, "demo", retrain="scheduled", review_timeout_s=0)
+        assert second["state"] == "awaiting_retrain"
+        assert second["kept"] == len(refs)
+        done = retrain_pending()
+        assert {"request_id": request_id, "state": "completed"} in done["completed"]
+        engine.dispose()
+    _check_erased(settings, request_id)
+
+
+def test_two_requests_on_the_same_shards_at_once(settings, prefect_env) -> None:  # noqa: ANN001
+    """Erasures of two subjects race on the same shards: both deletions land (the
+    shard lock serialises them), and the scheduled run retrains each shard once."""
+    import json
+
+    from flows.process_request import process_erasure_request
+    from flows.retraining import retrain_pending
+
+    demo = trained_demo(settings)
+    persons = [json.loads(line) for line in demo["files"].ground_truth.read_text().splitlines()]
+    persons = sorted((p for p in persons if p["type"] == "person"), key=lambda p: (-len(p["originals"]), p["person"]))
+    ids = [submit_for(settings, persons[0], "a"), submit_for(settings, persons[1], "b")]
+    results: dict[str, dict] = {}
+    with use_settings(settings):
+        threads = [_thread(lambda rid=rid: results.update({rid: process_erasure_request(
+            rid, "demo", retrain="scheduled", review_timeout_s=0, on_review_timeout="erase")})) for rid in ids]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=180)
+        assert all(results[rid]["state"] == "awaiting_retrain" for rid in ids)
+        done = retrain_pending()
+    assert sorted(r["request_id"] for r in done["completed"]) == sorted(ids)
+    engine = open_database(settings)
+    with unit_of_work(engine) as session:
+        jobs = session.scalars(select(ShardRetrainJob)).all()
+        shared = {m.shard for m in request_matches(session, ids[0])} & {m.shard for m in request_matches(session, ids[1])}
+    engine.dispose()
+    assert shared, "the two subjects should share a shard"
+    assert len({j.shard for j in jobs}) == len(jobs) and all(j.status == "done" for j in jobs)  # once per shard
+    for rid in ids:
+        _check_erased(settings, rid)
