@@ -36,3 +36,124 @@ def run_demo(
         "database": settings.resolved_database_url.split("@")[-1],
         "home": str(settings.home),
     }
+
+
+# ---------------------------------------------------------------- the whole story
+
+
+def pick_demo_subject(ground_truth) -> dict:  # noqa: ANN001
+    """The fictional person with the most planted copies (every locate method has work)."""
+    import json
+    from pathlib import Path
+
+    rows = [json.loads(line) for line in Path(ground_truth).read_text().splitlines()]
+    person = max((r for r in rows if r["type"] == "person"), key=lambda p: (len(p["copies"]), -p["person"]))
+    copies = {r["id"]: r for r in rows if r["type"] == "copy" and r["person"] == person["person"]}
+    return {**person, "copy_kinds": {rid: c["kind"] for rid, c in copies.items()}}
+
+
+def full_retrain_samples(settings: Settings, dataset: str) -> int:
+    """What retraining every sub-model from scratch costs now (samples processed)."""
+    from db.lineage import latest_shard_versions
+    from db.session import unit_of_work
+    from flows.database import open_database
+    from flows.erasure import dataset_or_fail
+    from flows.training import checkpoint_store, current_ensemble
+    from shards.training import TrainConfig, shard_from_parquet
+
+    engine = open_database(settings)
+    try:
+        with unit_of_work(engine) as session:
+            ds = dataset_or_fail(session, dataset)
+            ensemble = current_ensemble(session, ds.id)
+            versions = latest_shard_versions(session, ds.id)
+        if ensemble is None or not ensemble.members:
+            return 0
+        config = TrainConfig.from_dict(checkpoint_store(settings, dataset).load(ensemble.members[0].checkpoint)["config"])
+        total = 0
+        for shard, version in versions.items():
+            data = shard_from_parquet(version.path, str(shard), unlabeled="skip")
+            total += config.schedule.samples(data.cumulative_sizes(config.num_slices))
+        return total
+    finally:
+        engine.dispose()
+
+
+def run_full_demo(
+    settings: Settings, *, records: int, shards: int, slices: int, reporter: Reporter, embedder: str = "hashing",
+    epochs: float = 4.0,
+) -> dict:
+    """The whole story on the demo data: ingest, train, a request for one fictional
+    person, processing (the demo's reviewer decides borderline matches from the
+    ground truth, through the same API decisions a person would use), erasure,
+    retraining from the affected slices, verification. Flows run in this process
+    against ``PREFECT_API_URL`` or, without one, a temporary Prefect server."""
+    from db.session import unit_of_work
+    from flows.database import open_database
+    from flows.erasure import request_matches, undecided_refs
+    from flows.process_request import process_erasure_request
+    from flows.requests import ReviewInput, record_review_decisions, submit_request
+    from flows.training import train_ensemble, use_settings
+
+    ingested = run_demo(settings, records=records, shards=shards, slices=slices, reporter=reporter, embedder=embedder)
+    subject = pick_demo_subject(ingested["demo_data"]["ground_truth"])
+    truth = set(subject["originals"]) | set(subject["copy_kinds"])
+    with use_settings(settings):
+        trained = train_ensemble("demo", epochs=epochs)
+        engine = open_database(settings)
+        submission = submit_request(
+            engine, settings.secret_key_bytes(), idempotency_key=f"demo-person-{subject['person']}",
+            identifiers=[("email", subject["email"]), ("user_id", subject["user_id"])], samples=[], actor="demo",
+        )
+        request_id = submission.request_id
+        first = process_erasure_request(request_id, "demo", review_timeout_s=0, on_review_timeout="leave")
+        reviewed = []
+        if first["state"] == "awaiting_review":
+            with unit_of_work(engine) as session:
+                refs = undecided_refs(session, request_id)
+                reviewed = [ReviewInput(ref, "erase" if ref.split("/", 1)[1] in truth else "keep",
+                                        "demo reviewer: ground truth") for ref in refs]
+                record_review_decisions(session, request_id, reviewed, reviewer="demo-reviewer")
+        summary = process_erasure_request(request_id, "demo", review_timeout_s=0, on_review_timeout="leave")
+        with unit_of_work(engine) as session:
+            matches = request_matches(session, request_id)
+            found = {m.record_id for m in matches}
+            by_method: dict[str, dict] = {}
+            for m in matches:
+                row = by_method.setdefault(m.method, {"found": 0, "erased": 0, "kept": 0, "truly_the_subjects": 0})
+                row["found"] += 1
+                row["erased"] += m.erased_in_shard_version is not None
+                row["kept"] += m.final_decision == "keep"
+                row["truly_the_subjects"] += m.record_id in truth
+        engine.dispose()
+        full = full_retrain_samples(settings, "demo")
+    retrained = [j for j in summary["retraining"] if j["status"] == "done"]
+    sisa_samples = sum(j["samples_processed"] or 0 for j in retrained)
+    missed = truth - found
+    return {
+        "ingest": ingested["ingest"],
+        "train": {"ensemble_version": trained["ensemble_version"], "shards": len(trained["shards"])},
+        "subject": {"person": subject["person"], "originals": len(subject["originals"]),
+                    "planted_copies": dict(sorted(_count(subject["copy_kinds"].values()).items()))},
+        "request_id": request_id,
+        "state": summary["state"],
+        "found_by_method": dict(sorted(by_method.items())),
+        "reviewed": {"erase": sum(r.decision == "erase" for r in reviewed),
+                     "keep": sum(r.decision == "keep" for r in reviewed)},
+        "missed": {"records": len(missed),
+                   "kinds": dict(sorted(_count(subject["copy_kinds"].get(r, "original") for r in missed).items()))},
+        "erased": summary["erased"],
+        "shards": summary["shards"],
+        "retraining": retrained,
+        "cost": {"sisa_samples": sisa_samples, "full_retrain_samples": full,
+                 "fraction_of_full": round(sisa_samples / full, 4) if full else None},
+        "database": settings.resolved_database_url.split("@")[-1],
+        "home": str(settings.home),
+    }
+
+
+def _count(values) -> dict[str, int]:  # noqa: ANN001
+    counts: dict[str, int] = {}
+    for value in values:
+        counts[value] = counts.get(value, 0) + 1
+    return counts

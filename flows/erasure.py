@@ -73,10 +73,13 @@ def _lock_key(kind: int, dataset_id: int, shard: int) -> int:
 
 
 def lock_shard(session: Session, dataset_id: int, shard: int) -> None:
-    """Serialise writers of one shard until the transaction ends (PostgreSQL);
-    SQLite's single writer serialises anyway."""
+    """Serialise writers of one shard until the transaction ends: an advisory lock
+    on PostgreSQL; on SQLite a no-op write takes the database's single write lock
+    now (before the shard is read), so a second writer waits or retries."""
     if session.connection().dialect.name == "postgresql":
         session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _lock_key(1, dataset_id, shard)})
+    else:
+        session.execute(text("UPDATE datasets SET id = id WHERE id = :id"), {"id": dataset_id})
 
 
 def lock_dataset(session: Session, dataset_id: int) -> None:

@@ -7,6 +7,7 @@ import pytest
 
 from dedup.embeddings import EMBEDDER_NAMES, embedder_from_spec, embedder_spec, get_embedder
 from dedup.hashing_embedder import HashingEmbedder
+from dedup.locate import embedder_for
 from dedup.minhash import minhash_signatures
 from dedup.shard_index import ShardIndex, artefact_dir, build_shard_index, texts_from_parquet
 from dedup.tombstones import TombstoneSet
@@ -77,8 +78,9 @@ def test_shard_index_round_trip_and_removal(tmp_path):
     assert not [p for p in where.parent.iterdir() if p.name.endswith(".tmp")]
     with pytest.raises(FileExistsError, match="immutable"):
         index.save(path)
-    loaded = ShardIndex.load(path)
+    loaded = ShardIndex.load(path, mmap=True)
     assert loaded.record_ids.tolist() == ids and loaded.embedder == embedder_spec(emb)
+    assert embedder_spec(embedder_for({2: loaded})) == embedder_spec(emb)
     assert np.array_equal(loaded.signatures, index.signatures)
     q = minhash_signatures([texts[7]])
     assert 7 in loaded.minhash_candidates(q)[0].tolist()

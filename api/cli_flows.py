@@ -1,0 +1,169 @@
+"""The commands that run Prefect flows: ``erasure train``, ``erasure request
+process``, ``erasure retrain-pending`` and the whole-story ``erasure demo``.
+
+Flows run in this process. They talk to ``PREFECT_API_URL`` when it is set (a
+real server, where deployments and workers live); without it Prefect starts a
+temporary server for the command, with its home under ``$ERASURE_HOME/prefect``.
+Flags are exported to the environment first, because flows read their
+settings from it (as flows on a worker do).
+
+``register_commands(app)`` mounts them on the main ``erasure`` app.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from db.settings import Settings, load_settings
+
+HomeOpt = Annotated[Optional[Path], typer.Option("--home", help="Data home (env ERASURE_HOME, default ./.erasure).")]
+DbOpt = Annotated[
+    Optional[str], typer.Option("--database-url", help="SQLAlchemy URL (env ERASURE_DATABASE_URL; default SQLite in the home).")
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
+DatasetOpt = Annotated[str, typer.Option(help="Dataset name.")]
+
+
+def register_commands(app: typer.Typer) -> None:
+    """Mount ``train``, ``retrain-pending``, ``demo`` and ``request process``."""
+    from api.cli_requests import request_app
+
+    app.command("train")(train)
+    app.command("retrain-pending")(retrain_pending)
+    app.command("demo")(demo)
+    request_app.command("process")(process)
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _emit(data: dict, as_json: bool, human: str) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    else:
+        typer.echo(human)
+
+
+def _prepare(home: Path | None, database_url: str | None) -> Settings:
+    """Settings from flags and environment, exported for the flows; Prefect's home
+    defaults into the data home (before Prefect is imported)."""
+    try:
+        settings = load_settings(home=home, database_url=database_url)
+    except ValueError as exc:
+        _fail(str(exc))
+        raise  # unreachable
+    os.environ["ERASURE_HOME"] = str(settings.home)
+    os.environ["ERASURE_DATABASE_URL"] = settings.resolved_database_url
+    if "PREFECT_API_URL" not in os.environ and "PREFECT_HOME" not in os.environ:
+        (settings.home / "prefect").mkdir(parents=True, exist_ok=True)
+        os.environ["PREFECT_HOME"] = str(settings.home / "prefect")
+    import flows.prefect_setup  # noqa: F401
+
+    return settings
+
+
+def train(
+    dataset: DatasetOpt = "default",
+    epochs: Annotated[float, typer.Option(help="Epochs' worth of samples per sub-model (SISA schedule 2e/(R+1) per slice).")] = 4.0,
+    hidden: Annotated[list[int], typer.Option(help="Hidden layer width; repeat for more layers.")] = [64],  # noqa: B006
+    batch_size: Annotated[int, typer.Option(help="Batch size.")] = 128,
+    learning_rate: Annotated[float, typer.Option(help="Learning rate (Adam).")] = 2e-3,
+    seed: Annotated[int, typer.Option(help="Training seed.")] = 0,
+    home: HomeOpt = None,
+    database_url: DbOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Train one SISA sub-model per shard (resuming from stored checkpoints) and publish the ensemble."""
+    _prepare(home, database_url)
+    from flows.training import train_ensemble
+
+    try:
+        result = train_ensemble(dataset, epochs=epochs, hidden=list(hidden), batch_size=batch_size,
+                                learning_rate=learning_rate, seed=seed)
+    except (LookupError, ValueError) as exc:
+        _fail(str(exc))
+    _emit(result, as_json, f"ensemble {result['ensemble_version'][:12]} of {dataset!r}: {result['members']} sub-model(s)"
+          + ("" if result["created"] else " (unchanged)"))
+
+
+def process(
+    request_id: Annotated[str, typer.Argument(help="The request id (a UUID).")],
+    dataset: DatasetOpt = "default",
+    retrain: Annotated[str, typer.Option(help="'now', or 'scheduled' to leave it to retrain-pending.")] = "now",
+    review_timeout: Annotated[int, typer.Option(help="Seconds to wait paused for review decisions (0: do not wait).")] = 0,
+    on_review_timeout: Annotated[str, typer.Option(help="leave (end, continue later), keep, erase or fail.")] = "leave",
+    home: HomeOpt = None,
+    database_url: DbOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Process a request: locate, review, erase, retrain, verify, complete. Rerunning resumes."""
+    if retrain not in ("now", "scheduled"):
+        _fail("--retrain is 'now' or 'scheduled'")
+    if on_review_timeout not in ("leave", "keep", "erase", "fail"):
+        _fail("--on-review-timeout is leave, keep, erase or fail")
+    _prepare(home, database_url)
+    from flows.process_request import process_erasure_request
+    from flows.requests import RequestError
+
+    try:
+        summary = process_erasure_request(request_id, dataset, retrain=retrain, review_timeout_s=review_timeout,
+                                          on_review_timeout=on_review_timeout)
+    except (RequestError, LookupError, ValueError) as exc:
+        _fail(str(exc))
+    human = (f"request {request_id}: {summary['state']}; {summary['matches']} match(es), {summary['erased']} erased, "
+             f"{summary['kept']} kept, {len(summary['retraining'])} shard retraining(s)")
+    _emit(summary, as_json, human)
+
+
+def retrain_pending(
+    dataset: Annotated[Optional[str], typer.Option(help="Only this dataset (default: all).")] = None,
+    home: HomeOpt = None,
+    database_url: DbOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Retrain every shard with pending removals once (earliest deadline first); complete the requests served."""
+    _prepare(home, database_url)
+    from flows.retraining import retrain_pending as run
+
+    result = run(dataset)
+    _emit(result, as_json, f"{len(result['retrained'])} retraining(s); {len(result['completed'])} request(s) completed")
+
+
+def demo(
+    records: Annotated[int, typer.Option(help="Number of demo records.")] = 2000,
+    shards: Annotated[int, typer.Option(help="SISA shards.")] = 4,
+    slices: Annotated[int, typer.Option(help="Slices per shard.")] = 4,
+    embedder: Annotated[str, typer.Option(help="'minilm' (finds paraphrases) or 'hashing' (faster).")] = "minilm",
+    epochs: Annotated[float, typer.Option(help="Training epochs' worth per sub-model.")] = 4.0,
+    home: HomeOpt = None,
+    database_url: DbOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """The whole story: ingest demo data, train, erase one fictional person, retrain, verify."""
+    settings = _prepare(home, database_url)
+    from flows.demo import run_full_demo
+    from flows.progress import RichReporter
+
+    with RichReporter() as reporter:
+        result = run_full_demo(settings, records=records, shards=shards, slices=slices, reporter=reporter,
+                               embedder=embedder, epochs=epochs)
+    lines = [f"request {result['request_id']}: {result['state']}"]
+    for method, row in result["found_by_method"].items():
+        lines.append(f"  {method:11} found {row['found']:3}  erased {row['erased']:3}  kept {row['kept']:3}  "
+                     f"(truly the subject's: {row['truly_the_subjects']})")
+    for job in result["retraining"]:
+        lines.append(f"  shard {job['shard']}: retrained from slice {job['retrained_from_slice']}, "
+                     f"{job['samples_processed']} samples ({job['fraction_of_shard']:.0%} of the shard)")
+    cost = result["cost"]
+    if cost["fraction_of_full"] is not None:
+        lines.append(f"  cost: {cost['sisa_samples']} samples vs {cost['full_retrain_samples']} for a full retrain "
+                     f"({cost['fraction_of_full']:.1%})")
+    _emit(result, as_json, "\n".join(lines))

@@ -1,0 +1,114 @@
+"""Kill -9 at each step boundary of ``process_erasure_request`` (in a subprocess),
+run the flow again, and compare with an uninterrupted run: the same shard
+versions, matches, erased records, tombstones and ensemble members.
+
+SQLite only: a trained dataset is restored from a template directory for each
+case (the lineage stores absolute paths, so every case runs in the same home).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from db.models import Record, ShardVersion
+from db.session import unit_of_work
+from db.settings import Settings
+from db.training import EnsembleMemberRow, RequestMatch
+from flows.database import open_database
+from flows.erasure import KILL_ENV
+from flows.training import current_ensemble_row, use_settings
+from tests.conftest import TEST_SECRET
+from tests.prefect_server import submit_for, trained_demo
+
+ROOT = Path(__file__).resolve().parents[2]
+BOUNDARIES = [
+    pytest.param("after:locate", marks=pytest.mark.slow),
+    "erase:after_shard_file",  # new shard file written, not yet recorded
+    "after:erase",
+    "retrain:after_checkpoint",  # one retrained checkpoint written
+    pytest.param("retrain:trained", marks=pytest.mark.slow),  # retrained, ensemble not yet published
+    "verify:before",
+]
+PROCESS = dict(review_timeout_s=0, on_review_timeout="erase")
+
+
+@pytest.fixture(scope="module")
+def case(tmp_path_factory, prefect_api_url):  # noqa: ANN001, ANN201
+    """A trained demo dataset with one submitted request, kept as a template."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    base = tmp_path_factory.mktemp("kill")
+    home = base / "home"
+    settings = Settings(home=home, database_url=f"sqlite:///{home / 'erasure.db'}", secret_key=TEST_SECRET)
+    with temporary_settings({PREFECT_API_URL: prefect_api_url}):
+        demo = trained_demo(settings, records=800)
+    request_id = submit_for(settings, demo["subject"])
+    shutil.copytree(home, base / "template")
+    reference = _run_to_end(settings, base, request_id, prefect_api_url)
+    return {"settings": settings, "base": base, "request_id": request_id, "reference": reference,
+            "api_url": prefect_api_url}
+
+
+def _restore(base: Path) -> None:
+    shutil.rmtree(base / "home")
+    shutil.copytree(base / "template", base / "home")
+
+
+def _run_to_end(settings: Settings, base: Path, request_id: str, api_url: str) -> dict:
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.process_request import process_erasure_request
+
+    with temporary_settings({PREFECT_API_URL: api_url}), use_settings(settings):
+        result = process_erasure_request(request_id, "demo", **PROCESS)
+    assert result["state"] == "completed"
+    return _final_state(settings, request_id)
+
+
+def _final_state(settings: Settings, request_id: str) -> dict:
+    from flows.locate import load_tombstones
+
+    engine = open_database(settings)
+    try:
+        with unit_of_work(engine) as session:
+            versions = sorted((v.shard, v.version, v.row_count, v.sha256, v.created_by)
+                              for v in session.scalars(select(ShardVersion)))
+            matches = sorted((m.shard, m.record_id, m.decision, m.final_decision, m.erased_in_shard_version)
+                             for m in session.scalars(select(RequestMatch)))
+            erased = sorted((r.record_id, r.erased_in_shard_version) for r in session.scalars(
+                select(Record).where(Record.erased_in_shard_version.is_not(None))))
+            current = current_ensemble_row(session, session.scalars(select(Record.dataset_id)).first())
+            members = sorted((m.shard, m.checkpoint_key) for m in session.scalars(
+                select(EnsembleMemberRow).where(EnsembleMemberRow.ensemble_id == current.id)))
+            from flows.requests import get_request
+
+            state = get_request(session, request_id).state
+    finally:
+        engine.dispose()
+    tombstones = load_tombstones(settings, "demo")
+    return {"versions": versions, "matches": matches, "erased": erased, "members": members, "state": state,
+            "tombstones": sorted(tombstones.keys) if tombstones else []}
+
+
+@pytest.mark.parametrize("boundary", BOUNDARIES)
+def test_kill_at_boundary_then_resume(case, boundary: str) -> None:  # noqa: ANN001
+    _restore(case["base"])
+    settings: Settings = case["settings"]
+    env = {**os.environ, "ERASURE_HOME": str(settings.home), "ERASURE_DATABASE_URL": settings.resolved_database_url,
+           "ERASURE_SECRET_KEY": TEST_SECRET, KILL_ENV: boundary, "PYTHONPATH": str(ROOT),
+           "PREFECT_API_URL": case["api_url"]}
+    code = ("from flows.process_request import process_erasure_request as p; "
+            f"p({case['request_id']!r}, 'demo', **{PROCESS!r})")
+    killed = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, timeout=240)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()[-3000:]
+    resumed = _run_to_end(settings, case["base"], case["request_id"], env["PREFECT_API_URL"])
+    assert resumed == case["reference"]
+
