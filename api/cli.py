@@ -6,7 +6,6 @@ stdout; progress bars go to stderr. Bad input exits with status 2 and a message.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -24,6 +23,10 @@ app.add_typer(db_app, name="db")
 from api.cli_requests import register_commands  # noqa: E402
 
 register_commands(app)
+
+from api.cli_flows import register_commands as register_flow_commands  # noqa: E402
+
+register_flow_commands(app)
 
 
 
@@ -120,26 +123,6 @@ def demo_data(
         "n_copies": files.n_copies,
     }
     _emit(data, as_json, f"demo data written to {directory}")
-
-
-@app.command()
-def demo(
-    records: Annotated[int, typer.Option(help="Number of demo records.")] = 2000,
-    shards: Annotated[int, typer.Option(help="SISA shards.")] = 4,
-    slices: Annotated[int, typer.Option(help="Slices per shard.")] = 4,
-    embedder: Annotated[str, typer.Option(help="'minilm' (finds paraphrases) or 'hashing' (faster).")] = "minilm",
-    home: HomeOpt = None,
-    database_url: DbOpt = None,
-    as_json: JsonOpt = False,
-) -> None:
-    """The end-to-end demo: generate demo data and ingest it."""
-    from flows.demo import run_demo
-    from flows.progress import RichReporter
-
-    settings = _settings(home, database_url)
-    with RichReporter() as reporter:
-        result = run_demo(settings, records=records, shards=shards, slices=slices, embedder=embedder, reporter=reporter)
-    _emit(result, as_json, json.dumps(result, indent=2, default=str))
 
 
 @app.command()

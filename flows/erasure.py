@@ -40,7 +40,7 @@ from db.models import Dataset, Record, ShardVersion, utcnow
 from db.requests import ErasureRequest
 from db.session import unit_of_work
 from db.settings import Settings
-from db.training import JOB_DONE, JOB_PENDING, JOB_RUNNING, RequestMatch, ShardRetrainJob
+from db.training import JOB_DONE, JOB_PENDING, RequestMatch, ShardRetrainJob
 from flows.requests import get_request, identifier_hashes, review_verdicts, sample_texts
 from shards.store import ShardStore, ShardVersionRef
 

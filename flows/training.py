@@ -30,7 +30,7 @@ from db.settings import Settings, load_settings
 from db.training import Checkpoint, EnsembleMemberRow, EnsembleVersionRow
 from flows.database import open_database
 from flows.erasure import dataset_or_fail, lock_dataset
-from shards.checkpoints import CheckpointRef, CheckpointStore
+from shards.checkpoints import CheckpointStore
 from shards.ensemble import EnsembleMember, EnsembleVersion
 from shards.model import ModelSpec
 from shards.training import EmptyShardError, SliceSchedule, TrainConfig, checkpoint_chain, shard_from_parquet, train_shard

@@ -21,20 +21,46 @@ def run_cli(args: list[str], home: Path, database_url: str | None = None) -> sub
     return subprocess.run([sys.executable, "-m", "api.cli", *args], capture_output=True, text=True, env=env, timeout=300)
 
 
-def test_demo_ingests_the_demo_dataset(tmp_path: Path, database_url: str) -> None:
-    result = run_cli(["demo", "--records", "1500", "--embedder", "hashing", "--json"], tmp_path / "home", database_url)
+def ingest_demo(home: Path, records: int, database_url: str | None = None) -> tuple[dict, Path]:
+    """`erasure demo-data` then `erasure ingest` of it, as the README shows."""
+    data_dir = home.parent / "demo-data"
+    made = run_cli(["demo-data", str(data_dir), "--records", str(records), "--json"], home, database_url)
+    assert made.returncode == 0, made.stderr
+    files = json.loads(made.stdout)
+    result = run_cli(
+        ["ingest", files["records"], "--dataset", "demo", "--identifier-field", "email",
+         "--identifier-field", "user_id", "--identifier-field", "name", "--json"],
+        home, database_url,
+    )
     assert result.returncode == 0, result.stderr
-    report = json.loads(result.stdout)  # stdout is exactly one JSON document
-    assert report["ingest"]["new_records"] == 1500 == report["demo_data"]["n_records"]
-    truth = [json.loads(line) for line in Path(report["demo_data"]["ground_truth"]).read_text().splitlines()]
+    return json.loads(result.stdout), Path(files["ground_truth"])
+
+
+def test_ingest_of_the_demo_dataset(tmp_path: Path, database_url: str) -> None:
+    report, truth_path = ingest_demo(tmp_path / "home", 1500, database_url)
+    assert report["new_records"] == 1500 and report["status"] == "ingested"
+    truth = [json.loads(line) for line in truth_path.read_text().splitlines()]
     assert any(t["type"] == "copy" for t in truth)
 
     listed = run_cli(["shards", "--dataset", "demo", "--json"], tmp_path / "home", database_url)
     shards = json.loads(listed.stdout)["shards"]
     assert sum(s["row_count"] for s in shards) == 1500 and all(Path(s["path"]).exists() for s in shards)
 
-    again = run_cli(["demo", "--records", "1500", "--embedder", "hashing", "--json"], tmp_path / "home", database_url)
-    assert json.loads(again.stdout)["ingest"]["status"] == "already_ingested"
+    again, _ = ingest_demo(tmp_path / "home", 1500, database_url)
+    assert again["status"] == "already_ingested"
+
+
+def test_demo_runs_the_whole_story(tmp_path: Path) -> None:
+    """The README's demo command on the embedded default (SQLite, temporary Prefect server)."""
+    result = run_cli(["demo", "--records", "1000", "--embedder", "hashing", "--json"], tmp_path / "home")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["state"] == "completed"
+    assert report["erased"] >= report["subject"]["originals"] > 0
+    for method, counts in report["found_by_method"].items():
+        assert counts["erased"] <= counts["truly_the_subjects"], method  # nobody else's data erased
+    assert report["retraining"] and all(r["status"] == "done" for r in report["retraining"])
+    assert 0 < report["cost"]["fraction_of_full"] <= 1
 
 
 def test_bad_file_exits_2_with_row_numbers(tmp_path: Path) -> None:

@@ -8,19 +8,18 @@ from pathlib import Path
 import pytest
 
 from shards.demo_data import read_ground_truth
-from tests.e2e.test_cli import run_cli
+from tests.e2e.test_cli import ingest_demo, run_cli
 
 
 @pytest.fixture(scope="module")
 def demo_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     home = tmp_path_factory.mktemp("locate") / "home"
-    result = run_cli(["demo", "--records", "1200", "--embedder", "hashing", "--json"], home)
-    assert result.returncode == 0, result.stderr
+    ingest_demo(home, 1200)
     return home
 
 
 def test_locate_json(demo_home: Path) -> None:
-    truth = read_ground_truth(demo_home / "demo" / "n1200" / "ground_truth.jsonl")
+    truth = read_ground_truth(demo_home.parent / "demo-data" / "ground_truth.jsonl")
     person = next(p for p in truth["persons"] if p["originals"])
     result = run_cli(["locate", "--dataset", "demo", "-i", f"email={person['email']}", "--json"], demo_home)
     assert result.returncode == 0, result.stderr
