@@ -138,7 +138,7 @@ def retrain_pending(
 
 
 def demo(
-    records: Annotated[int, typer.Option(help="Number of demo records.")] = 2000,
+    records: Annotated[int, typer.Option(help="Number of demo records.")] = 1000,
     shards: Annotated[int, typer.Option(help="SISA shards.")] = 4,
     slices: Annotated[int, typer.Option(help="Slices per shard.")] = 4,
     embedder: Annotated[str, typer.Option(help="'minilm' (finds paraphrases) or 'hashing' (faster).")] = "minilm",

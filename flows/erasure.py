@@ -303,7 +303,7 @@ def update_indexes_and_tombstones(
     from dedup.tombstones import TombstoneSet
     from flows.locate import dataset_embedder, load_index, load_tombstones, tombstone_path
 
-    embedder = dataset_embedder(_embedder_name(dataset.embedder), dataset.feature_dim)
+    embedder = dataset_embedder(dataset.embedder, dataset.feature_dim)
     base_index = load_index(base.path, shard, base.version, embedder)
     new_index, removed = base_index.without(removed_ids, new.version)
     if not artefact_dir(new.path).is_dir():
@@ -316,12 +316,6 @@ def update_indexes_and_tombstones(
     if fresh:
         tombstones = tombstones.added(removed.signatures[fresh], [keys[i] for i in fresh], removed.minhash)
         tombstones.save(tombstone_path(settings, dataset.name))
-
-
-def _embedder_name(stored: str) -> str:
-    # datasets created before the embedder option stored "<name>-<dim>"
-    name, _, dim = stored.rpartition("-")
-    return name if name and dim.isdigit() else stored
 
 
 def _shard_is_trained(session: Session, dataset_id: int, shard: int) -> bool:
