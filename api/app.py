@@ -21,6 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.deps import ApiError
 from api.routes.requests import router as requests_router
+from api.routes.screen import router as screen_router
 from db.settings import Settings, load_settings
 from flows.database import open_database
 from flows.requests import (
@@ -165,4 +166,5 @@ def create_app(settings: Settings | None = None, *, max_body_bytes: int = MAX_BO
     app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
     _install_error_handlers(app)
     app.include_router(requests_router)
+    app.include_router(screen_router)
     return app

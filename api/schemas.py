@@ -11,6 +11,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationInfo, field_validator
 
+from dedup.tombstones import DEFAULT_SCREEN_JACCARD
 from flows.requests import (
     IDENTIFIER_KINDS,
     MAX_EXTENSION_MONTHS,
@@ -25,6 +26,7 @@ from flows.requests import (
     Submission,
     validate_identifier,
 )
+from flows.screening import MAX_KEYS_PER_TEXT, MAX_SCREEN_TEXT_CHARS, MAX_SCREEN_TEXTS
 
 IdentifierKind = Literal[IDENTIFIER_KINDS]  # type: ignore[valid-type]  # the kinds dedup/ normalises
 Reason = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_REASON_CHARS)]
@@ -161,6 +163,39 @@ class RequestStatusOut(_Out):
     closed_at: datetime | None
     review_decisions: list[ReviewDecisionOut]
     history: list[EventOut]
+
+
+# ---------------------------------------------------------------- screening
+
+
+ScreenText = Annotated[str, StringConstraints(max_length=MAX_SCREEN_TEXT_CHARS)]
+
+
+class ScreenIn(_In):
+    dataset: Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
+    texts: list[ScreenText] = Field(
+        min_length=1, max_length=MAX_SCREEN_TEXTS,
+        description=f"The texts to screen (1 to {MAX_SCREEN_TEXTS}, at most {MAX_SCREEN_TEXT_CHARS} characters each); "
+        "never stored, logged or returned.",
+    )
+    min_jaccard: float = Field(
+        default=DEFAULT_SCREEN_JACCARD, gt=0.0, lt=1.0,
+        description="The estimated Jaccard similarity to a tombstone at which a text counts as a match.",
+    )
+
+
+class TextScreenOut(_Out):
+    index: int = Field(description="Position of the text in `texts`.")
+    matches_erased_content: bool
+    best_estimated_jaccard: float | None = Field(description="The best MinHash estimate among the matches; null without one.")
+    tombstone_keys: list[str] = Field(max_length=MAX_KEYS_PER_TEXT, description="Keys of the matching tombstones, best first (at most 5).")
+
+
+class ScreenOut(_Out):
+    dataset: str
+    results: list[TextScreenOut]
+    tombstones: int = Field(description="How many tombstones the dataset has.")
+    note: str
 
 
 # ---------------------------------------------------------------- errors

@@ -25,6 +25,7 @@ from typer.testing import CliRunner
 
 from api.app import create_app
 from api.cli_requests import register_commands
+from db.lineage import ensure_dataset
 from db.requests import ErasureRequest, issue_token, revoke_token
 from db.session import make_engine, unit_of_work, upgrade_to_head
 from db.settings import Settings
@@ -108,12 +109,16 @@ def error_of(response: httpx.Response) -> dict:
 def test_every_route_needs_a_token_with_its_scope(api: Api) -> None:
     request_id = api.submit().json()["id"]
     api.move(request_id, "locating")
+    with unit_of_work(api.client.app.state.engine) as session:  # a dataset without tombstones, to screen against
+        ensure_dataset(session, name="screened", seed=0, n_shards=1, n_slices=1, feature_dim=8, embedder="hashing",
+                       key_id="test")
     routes = {  # (method, path) -> (scopes admitted, body)
         ("post", BASE): (("intake",), BODY),
         ("get", f"{BASE}/{{request_id}}"): (("intake", "review", "audit"), None),
         ("post", f"{BASE}/{{request_id}}/review-decisions"): (("review",), {"decisions": [{"match_ref": "m1", "decision": "keep"}]}),
         ("post", f"{BASE}/{{request_id}}/extension"): (("review",), {"months": 1, "reason": "complex case"}),
         ("post", f"{BASE}/{{request_id}}/denial"): (("review",), {"ground": "legal_claims", "detail": "litigation hold"}),
+        ("post", "/v1/screen"): (("screen",), {"dataset": "screened", "texts": ["some model output"]}),
     }
     openapi = api.client.get("/openapi.json").json()
     published = {(method, path) for path, item in openapi["paths"].items() for method in item}

@@ -2,8 +2,13 @@
 run the flow again, and compare with an uninterrupted run: the same shard
 versions, matches, erased records, tombstones and ensemble members.
 
-SQLite only: a trained dataset is restored from a template directory for each
-case (the lineage stores absolute paths, so every case runs in the same home).
+On SQLite and on PostgreSQL. Per backend, one trained dataset with a submitted
+request is kept as a template (a directory, and on PostgreSQL also a template
+database) and the uninterrupted reference run is done once. Each case restores
+the home directory from the template (the lineage stores absolute paths, so a
+backend's cases all run in the same home) and, on PostgreSQL, gets a fresh
+database (``postgres_url``) recreated as a copy of the template database.
+The slow boundaries run on SQLite only.
 """
 
 from __future__ import annotations
@@ -15,6 +20,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import uuid
+
+import psycopg
 import pytest
 from sqlalchemy import select
 
@@ -25,7 +33,7 @@ from db.training import EnsembleMemberRow, RequestMatch
 from flows.database import open_database
 from flows.erasure import KILL_ENV
 from flows.training import current_ensemble_row, use_settings
-from tests.conftest import TEST_SECRET
+from tests.conftest import ADMIN_URL, TEST_SECRET, _libpq
 from tests.prefect_server import submit_for, trained_demo
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -40,21 +48,72 @@ BOUNDARIES = [
 PROCESS = dict(review_timeout_s=0, on_review_timeout="erase")
 
 
+def _cases() -> list:
+    """(backend, boundary): every boundary on SQLite, the non-slow ones on PostgreSQL."""
+    cases = []
+    for backend, marks in (("sqlite", ()), ("postgres", (pytest.mark.postgres,))):
+        for boundary in BOUNDARIES:
+            name, extra = (boundary, ()) if isinstance(boundary, str) else (boundary.values[0], boundary.marks)
+            if backend == "postgres" and any(m.name == "slow" for m in extra):
+                continue
+            cases.append(pytest.param(backend, name, marks=(*marks, *extra), id=f"{backend}-{name}"))
+    return cases
+
+
+def _admin(sql: str) -> None:
+    with psycopg.connect(_libpq(ADMIN_URL), autocommit=True, connect_timeout=5) as admin:
+        admin.execute(sql)
+
+
+def _copy_database(template: str, name: str) -> None:
+    """(Re)create database ``name`` as a copy of ``template`` (no session may use the template)."""
+    with psycopg.connect(_libpq(ADMIN_URL), autocommit=True, connect_timeout=5) as admin:
+        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (template,))
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+
+
+def _pg_url(name: str) -> str:
+    base = _libpq(ADMIN_URL).rsplit("/", 1)[0]
+    return f"postgresql+psycopg://{base.split('://', 1)[1]}/{name}"
+
+
 @pytest.fixture(scope="module")
-def case(tmp_path_factory, prefect_api_url):  # noqa: ANN001, ANN201
-    """A trained demo dataset with one submitted request, kept as a template."""
+def case(request, tmp_path_factory, prefect_api_url):  # noqa: ANN001, ANN201
+    """Per backend: a trained demo dataset with one submitted request, kept as a
+    template, and the final state of an uninterrupted run from it."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    base = tmp_path_factory.mktemp("kill")
+    backend = request.param
+    base = tmp_path_factory.mktemp(f"kill-{backend}")
     home = base / "home"
-    settings = Settings(home=home, database_url=f"sqlite:///{home / 'erasure.db'}", secret_key=TEST_SECRET)
-    with temporary_settings({PREFECT_API_URL: prefect_api_url}):
-        demo = trained_demo(settings, records=800)
-    request_id = submit_for(settings, demo["subject"])
-    shutil.copytree(home, base / "template")
-    reference = _run_to_end(settings, base, request_id, prefect_api_url)
-    return {"settings": settings, "base": base, "request_id": request_id, "reference": reference,
-            "api_url": prefect_api_url}
+    created: list[str] = []
+    if backend == "sqlite":
+        url = f"sqlite:///{home / 'erasure.db'}"
+        template_db = None
+    else:
+        template_db = f"erasure_test_kill_{uuid.uuid4().hex[:12]}"
+        _admin(f'CREATE DATABASE "{template_db}"')
+        created.append(template_db)
+        url = _pg_url(template_db)
+    try:
+        settings = Settings(home=home, database_url=url, secret_key=TEST_SECRET)
+        with temporary_settings({PREFECT_API_URL: prefect_api_url}):
+            demo = trained_demo(settings, records=800)
+        request_id = submit_for(settings, demo["subject"])
+        shutil.copytree(home, base / "template")
+        if template_db is not None:
+            # The reference run works on a copy: the template database stays as submitted.
+            reference_db = f"{template_db}_ref"
+            _copy_database(template_db, reference_db)
+            created.append(reference_db)
+            settings = Settings(home=home, database_url=_pg_url(reference_db), secret_key=TEST_SECRET)
+        reference = _run_to_end(settings, base, request_id, prefect_api_url)
+        yield {"backend": backend, "settings": settings, "base": base, "request_id": request_id,
+               "reference": reference, "api_url": prefect_api_url, "template_db": template_db}
+    finally:
+        for name in reversed(created):
+            _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def _restore(base: Path) -> None:
@@ -98,10 +157,14 @@ def _final_state(settings: Settings, request_id: str) -> dict:
             "tombstones": sorted(tombstones.keys) if tombstones else []}
 
 
-@pytest.mark.parametrize("boundary", BOUNDARIES)
-def test_kill_at_boundary_then_resume(case, boundary: str) -> None:  # noqa: ANN001
+@pytest.mark.parametrize(("case", "boundary"), _cases(), indirect=["case"])
+def test_kill_at_boundary_then_resume(case, boundary: str, request: pytest.FixtureRequest) -> None:  # noqa: ANN001
     _restore(case["base"])
     settings: Settings = case["settings"]
+    if case["template_db"] is not None:
+        fresh = request.getfixturevalue("postgres_url")  # a fresh database, dropped after the test
+        _copy_database(case["template_db"], fresh.rsplit("/", 1)[1])
+        settings = Settings(home=settings.home, database_url=fresh, secret_key=TEST_SECRET)
     env = {**os.environ, "ERASURE_HOME": str(settings.home), "ERASURE_DATABASE_URL": settings.resolved_database_url,
            "ERASURE_SECRET_KEY": TEST_SECRET, KILL_ENV: boundary, "PYTHONPATH": str(ROOT),
            "PREFECT_API_URL": case["api_url"]}
@@ -111,4 +174,3 @@ def test_kill_at_boundary_then_resume(case, boundary: str) -> None:  # noqa: ANN
     assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()[-3000:]
     resumed = _run_to_end(settings, case["base"], case["request_id"], env["PREFECT_API_URL"])
     assert resumed == case["reference"]
-

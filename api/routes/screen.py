@@ -1,0 +1,37 @@
+"""/v1/screen: screen texts (e.g. model outputs) against a dataset's tombstones.
+One service, ``flows.screening.screen_texts``; the texts are never echoed, logged or stored."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends
+
+from api.deps import ApiError, Caller, EngineDep, SettingsDep, require_scope
+from api.schemas import ErrorOut, ScreenIn, ScreenOut
+from flows.screening import ScreenResult, UnknownDataset, screen_texts
+
+PATH = "/v1/screen"
+ScreenCaller = Annotated[Caller, Depends(require_scope("screen"))]
+
+router = APIRouter(tags=["screening"], responses={
+    status: {"model": ErrorOut, "description": text}
+    for status, text in {
+        401: "No valid bearer token",
+        403: "The token lacks the scope",
+        404: "No such dataset",
+        413: "The body is too large",
+        422: "Invalid input; `error.fields` names each bad field",
+    }.items()
+})
+
+
+@router.post(PATH, response_model=ScreenOut, summary="Screen texts against the tombstones of erased records")
+def screen(body: ScreenIn, caller: ScreenCaller, settings: SettingsDep, engine: EngineDep) -> ScreenResult:
+    """For each text: does it match the MinHash signature of an erased record of the
+    dataset (estimated Jaccard >= `min_jaccard`)? An aid for output filtering, not a
+    guarantee. The texts are not stored, logged or returned."""
+    try:
+        return screen_texts(settings, body.dataset, body.texts, body.min_jaccard, engine=engine)
+    except UnknownDataset as exc:
+        raise ApiError(404, "not_found", str(exc)) from None
