@@ -18,9 +18,8 @@ import shutil
 import signal
 import subprocess
 import sys
-from pathlib import Path
-
 import uuid
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -48,18 +47,6 @@ BOUNDARIES = [
 PROCESS = dict(review_timeout_s=0, on_review_timeout="erase")
 
 
-def _cases() -> list:
-    """(backend, boundary): every boundary on SQLite, the non-slow ones on PostgreSQL."""
-    cases = []
-    for backend, marks in (("sqlite", ()), ("postgres", (pytest.mark.postgres,))):
-        for boundary in BOUNDARIES:
-            name, extra = (boundary, ()) if isinstance(boundary, str) else (boundary.values[0], boundary.marks)
-            if backend == "postgres" and any(m.name == "slow" for m in extra):
-                continue
-            cases.append(pytest.param(backend, name, marks=(*marks, *extra), id=f"{backend}-{name}"))
-    return cases
-
-
 def _admin(sql: str) -> None:
     with psycopg.connect(_libpq(ADMIN_URL), autocommit=True, connect_timeout=5) as admin:
         admin.execute(sql)
@@ -78,7 +65,7 @@ def _pg_url(name: str) -> str:
     return f"postgresql+psycopg://{base.split('://', 1)[1]}/{name}"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def case(request, tmp_path_factory, prefect_api_url):  # noqa: ANN001, ANN201
     """Per backend: a trained demo dataset with one submitted request, kept as a
     template, and the final state of an uninterrupted run from it."""
@@ -157,8 +144,10 @@ def _final_state(settings: Settings, request_id: str) -> dict:
             "tombstones": sorted(tombstones.keys) if tombstones else []}
 
 
-@pytest.mark.parametrize(("case", "boundary"), _cases(), indirect=["case"])
+@pytest.mark.parametrize("boundary", BOUNDARIES)
 def test_kill_at_boundary_then_resume(case, boundary: str, request: pytest.FixtureRequest) -> None:  # noqa: ANN001
+    if case["backend"] == "postgres" and request.node.get_closest_marker("slow"):
+        pytest.skip("the slow boundaries run on SQLite only (the non-slow ones cover both backends)")
     _restore(case["base"])
     settings: Settings = case["settings"]
     if case["template_db"] is not None:

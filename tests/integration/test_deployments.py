@@ -96,23 +96,22 @@ def test_a_deployment_runs_on_a_process_work_pool(prefect_env: dict[str, str], t
     worker_env = {**prefect_env, "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_WORKER_PREFETCH_SECONDS": "5",
                   "ERASURE_HOME": str(home), "ERASURE_DATABASE_URL": f"sqlite:///{database}",
                   "ERASURE_SECRET_KEY": TEST_SECRET, "PYTHONPATH": str(ROOT)}
-    log = open(tmp_path / "worker.log", "wb")
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "prefect", "worker", "start", "--pool", "cpu", "--type", "process"],
-        env=worker_env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    try:
-        flow = Flow.from_source(source=str(ROOT), entrypoint="flows/retraining.py:retrain_pending")
-        deployment_id = flow.deploy(name="it-process-pool", work_pool_name="cpu", build=False, push=False,
-                                    print_next_steps=False)
-        started = time.monotonic()
-        run = run_deployment(deployment_id, parameters={"dataset": None}, timeout=RUN_TIMEOUT_S)
-        elapsed = time.monotonic() - started
-        log.flush()
-        tail = (tmp_path / "worker.log").read_text(errors="replace")[-3000:]
-        assert run.state is not None and run.state.is_completed(), (
-            f"{run.state!r} after {elapsed:.0f} s (worker alive: {worker.poll() is None})\n{tail}")
-        assert database.is_file()  # the run used the settings the worker passed on
-    finally:
-        _stop_group(worker)
-        log.close()
+    with open(tmp_path / "worker.log", "wb") as log:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "prefect", "worker", "start", "--pool", "cpu", "--type", "process"],
+            env=worker_env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        try:
+            flow = Flow.from_source(source=str(ROOT), entrypoint="flows/retraining.py:retrain_pending")
+            deployment_id = flow.deploy(name="it-process-pool", work_pool_name="cpu", build=False, push=False,
+                                        print_next_steps=False)
+            started = time.monotonic()
+            run = run_deployment(deployment_id, parameters={"dataset": None}, timeout=RUN_TIMEOUT_S)
+            elapsed = time.monotonic() - started
+            log.flush()
+            tail = (tmp_path / "worker.log").read_text(errors="replace")[-3000:]
+            assert run.state is not None and run.state.is_completed(), (
+                f"{run.state!r} after {elapsed:.0f} s (worker alive: {worker.poll() is None})\n{tail}")
+            assert database.is_file()  # the run used the settings the worker passed on
+        finally:
+            _stop_group(worker)
