@@ -12,21 +12,17 @@ settings from it (as flows on a worker do).
 
 from __future__ import annotations
 
-import json
 import os
-import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from db.settings import Settings, load_settings
+from api.cli_common import DbOpt, HomeOpt, JsonOpt, settings_from_flags
+from api.cli_common import emit as _emit
+from api.cli_common import fail as _fail
+from db.settings import Settings
 
-HomeOpt = Annotated[Optional[Path], typer.Option("--home", help="Data home (env ERASURE_HOME, default ./.erasure).")]
-DbOpt = Annotated[
-    Optional[str], typer.Option("--database-url", help="SQLAlchemy URL (env ERASURE_DATABASE_URL; default SQLite in the home).")
-]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
 DatasetOpt = Annotated[str, typer.Option(help="Dataset name.")]
 
 
@@ -40,26 +36,10 @@ def register_commands(app: typer.Typer) -> None:
     request_app.command("process")(process)
 
 
-def _fail(message: str, code: int = 2) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
-
-
-def _emit(data: dict, as_json: bool, human: str) -> None:
-    if as_json:
-        sys.stdout.write(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
-    else:
-        typer.echo(human)
-
-
 def _prepare(home: Path | None, database_url: str | None) -> Settings:
     """Settings from flags and environment, exported for the flows; Prefect's home
     defaults into the data home (before Prefect is imported)."""
-    try:
-        settings = load_settings(home=home, database_url=database_url)
-    except ValueError as exc:
-        _fail(str(exc))
-        raise  # unreachable
+    settings = settings_from_flags(home, database_url)
     os.environ["ERASURE_HOME"] = str(settings.home)
     os.environ["ERASURE_DATABASE_URL"] = settings.resolved_database_url
     if "PREFECT_API_URL" not in os.environ and "PREFECT_HOME" not in os.environ:
