@@ -24,7 +24,7 @@ from api.routes.requests import router as requests_router
 from api.routes.screen import router as screen_router
 from db.settings import Settings, load_settings
 from flows.database import open_database
-from flows.requests import (
+from flows.erasure_requests import (
     IdempotencyConflict,
     IllegalTransition,
     InvalidRequest,

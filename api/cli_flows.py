@@ -91,7 +91,7 @@ def process(
         _fail("--on-review-timeout is leave, keep, erase or fail")
     _prepare(home, database_url)
     from flows.process_request import process_erasure_request
-    from flows.requests import RequestError
+    from flows.erasure_requests import RequestError
 
     try:
         summary = process_erasure_request(request_id, dataset, retrain=retrain, review_timeout_s=review_timeout,

@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 from db.requests import find_active_token
 from db.session import unit_of_work
 from db.settings import Settings
-from flows.requests import MAX_IDEMPOTENCY_KEY_CHARS
+from flows.erasure_requests import MAX_IDEMPOTENCY_KEY_CHARS
 
 
 class ApiError(Exception):

@@ -1,7 +1,7 @@
 """Request and response bodies of the API (pydantic v2), apart from the tables.
 
 Validation here gives early 422 answers naming the field; the services in
-``flows.requests`` check the same rules again for the CLI and the flows.
+``flows.erasure_requests`` check the same rules again for the CLI and the flows.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationInfo, field_validator
 
 from dedup.tombstones import DEFAULT_SCREEN_JACCARD
-from flows.requests import (
+from flows.erasure_requests import (
     IDENTIFIER_KINDS,
     MAX_EXTENSION_MONTHS,
     MAX_IDENTIFIER_CHARS,

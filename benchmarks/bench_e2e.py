@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     from flows.database import open_database
     from flows.demo import DEMO_FIELDS, pick_demo_subject
     from flows.process_request import process_erasure_request
-    from flows.requests import get_request, submit_request
+    from flows.erasure_requests import get_request, submit_request
     from flows.training import ingest_dataset, train_ensemble, use_settings
     from shards.demo_data import write_demo
 

@@ -92,7 +92,7 @@ def run_full_demo(
     from flows.database import open_database
     from flows.erasure import request_matches, undecided_refs
     from flows.process_request import process_erasure_request
-    from flows.requests import ReviewInput, record_review_decisions, submit_request
+    from flows.erasure_requests import ReviewInput, record_review_decisions, submit_request
     from flows.training import train_ensemble, use_settings
 
     ingested = run_demo(settings, records=records, shards=shards, slices=slices, reporter=reporter, embedder=embedder)

@@ -41,7 +41,7 @@ from db.requests import ErasureRequest
 from db.session import unit_of_work
 from db.settings import Settings
 from db.training import JOB_DONE, JOB_PENDING, RequestMatch, ShardRetrainJob
-from flows.requests import get_request, identifier_hashes, review_verdicts, sample_texts
+from flows.erasure_requests import get_request, identifier_hashes, review_verdicts, sample_texts
 from shards.store import ShardStore, ShardVersionRef
 
 ERASE = "erase"

@@ -57,7 +57,7 @@ from flows.erasure import (
     shards_to_erase,
     verify_request,
 )
-from flows.requests import (
+from flows.erasure_requests import (
     CLOSED_STATES,
     RequestState,
     ReviewInput,

@@ -124,7 +124,7 @@ def trained_demo(settings, records: int = DEMO_RECORDS, shards: int = 4, slices:
 
 def submit_for(settings, subject: dict, key: str = "test-request") -> str:  # noqa: ANN001
     from flows.database import open_database
-    from flows.requests import submit_request
+    from flows.erasure_requests import submit_request
 
     engine = open_database(settings)
     try:

@@ -134,7 +134,7 @@ def _final_state(settings: Settings, request_id: str) -> dict:
             current = current_ensemble_row(session, session.scalars(select(Record.dataset_id)).first())
             members = sorted((m.shard, m.checkpoint_key) for m in session.scalars(
                 select(EnsembleMemberRow).where(EnsembleMemberRow.ensemble_id == current.id)))
-            from flows.requests import get_request
+            from flows.erasure_requests import get_request
 
             state = get_request(session, request_id).state
     finally:

@@ -17,7 +17,7 @@ from db.session import unit_of_work
 from db.training import ShardRetrainJob
 from flows.database import open_database
 from flows.erasure import erased_record_ids, request_matches, undecided_refs
-from flows.requests import ReviewInput, get_request, record_review_decisions
+from flows.erasure_requests import ReviewInput, get_request, record_review_decisions
 from flows.training import checkpoint_store, current_ensemble, use_settings
 from tests.prefect_server import submit_for, trained_demo
 

@@ -24,7 +24,7 @@ from db.session import unit_of_work
 from db.settings import Settings
 from dedup.identifiers import keyed_hash
 from flows.database import open_database
-from flows.requests import (
+from flows.erasure_requests import (
     ALLOWED_TRANSITIONS,
     CLOSED_STATES,
     IdempotencyConflict,

@@ -1,5 +1,9 @@
 """Erasure requests: intake, the state machine, deadlines, denial, review.
 
+(Not named ``requests.py``: Prefect puts a flow file's folder on ``sys.path``
+when it loads an entrypoint, and a ``requests`` module there shadows the
+HTTP library that docker and others import.)
+
 The life of a request (``ALLOWED_TRANSITIONS`` is the one authority)::
 
     received -> locating -> awaiting_review -> erasing -> awaiting_retrain -> retraining -> verifying -> completed
