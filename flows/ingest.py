@@ -52,7 +52,7 @@ from shards.sources import (
     file_sha256,
     read_rows,
 )
-from shards.store import ShardStore, ShardVersionRef, build_shard_table, validate_dataset_name
+from shards.store import ShardStore, ShardVersionRef, build_shard_table, sort_training_order, validate_dataset_name
 
 DEFAULT_FEATURE_DIM = 256
 _SPILL_SCHEMA = pa.schema(
@@ -312,14 +312,7 @@ def ingest_source_file(
                 if shard in recorded_versions:
                     # Append to the recorded latest version (not a stray unrecorded file).
                     old = store.read(options.dataset, shard, recorded_versions[shard])
-                    table = build_shard_table(
-                        old["record_id"].to_pylist() + table["record_id"].to_pylist(),
-                        np.concatenate([old["slice"].to_numpy(), table["slice"].to_numpy()]),
-                        np.concatenate([old["order_key"].to_numpy(), table["order_key"].to_numpy()]),
-                        old["text"].to_pylist() + table["text"].to_pylist(),
-                        old["label"].to_pylist() + table["label"].to_pylist(),
-                        np.vstack([_features(old), _features(table)]),
-                    )
+                    table = sort_training_order(pa.concat_tables([old, table]))
                 ref = store.write_version(options.dataset, shard, table)
                 written.append(ref)
                 build_and_save_index(ref, embedder, table)
@@ -371,11 +364,6 @@ def ingest_source_file(
         timings={k: round(v, 3) for k, v in timings.items()},
         screened=[{"record_id": rid, **why} for rid, why in sorted(screened.items())],
     )
-
-
-def _features(table: pa.Table) -> np.ndarray:
-    column = table["features"].combine_chunks()
-    return column.values.to_numpy().reshape(len(column), -1)
 
 
 def _record_rows(spill: pa.Table, dataset_id: int, ref: ShardVersionRef, source_id: int):

@@ -8,7 +8,7 @@ A dry run (``erasure locate``) and a stored request use the same path.
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -16,7 +16,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from db.lineage import get_dataset, latest_shard_versions
-from db.models import Record, RecordIdentifier
+from db.models import Dataset, Record, RecordIdentifier
 from db.settings import Settings
 from dedup.embeddings import Embedder, get_embedder
 from dedup.identifiers import keyed_hash
@@ -93,10 +93,8 @@ def seeds_for_hashes(session: Session, dataset_id: int, hashes: Iterable[tuple[s
     return seeds
 
 
-def current_indexes(settings: Settings, session: Session, dataset_name: str) -> tuple[dict[int, ShardIndex], dict[int, str], Embedder]:
-    dataset = get_dataset(session, dataset_name)
-    if dataset is None:
-        raise LookupError(f"no dataset named {dataset_name!r}; ingest a file first")
+def current_indexes(session: Session, dataset: Dataset) -> tuple[dict[int, ShardIndex], dict[int, str], Embedder]:
+    """The saved indexes of the dataset's latest shard versions, their files, and its embedder."""
     embedder = dataset_embedder(dataset.embedder, dataset.feature_dim)
     versions = latest_shard_versions(session, dataset.id)
     indexes = {s: load_index(v.path, s, v.version, embedder) for s, v in versions.items()}
@@ -118,7 +116,7 @@ def locate_in_dataset(
     dataset = get_dataset(session, dataset_name)
     if dataset is None:
         raise LookupError(f"no dataset named {dataset_name!r}; ingest a file first")
-    indexes, paths, embedder = current_indexes(settings, session, dataset_name)
+    indexes, paths, embedder = current_indexes(session, dataset)
     seeds = seeds_for_hashes(session, dataset.id, identifier_hashes)
     return locate_matches(
         LocateRequest(samples=samples),
@@ -149,7 +147,3 @@ def locate_dry_run(
         settings, session, dataset_name, identifier_hashes=hashes, samples=request.samples,
         thresholds=thresholds, hops=hops, report_keep=report_keep,
     )
-
-
-def indexes_by_shard(indexes: Mapping[int, ShardIndex]) -> dict[int, int]:
-    return {s: idx.n for s, idx in indexes.items()}
