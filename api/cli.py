@@ -28,6 +28,10 @@ from api.cli_flows import register_commands as register_flow_commands  # noqa: E
 
 register_flow_commands(app)
 
+from api.cli_audit import register_commands as register_audit_commands  # noqa: E402
+
+register_audit_commands(app)
+
 
 
 def _parse_identifier_fields(specs: list[str]) -> tuple[tuple[str, str], ...]:

@@ -158,3 +158,4 @@ class ShardVersion(Base):
 
 import db.requests  # noqa: E402,F401  (registers the request tables on Base.metadata for Alembic)
 import db.training  # noqa: E402,F401  (registers the training and erasure tables on Base.metadata)
+import db.audit  # noqa: E402,F401  (registers the audit log, certificates and probes)

@@ -47,6 +47,8 @@ class Checkpoint(Base):
     versions that left its slices unchanged)."""
 
     __tablename__ = "checkpoints"
+    # audit: "which checkpoints ever held this record" (migration 0004)
+    __table_args__ = (Index("ix_checkpoints_dataset_shard_version", "dataset_id", "shard", "shard_version"),)
 
     dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id", ondelete="RESTRICT"), primary_key=True)
     key: Mapped[str] = mapped_column(String(64), primary_key=True)
@@ -83,6 +85,7 @@ class EnsembleMemberRow(Base):
             ["dataset_id", "checkpoint_key"], ["checkpoints.dataset_id", "checkpoints.key"],
             ondelete="RESTRICT", name="fk_ensemble_members_checkpoint",
         ),
+        Index("ix_ensemble_members_dataset_checkpoint", "dataset_id", "checkpoint_key"),  # migration 0004
     )
 
     ensemble_id: Mapped[int] = mapped_column(ForeignKey("ensemble_versions.id", ondelete="CASCADE"), primary_key=True)

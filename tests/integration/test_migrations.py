@@ -14,6 +14,7 @@ TABLES = {
     "datasets", "source_files", "records", "record_identifiers", "shard_versions",
     "erasure_requests", "request_identifiers", "request_samples", "request_events", "review_decisions", "api_tokens",
     "checkpoints", "ensemble_versions", "ensemble_members", "shard_retrain_jobs", "request_matches",
+    "audit_events", "certificates", "membership_probes",
 }
 
 
