@@ -32,6 +32,10 @@ from api.cli_audit import register_commands as register_audit_commands  # noqa: 
 
 register_audit_commands(app)
 
+from api.cli_lineage import register_commands as register_lineage_commands  # noqa: E402
+
+register_lineage_commands(app)
+
 
 
 def _parse_identifier_fields(specs: list[str]) -> tuple[tuple[str, str], ...]:
