@@ -77,7 +77,7 @@ def ingest(
     as_json: JsonOpt = False,
 ) -> None:
     """Validate FILE and ingest it: shards, slices, features, lineage."""
-    from flows.ingest import IngestOptions, IngestValidationError, ingest_source_file
+    from flows.ingest import IngestOptions, IngestValidationError, ShardChangedDuringIngest, ingest_source_file
     from flows.progress import RichReporter
     from shards.sources import FieldMap, SourceError
 
@@ -103,6 +103,8 @@ def ingest(
         _fail(str(exc))
     except (SourceError, ValueError) as exc:
         _fail(str(exc))
+    except ShardChangedDuringIngest as exc:  # not bad input: a race; exit 1
+        _fail(str(exc), code=1)
     human = (
         f"{summary.status}: {summary.new_records} new record(s) of {summary.rows} row(s) into dataset "
         f"{summary.dataset!r} ({summary.shards} shards x {summary.slices} slices) in {summary.seconds:.1f}s"

@@ -186,6 +186,9 @@ def issue_token(session: Session, name: str, scopes: list[str] | tuple[str, ...]
     row = ApiToken(name=name, token_sha256=token_digest(token), scopes=" ".join(sorted(set(scopes))), created_at=utcnow())
     session.add(row)
     session.flush()
+    from db.audit import append_event  # db.audit imports db.models, which imports this module
+
+    append_event(session, "token.created", {"name": name, "scopes": row.scopes}, actor="admin")
     return token, row
 
 
@@ -203,6 +206,9 @@ def revoke_token(session: Session, name: str) -> ApiToken:
         raise LookupError(f"no token named {name!r}; `erasure token list` shows them")
     if row.revoked_at is None:
         row.revoked_at = utcnow()
+        from db.audit import append_event
+
+        append_event(session, "token.revoked", {"name": name}, actor="admin")
     return row
 
 

@@ -6,6 +6,9 @@ default); production uses ``postgresql+psycopg://...``. ``ERASURE_SECRET_KEY``
 keys the HMAC of identifiers; without it a random key is generated once into
 ``$ERASURE_HOME/secret.key`` (mode 0600) — losing that file makes stored
 identifier hashes unmatchable, so production sets the variable from a vault.
+``ERASURE_SIGNING_KEY_FILE`` names the Ed25519 key that signs erasure
+certificates (default ``$ERASURE_HOME/signing_key.pem``, generated once, 0600;
+see ``flows/signing.py``).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ class Settings(BaseSettings):
     home: Path = Field(default=Path(".erasure"))
     database_url: str | None = None
     secret_key: SecretStr | None = None
+    signing_key_file: Path | None = None
 
     @field_validator("home")
     @classmethod
@@ -51,6 +55,13 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite:///{(self.home / 'erasure.db').resolve()}"
+
+    @property
+    def signing_key_path(self) -> Path:
+        """The certificate signing key (PKCS#8 PEM): the configured file or one in the home."""
+        if self.signing_key_file is not None:
+            return Path(self.signing_key_file).expanduser().resolve()
+        return self.home / "signing_key.pem"
 
     @property
     def shards_dir(self) -> Path:

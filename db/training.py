@@ -98,7 +98,11 @@ class ShardRetrainJob(Base):
     """The batched pending removals of one shard and their retraining."""
 
     __tablename__ = "shard_retrain_jobs"
-    __table_args__ = (Index("ix_shard_retrain_jobs_status_due_at", "status", "due_at"),)
+    __table_args__ = (
+        Index("ix_shard_retrain_jobs_status_due_at", "status", "due_at"),
+        # audit: "which requests does this ensemble version reflect" (migration 0005)
+        Index("ix_shard_retrain_jobs_dataset_ensemble_version", "dataset_id", "ensemble_version_id"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id", ondelete="RESTRICT"))

@@ -32,10 +32,12 @@ from datetime import datetime
 from pathlib import Path
 
 import pyarrow.parquet as pq
-from sqlalchemy import Engine, select, text
+from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
+from db.audit import append_event
 from db.lineage import add_shard_version, get_dataset, latest_shard_versions
+from db.locks import lock_dataset, lock_shard, retrain_lock  # noqa: F401  (re-exported for the flows)
 from db.models import Dataset, Record, ShardVersion, utcnow
 from db.requests import ErasureRequest
 from db.session import unit_of_work
@@ -49,7 +51,6 @@ KEEP = "keep"
 REVIEW = "review"
 KILL_ENV = "ERASURE_FAULT_KILL_AT"  # fault injection for the crash tests: the step boundary to die at
 
-_LOCK_NAMESPACE = 0x5E15  # high bits of our advisory lock keys
 
 
 # ---------------------------------------------------------------- fault injection
@@ -63,53 +64,6 @@ def crash_point(name: str) -> None:
     """
     if os.environ.get(KILL_ENV) == name:
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-# ---------------------------------------------------------------- locks
-
-
-def _lock_key(kind: int, dataset_id: int, shard: int) -> int:
-    return (_LOCK_NAMESPACE << 48) | (kind << 44) | ((dataset_id & 0xFFFFFF) << 20) | (shard & 0xFFFFF)
-
-
-def lock_shard(session: Session, dataset_id: int, shard: int) -> None:
-    """Serialise writers of one shard until the transaction ends: an advisory lock
-    on PostgreSQL; on SQLite a no-op write takes the database's single write lock
-    now (before the shard is read), so a second writer waits or retries."""
-    if session.connection().dialect.name == "postgresql":
-        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _lock_key(1, dataset_id, shard)})
-    else:
-        session.execute(text("UPDATE datasets SET id = id WHERE id = :id"), {"id": dataset_id})
-
-
-def lock_dataset(session: Session, dataset_id: int) -> None:
-    """Serialise updates of a dataset-wide artefact (ensemble version, tombstones)."""
-    if session.connection().dialect.name == "postgresql":
-        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _lock_key(2, dataset_id, 0)})
-
-
-class retrain_lock:
-    """A session-level advisory lock on one shard's retraining, held on its own
-    connection for the whole training (a killed process drops the connection and
-    with it the lock). No-op on SQLite."""
-
-    def __init__(self, engine: Engine, dataset_id: int, shard: int) -> None:
-        self.engine, self.key, self.connection = engine, _lock_key(3, dataset_id, shard), None
-
-    def __enter__(self) -> retrain_lock:
-        if self.engine.dialect.name == "postgresql":
-            self.connection = self.engine.connect()
-            self.connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": self.key})
-            self.connection.commit()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.connection is not None:
-            try:
-                self.connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": self.key})
-                self.connection.commit()
-            finally:
-                self.connection.close()
 
 
 # ---------------------------------------------------------------- helpers
@@ -155,6 +109,7 @@ def record_matches(session: Session, request_id: str, dataset_id: int, matches) 
     Idempotent: a match already recorded for the request is left as it is."""
     existing = {(m.shard, m.record_id) for m in request_matches(session, request_id, dataset_id)}
     counts = {ERASE: 0, REVIEW: 0}
+    by_method: dict[str, int] = {}
     for match in matches:
         decision = match.decision.value
         if decision == KEEP or (match.shard, match.record_id) in existing:
@@ -168,7 +123,12 @@ def record_matches(session: Session, request_id: str, dataset_id: int, matches) 
         ))
         existing.add((match.shard, match.record_id))
         counts[decision] += 1
+        by_method[match.method.value] = by_method.get(match.method.value, 0) + 1
     session.flush()
+    if counts[ERASE] or counts[REVIEW]:
+        append_event(session, "matches.recorded", {"dataset_id": dataset_id, "erase": counts[ERASE],
+                                                   "review": counts[REVIEW], "by_method": by_method},
+                     actor="flow:locate", request_id=str(request_id))
     return counts
 
 
@@ -262,6 +222,11 @@ def erase_from_shard(settings: Settings, engine: Engine, request_id: str, datase
                     m.erased_in_shard_version = ref.version
                     m.retrain_job_id = job_id
             new_version = ref.version
+            append_event(session, "shard.erased", {
+                "dataset": dataset_name, "shard": shard, "from_version": base.version, "to_version": ref.version,
+                "to_sha256": ref.sha256, "records_erased": len(remove), "already_erased": len(done_before),
+                "retrain_job_id": job_id,
+            }, actor="flow:erase", request_id=str(request_id))
         session.flush()
         return ShardErasure(shard, len(remove), len(done_before), new_version, job_id)
 

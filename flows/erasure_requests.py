@@ -38,9 +38,10 @@ from enum import StrEnum
 
 from sqlalchemy import Engine, select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, object_session
 
 from db.models import utcnow
+from db.audit import append_event
 from db.requests import ErasureRequest, RequestEvent, RequestIdentifier, RequestSample, ReviewDecision
 from db.session import unit_of_work
 # IDENTIFIER_KINDS is also read from here by api/ (which does not import dedup/).
@@ -331,6 +332,8 @@ def submit_request(
             request = _new_request(idempotency_key, fingerprint, hashed, samples, actor, received_at)
             session.add(request)
             session.flush()
+            _audit(session, request, "submitted", None, RequestState.RECEIVED, actor, received_at,
+                   request.events[0].reason)
             return Submission(request.id, request.received_at, request.original_due_at, replayed=False)
     except IntegrityError:
         with unit_of_work(engine) as session:
@@ -469,6 +472,17 @@ def _record(
         RequestEvent(at=now, actor=actor, action=action, from_state=from_state, to_state=str(to_state), reason=reason)
     )
     request.updated_at = now
+    session = object_session(request)
+    if session is not None:  # a new request is logged by ``submit_request`` once it is in the session
+        _audit(session, request, action, from_state, to_state, actor, now, reason)
+
+
+def _audit(session: Session, request: ErasureRequest, action: str, from_state: str | None, to_state: str,
+           actor: str, now: datetime, reason: str | None) -> None:
+    """The same change on the hash-chained audit log (ids, states and the reason only)."""
+    append_event(session, f"request.{action}", {"from_state": None if from_state is None else str(from_state),
+                                                 "to_state": str(to_state), "reason": reason},
+                 actor=actor, request_id=request.id, at=now)
 
 
 def _move(request: ErasureRequest, to_state: RequestState, actor: str, action: str, reason: str | None, now: datetime) -> None:

@@ -35,6 +35,8 @@ from db.lineage import (
     latest_shard_versions,
     record_contents,
 )
+from db.audit import append_event
+from db.locks import lock_shard
 from db.session import unit_of_work
 from db.settings import Settings
 from dedup.identifiers import key_id, keyed_hash
@@ -67,6 +69,10 @@ _SPILL_SCHEMA = pa.schema(
         ("identifiers", pa.list_(pa.struct([("kind", pa.string()), ("keyed_hash", pa.string())]))),
     ]
 )
+
+
+class ShardChangedDuringIngest(RuntimeError):
+    """A shard got a new version (an erasure) between reading and recording it."""
 
 
 class IngestValidationError(ValueError):
@@ -330,6 +336,16 @@ def ingest_source_file(
                 row_count=rows, new_record_count=sum(new_per_shard.values()),
             )
             for ref in written:
+                # An erasure may have written this shard since we read it: appending to the
+                # old version would bring the erased records back. Serialise and re-check.
+                lock_shard(session, dataset.id, ref.shard)
+                now_latest = latest_shard_versions(session, dataset.id).get(ref.shard)
+                if (now_latest.version if now_latest else None) != recorded_versions.get(ref.shard):
+                    raise ShardChangedDuringIngest(
+                        f"shard {ref.shard} of {options.dataset} changed while this file was being ingested "
+                        f"(version {recorded_versions.get(ref.shard)} -> {now_latest.version if now_latest else None}, "
+                        "an erasure or another ingest); nothing was ingested: run the same ingest again"
+                    )
                 add_shard_version(
                     session, dataset_id=dataset.id, shard=ref.shard, version=ref.version, path=str(ref.path),
                     sha256=ref.sha256, row_count=ref.row_count, created_by=f"ingest:source_file:{source.id}",
@@ -346,6 +362,13 @@ def ingest_source_file(
             versions = latest_shard_versions(session, dataset.id)
             per_shard = {s: v.row_count for s, v in sorted(versions.items())}
             latest = {s: v.version for s, v in sorted(versions.items())}
+            append_event(session, "dataset.ingested", {
+                "dataset": options.dataset, "source_file_id": source.id, "source_sha256": sha, "rows": rows,
+                "new_records": sum(new_per_shard.values()), "skipped_existing": unchanged,
+                "screened_out": len(screened), "tombstones_hit": sorted({w["tombstone"] for w in screened.values()}),
+                "shard_versions": [{"shard": r.shard, "version": r.version, "sha256": r.sha256, "rows": r.row_count}
+                                   for r in written],
+            }, actor="flow:ingest")
         timings["lineage_s"] = time.perf_counter() - t
     except BaseException:
         for ref in written:

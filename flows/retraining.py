@@ -25,6 +25,7 @@ from sqlalchemy import select
 
 from db.lineage import latest_shard_versions
 from db.models import ShardVersion, utcnow
+from db.audit import append_event
 from db.session import unit_of_work
 from db.settings import Settings, load_settings
 from db.training import JOB_DONE, JOB_PENDING, JOB_RUNNING, Checkpoint, RequestMatch, ShardRetrainJob
@@ -132,6 +133,12 @@ def _record(settings: Settings, engine, dataset: str, shard: int, claim: dict, t
         job.full_training_samples = trained.get("full")
         job.wall_seconds = trained.get("seconds")
         job.device = trained.get("device")
+        append_event(session, "shard.retrained", {
+            "dataset": dataset, "shard": shard, "job_id": job.id, "outcome": trained["outcome"],
+            "shard_version": claim["target_version"], "restored_slice": job.restored_slice,
+            "samples_processed": job.samples_processed, "full_training_samples": job.full_training_samples,
+            "device": job.device, "ensemble_version": version_id,
+        }, actor=ACTOR)
         return {"job_id": job.id, "status": "done", "outcome": trained["outcome"], "ensemble_version": version_id,
                 "restored_slice": job.restored_slice, "samples_processed": job.samples_processed,
                 "full_training_samples": job.full_training_samples, "removed": trained.get("removed", 0)}

@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session
 
 from db.lineage import latest_shard_versions
 from db.models import utcnow
+from db.audit import append_event
 from db.session import unit_of_work
 from db.settings import Settings, load_settings
 from db.training import Checkpoint, EnsembleMemberRow, EnsembleVersionRow
@@ -129,6 +130,10 @@ def publish_ensemble(
         session.add(EnsembleMemberRow(ensemble_id=row.id, shard=int(member.shard_id), dataset_id=dataset_id,
                                       checkpoint_key=member.checkpoint.key))
     session.flush()
+    append_event(session, "ensemble.published", {
+        "dataset": dataset, "version_id": version.version_id, "parent_version_id": version.parent,
+        "members": {m.shard_id: m.checkpoint.key for m in version.members}, "created_by": created_by,
+    }, actor=f"flow:{created_by.split(':')[0]}")
     return version, True
 
 
