@@ -3,6 +3,8 @@ work per request, the HMAC key, and bearer-token authentication by scope."""
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Annotated
@@ -12,10 +14,14 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
-from db.requests import find_active_token
+from db.requests import find_active_token, token_digest
 from db.session import unit_of_work
 from db.settings import Settings
 from flows.erasure_requests import MAX_IDEMPOTENCY_KEY_CHARS
+
+
+# How long a verified token is trusted without a database lookup (seconds).
+TOKEN_CACHE_SECONDS = 2.0
 
 
 class ApiError(Exception):
@@ -79,24 +85,62 @@ IdempotencyKeyHeader = Annotated[
 _bearer = HTTPBearer(auto_error=False, description="An API token from `erasure token create`.")
 
 
+class TokenCache:
+    """Recently verified tokens (by SHA-256), so a busy client costs one database
+    transaction per request, not two. An entry lives ``ttl_s`` seconds: a token
+    revoked with ``erasure token revoke`` stops working within that time.
+    Unknown tokens are never cached (a wrong token is always looked up)."""
+
+    def __init__(self, ttl_s: float) -> None:
+        self.ttl_s = ttl_s
+        self._entries: dict[str, tuple[float, Caller]] = {}
+        self._lock = threading.Lock()
+
+    def lookup(self, engine: Engine, token: str) -> Caller | None:
+        digest = token_digest(token)
+        now = time.monotonic()
+        with self._lock:
+            hit = self._entries.get(digest)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        with unit_of_work(engine) as session:
+            row = find_active_token(session, token)
+            caller = None if row is None else Caller(row.name, row.scope_set)
+        with self._lock:
+            if caller is None:
+                self._entries.pop(digest, None)
+            elif self.ttl_s > 0:
+                if len(self._entries) > 10_000:
+                    self._entries.clear()
+                self._entries[digest] = (now + self.ttl_s, caller)
+        return caller
+
+
+def get_token_cache(request: Request) -> TokenCache:
+    cache = getattr(request.app.state, "token_cache", None)
+    if cache is None:
+        cache = request.app.state.token_cache = TokenCache(TOKEN_CACHE_SECONDS)
+    return cache
+
+
 def require_scope(*scopes: str) -> Callable[..., Caller]:
     """A dependency admitting a valid, unrevoked bearer token holding any of
     ``scopes`` (admin holds them all): 401 without one, 403 without the scope."""
     wanted = " or ".join(repr(s) for s in scopes)
 
     def authorised_caller(
-        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)], engine: EngineDep
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+        engine: EngineDep,
+        cache: Annotated[TokenCache, Depends(get_token_cache)],
     ) -> Caller:
         if credentials is None:
             raise ApiError(401, "unauthorized", "a bearer token is required (Authorization: Bearer <token>)",
                            {"WWW-Authenticate": "Bearer"})
-        with unit_of_work(engine) as session:
-            token = find_active_token(session, credentials.credentials)
-            if token is None:
-                raise ApiError(401, "unauthorized", "the bearer token is unknown or revoked",
-                               {"WWW-Authenticate": 'Bearer error="invalid_token"'})
-            caller = Caller(token.name, token.scope_set)
-            allowed = any(token.allows(scope) for scope in scopes)
+        caller = cache.lookup(engine, credentials.credentials)
+        if caller is None:
+            raise ApiError(401, "unauthorized", "the bearer token is unknown or revoked",
+                           {"WWW-Authenticate": 'Bearer error="invalid_token"'})
+        allowed = "admin" in caller.scopes or any(scope in caller.scopes for scope in scopes)
         if not allowed:
             held = ", ".join(sorted(caller.scopes)) or "none"
             raise ApiError(403, "forbidden", f"this token lacks the scope {wanted} (it has: {held})",

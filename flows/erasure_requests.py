@@ -324,10 +324,8 @@ def submit_request(
         raise InvalidRequest("give at least one identifier or one sample", "samples")
     fingerprint = _fingerprint(key, hashed, samples)
     try:
+        # Insert first: a replay is rare, and the unique key catches it (one round trip fewer).
         with unit_of_work(engine) as session:
-            existing = _by_idempotency_key(session, idempotency_key)
-            if existing is not None:
-                return _replay(existing, fingerprint)
             received_at = (now or utcnow()).astimezone(timezone.utc)  # calendar months count in UTC
             request = _new_request(idempotency_key, fingerprint, hashed, samples, actor, received_at)
             session.add(request)

@@ -440,3 +440,19 @@ def test_request_and_token_commands(tmp_path: Path, database_url: str) -> None:
     run("token", "revoke", "portal")
     listed = json.loads(run("token", "list", "--json").stdout)["tokens"]
     assert [(t["name"], t["revoked_at"] is not None) for t in listed] == [("portal", True)]
+
+
+def test_a_revoked_token_stops_working_within_the_cache_time(api: Api) -> None:
+    from api.deps import TokenCache
+
+    api.client.app.state.token_cache = TokenCache(0.3)
+    with unit_of_work(api.client.app.state.engine) as session:
+        token, _ = issue_token(session, "short-lived", ["intake"])
+    headers = {"Authorization": f"Bearer {token}"}
+    assert api.client.get(f"{BASE}/{api.submit().json()['id']}", headers=headers).status_code == 200
+    with unit_of_work(api.client.app.state.engine) as session:
+        revoke_token(session, "short-lived")
+    time.sleep(0.4)
+    response = api.client.post(BASE, json=BODY, headers={**headers, "Idempotency-Key": str(uuid.uuid4())})
+    assert response.status_code == 401
+    assert error_of(response)["code"] == "unauthorized"
