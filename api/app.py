@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.deps import ApiError
+from api.routes.audit import router as audit_router
 from api.routes.requests import router as requests_router
 from api.routes.screen import router as screen_router
 from db.settings import Settings, load_settings
@@ -167,4 +168,5 @@ def create_app(settings: Settings | None = None, *, max_body_bytes: int = MAX_BO
     _install_error_handlers(app)
     app.include_router(requests_router)
     app.include_router(screen_router)
+    app.include_router(audit_router)
     return app

@@ -489,21 +489,22 @@ def ensemble_reflections(session: Session, version_id: str, *, dataset: str | No
     ).all()
     produced_by = {job_id: version for job_id, version in jobs}
 
-    # every erased match of the requests that any of those jobs served, grouped by job
-    served = (select(RequestMatch.request_id).where(RequestMatch.retrain_job_id.in_(list(produced_by)))
-              .distinct()) if produced_by else None
+    # every erased match of the dataset by request and job (one range scan of the dataset's erased matches)
     per_request: dict[str, dict[int | None, int]] = defaultdict(dict)
-    if served is not None:
-        for request_id, job_id, count in session.execute(
-            select(RequestMatch.request_id, RequestMatch.retrain_job_id, func.count())
-            .where(RequestMatch.request_id.in_(served), RequestMatch.dataset_id == row.dataset_id,
-                   RequestMatch.erased_in_shard_version.is_not(None))
-            .group_by(RequestMatch.request_id, RequestMatch.retrain_job_id)
+    states: dict[str, str] = {}
+    if produced_by:
+        grouped = (select(RequestMatch.request_id, RequestMatch.retrain_job_id, func.count().label("n"))
+                   .where(RequestMatch.dataset_id == row.dataset_id, RequestMatch.erased_in_shard_version.is_not(None))
+                   .group_by(RequestMatch.request_id, RequestMatch.retrain_job_id).subquery())
+        for request_id, state, job_id, count in session.execute(
+            select(grouped.c.request_id, ErasureRequest.state, grouped.c.retrain_job_id, grouped.c.n)
+            .join(ErasureRequest, ErasureRequest.id == grouped.c.request_id)
         ):
             per_request[request_id][job_id] = count
+            states[request_id] = state
 
     held = _erased_records_held(session, row)
-    states = _states(session, set(per_request) | set(held))
+    states.update((request_id, state) for request_id, (state, _) in held.items())
     reflected = []
     for request_id, by_job in sorted(per_request.items()):
         job_ids = [j for j in by_job if j is not None]
@@ -511,7 +512,7 @@ def ensemble_reflections(session: Session, version_id: str, *, dataset: str | No
             reflected.append(ReflectedRequest(
                 request_id=request_id, state=states[request_id], retrain_jobs=tuple(sorted(job_ids)),
                 produced=tuple(sorted({produced_by[j] for j in job_ids})), erased_records=sum(by_job.values()),
-                still_held=held.get(request_id, 0),
+                still_held=held.get(request_id, ("", 0))[1],
             ))
     current = _current_ensembles(session, [row.dataset_id]).get(row.dataset_id)
     return EnsembleReflections(
@@ -519,7 +520,7 @@ def ensemble_reflections(session: Session, version_id: str, *, dataset: str | No
         created_at=row.created_at, is_current=current == row.version_id,
         lineage=tuple(session.scalars(select(lineage.c.version_id).order_by(lineage.c.depth))),
         reflected=tuple(reflected),
-        still_holding=tuple(HeldRequest(rid, states[rid], n) for rid, n in sorted(held.items())),
+        still_holding=tuple(HeldRequest(rid, state, n) for rid, (state, n) in sorted(held.items())),
     )
 
 
@@ -536,29 +537,34 @@ def _lineage(session: Session, row: EnsembleVersionRow):  # noqa: ANN202
     )
 
 
-def _erased_records_held(session: Session, row: EnsembleVersionRow) -> dict[str, int]:
-    """request id -> how many of its erased records a member checkpoint of ``row`` was trained on."""
+def _erased_records_held(session: Session, row: EnsembleVersionRow) -> dict[str, tuple[str, int]]:
+    """request id -> (its state, how many of its erased records a member checkpoint of ``row`` was trained on).
+
+    Driven by the members: for each (shard, slice, shard version) of a member
+    checkpoint, the shard's matches erased after that version (a range of
+    ``ix_request_matches_dataset_shard_erased``) in a slice it covers, then the
+    record's own first version and erasure (primary key lookups)."""
     r, m, c = Record, EnsembleMemberRow, Checkpoint
-    query = (
-        select(RequestMatch.request_id, func.count(func.distinct(r.record_id)))
+    members = (select(m.shard, c.slice, c.shard_version)
+               .join(c, and_(c.dataset_id == m.dataset_id, c.key == m.checkpoint_key))
+               .where(m.ensemble_id == row.id).subquery())
+    # one row per (request, record): a record has one member (its shard's) and one match per request
+    grouped = (
+        select(RequestMatch.request_id, func.count().label("n"))
+        .join(members, and_(RequestMatch.shard == members.c.shard,
+                            RequestMatch.erased_in_shard_version > members.c.shard_version,
+                            RequestMatch.slice <= members.c.slice))
         .join(r, and_(r.dataset_id == RequestMatch.dataset_id, r.record_id == RequestMatch.record_id))
-        .join(m, and_(m.ensemble_id == row.id, m.shard == r.shard))
-        .join(c, and_(c.dataset_id == m.dataset_id, c.key == m.checkpoint_key))
         .where(
             RequestMatch.dataset_id == row.dataset_id,
-            RequestMatch.erased_in_shard_version.is_not(None),
-            c.slice >= r.slice,
-            c.shard_version >= r.first_shard_version,
-            or_(r.erased_in_shard_version.is_(None), c.shard_version < r.erased_in_shard_version),
+            r.shard == members.c.shard,
+            r.slice <= members.c.slice,
+            r.first_shard_version <= members.c.shard_version,
+            or_(r.erased_in_shard_version.is_(None), members.c.shard_version < r.erased_in_shard_version),
         )
         .group_by(RequestMatch.request_id)
+        .subquery()
     )
-    return {request_id: count for request_id, count in session.execute(query)}
-
-
-def _states(session: Session, request_ids: set[str]) -> dict[str, str]:
-    states: dict[str, str] = {}
-    for chunk in _chunks(sorted(request_ids)):
-        states.update(session.execute(
-            select(ErasureRequest.id, ErasureRequest.state).where(ErasureRequest.id.in_(chunk))).all())
-    return states
+    query = select(grouped.c.request_id, ErasureRequest.state, grouped.c.n).join(
+        ErasureRequest, ErasureRequest.id == grouped.c.request_id)
+    return {request_id: (state, count) for request_id, state, count in session.execute(query)}

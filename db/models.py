@@ -154,6 +154,9 @@ class ShardVersion(Base):
     row_count: Mapped[int] = mapped_column(Integer)
     created_by: Mapped[str] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # set when the version's file and locate index were deleted because they held
+    # erased records (migration 0004); the row stays as lineage
+    files_purged_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
 
 
 import db.requests  # noqa: E402,F401  (registers the request tables on Base.metadata for Alembic)

@@ -59,6 +59,8 @@ class Checkpoint(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     records_seen: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    # set when the file was deleted because the sub-model had seen erased records (migration 0004)
+    file_purged_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
 
 
 class EnsembleVersionRow(Base):
@@ -132,6 +134,8 @@ class RequestMatch(Base):
     __table_args__ = (
         UniqueConstraint("request_id", "dataset_id", "shard", "record_id", name="uq_request_matches_request_record"),
         Index("ix_request_matches_dataset_record", "dataset_id", "record_id"),
+        # audit: "whose erased records does this ensemble version still hold" (migration 0005)
+        Index("ix_request_matches_dataset_shard_erased", "dataset_id", "shard", "erased_in_shard_version"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)

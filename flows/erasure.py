@@ -42,7 +42,7 @@ from db.models import Dataset, Record, ShardVersion, utcnow
 from db.requests import ErasureRequest
 from db.session import unit_of_work
 from db.settings import Settings
-from db.training import JOB_DONE, JOB_PENDING, RequestMatch, ShardRetrainJob
+from db.training import JOB_DONE, JOB_PENDING, Checkpoint, EnsembleMemberRow, RequestMatch, ShardRetrainJob
 from flows.erasure_requests import get_request, identifier_hashes, review_verdicts, sample_texts
 from shards.store import ShardStore, ShardVersionRef
 
@@ -384,3 +384,77 @@ def per_method_counts(matches: list[RequestMatch]) -> dict[str, dict[str, int]]:
         row["kept"] += m.final_decision == KEEP
     return dict(sorted(table.items()))
 
+
+
+# ---------------------------------------------------------------- superseded files
+
+
+@dataclass(frozen=True)
+class PurgeReport:
+    shard_versions: list[dict]  # {"shard", "version"} whose file and locate index were deleted
+    checkpoints: list[str]  # keys of deleted sub-model checkpoints
+    kept_in_service: list[str]  # checkpoints that saw the records but serve the current ensemble (none expected)
+
+    def to_dict(self) -> dict:
+        return {"shard_versions": self.shard_versions, "checkpoints": self.checkpoints,
+                "kept_in_service": self.kept_in_service}
+
+
+def purge_superseded_files(settings: Settings, session: Session, request_id: str) -> PurgeReport:
+    """Delete the files that still hold the request's erased records once it is
+    retrained and verified: every superseded shard version that contained one of
+    them (Parquet file and locate index) and every sub-model checkpoint trained
+    on such a version from the record's slice on. The rows stay, as lineage,
+    marked ``files_purged_at`` / ``file_purged_at``.
+
+    A version v of shard s held record r iff r.first_shard_version <= v <
+    r.erased_in_shard_version; a checkpoint after slice c of version v saw r iff
+    additionally c >= r.slice. Nothing deleted is needed again: the ensemble in
+    service and any later retraining start from versions without the records.
+    Idempotent: a rerun deletes what is left and marks it."""
+    from flows.locate import remove_index
+    from flows.training import current_ensemble_row
+
+    erased = [m for m in request_matches(session, request_id) if m.erased_in_shard_version is not None]
+    if not erased:
+        return PurgeReport([], [], [])
+    now = utcnow()
+    records: dict[tuple[int, int], list[Record]] = defaultdict(list)
+    for m in erased:
+        record = session.get(Record, (m.dataset_id, m.record_id))
+        if record is not None and record.erased_in_shard_version is not None:
+            records[(m.dataset_id, record.shard)].append(record)
+    purged_versions: list[dict] = []
+    purged_checkpoints: list[str] = []
+    in_service: list[str] = []
+    for (dataset_id, shard), held in sorted(records.items()):
+        def held_by(version: int, from_slice: int = 0) -> bool:
+            return any(r.first_shard_version <= version < r.erased_in_shard_version and r.slice <= from_slice
+                       for r in held)
+
+        newest = max(r.erased_in_shard_version for r in held)
+        for version in session.scalars(select(ShardVersion).where(
+                ShardVersion.dataset_id == dataset_id, ShardVersion.shard == shard, ShardVersion.version < newest)):
+            if version.files_purged_at is None and held_by(version.version, from_slice=1 << 30):
+                remove_index(version.path)
+                Path(version.path).unlink(missing_ok=True)
+                version.files_purged_at = now
+                purged_versions.append({"shard": shard, "version": version.version})
+        current = current_ensemble_row(session, dataset_id)
+        serving = set() if current is None else set(session.scalars(
+            select(EnsembleMemberRow.checkpoint_key).where(EnsembleMemberRow.ensemble_id == current.id)))
+        for checkpoint in session.scalars(select(Checkpoint).where(
+                Checkpoint.dataset_id == dataset_id, Checkpoint.shard == shard, Checkpoint.shard_version < newest)):
+            if checkpoint.file_purged_at is not None or not held_by(checkpoint.shard_version, checkpoint.slice):
+                continue
+            if checkpoint.key in serving:  # verification would have failed; never delete what serves
+                in_service.append(checkpoint.key)
+                continue
+            Path(checkpoint.path).unlink(missing_ok=True)
+            checkpoint.file_purged_at = now
+            purged_checkpoints.append(checkpoint.key)
+    session.flush()
+    report = PurgeReport(purged_versions, purged_checkpoints, in_service)
+    if purged_versions or purged_checkpoints:
+        append_event(session, "files.purged", report.to_dict(), actor="flow:verify", request_id=str(request_id))
+    return report

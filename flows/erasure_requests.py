@@ -250,7 +250,7 @@ def validate_identifier(kind: str, value: object) -> str:
     return normalize_identifier(kind, value)
 
 
-def _hash_identifiers(key: bytes, identifiers: Sequence[tuple[str, object]]) -> list[tuple[str, str]]:
+def hash_identifiers(key: bytes, identifiers: Sequence[tuple[str, object]]) -> list[tuple[str, str]]:
     if len(identifiers) > MAX_IDENTIFIERS:
         raise InvalidRequest(f"at most {MAX_IDENTIFIERS} identifiers per request", "identifiers")
     hashed: list[tuple[str, str]] = []
@@ -317,7 +317,7 @@ def submit_request(
     loser's insert fails and it returns the winner's request.
     """
     check_idempotency_key(idempotency_key)
-    hashed = _hash_identifiers(key, list(identifiers))
+    hashed = hash_identifiers(key, list(identifiers))
     samples = list(samples)
     _check_samples(samples)
     if not hashed and not samples:

@@ -1,5 +1,6 @@
 """accountability: hash-chained append-only audit log (UPDATE/DELETE rejected by
-a trigger), certificates, membership probes; indexes for the audit queries
+a trigger), certificates, membership probes; indexes for the audit queries;
+when the files of superseded shard versions and checkpoints were purged
 
 Revision ID: 0004
 Revises: 0003
@@ -86,6 +87,8 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id", name=op.f("pk_membership_probes")),
         sa.UniqueConstraint("request_id", "role", name="uq_membership_probes_request_role"),
     )
+    op.add_column("shard_versions", sa.Column("files_purged_at", _utc(), nullable=True))
+    op.add_column("checkpoints", sa.Column("file_purged_at", _utc(), nullable=True))
     op.create_index("ix_checkpoints_dataset_shard_version", "checkpoints", ["dataset_id", "shard", "shard_version"])
     op.create_index("ix_ensemble_members_dataset_checkpoint", "ensemble_members", ["dataset_id", "checkpoint_key"])
 
@@ -93,6 +96,10 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.drop_index("ix_ensemble_members_dataset_checkpoint", table_name="ensemble_members")
     op.drop_index("ix_checkpoints_dataset_shard_version", table_name="checkpoints")
+    with op.batch_alter_table("checkpoints") as batch:
+        batch.drop_column("file_purged_at")
+    with op.batch_alter_table("shard_versions") as batch:
+        batch.drop_column("files_purged_at")
     op.drop_table("membership_probes")
     op.drop_table("certificates")
     if op.get_bind().dialect.name == "postgresql":
