@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import pyarrow as pa
@@ -290,3 +291,61 @@ def test_csv_and_parquet_sources(settings: Settings, tmp_path: Path) -> None:
         table = store.read("mixed", shard)
         labels.update(zip(table["record_id"].to_pylist(), table["label"].to_pylist()))
     assert labels == {r["id"]: r["label"] for r in rows}
+
+
+class _EraseWhileWriting:
+    """A reporter that, when ingest has written its new shard files but not yet
+    recorded them, lets an erasure of ``record_id`` commit first: the race the
+    shard lock and re-check in ingest exist for."""
+
+    def __init__(self, settings: Settings, dataset: str, record_id: str) -> None:
+        self.settings, self.dataset, self.record_id = settings, dataset, record_id
+
+    @contextmanager
+    def step(self, description: str, total: int | None):  # noqa: ANN201
+        from flows.progress import _SilentStep
+
+        yield _SilentStep()
+        if description == "writing shard versions":
+            self._erase()
+
+    def _erase(self) -> None:
+        from db.lineage import add_shard_version, get_dataset, latest_shard_versions
+        from db.locks import lock_shard
+
+        engine = make_engine(self.settings.resolved_database_url)
+        try:
+            with unit_of_work(engine) as session:
+                dataset = get_dataset(session, self.dataset)
+                record = session.get(Record, (dataset.id, self.record_id))
+                lock_shard(session, dataset.id, record.shard)
+                base = latest_shard_versions(session, dataset.id)[record.shard]
+                ref = ShardStore(self.settings.shards_dir).write_without(
+                    self.dataset, record.shard, [self.record_id], base_version=base.version)
+                add_shard_version(session, dataset_id=dataset.id, shard=record.shard, version=ref.version,
+                                  path=str(ref.path), sha256=ref.sha256, row_count=ref.row_count,
+                                  created_by="erasure:test")
+                record.erased_in_shard_version = ref.version
+        finally:
+            engine.dispose()
+
+
+def test_an_erasure_during_an_append_is_not_undone(settings: Settings, tmp_path: Path) -> None:
+    from flows.ingest import ShardChangedDuringIngest
+
+    options = IngestOptions(dataset="shop", fields=FIELDS, n_shards=1, n_slices=2)
+    ingest_source_file(write_jsonl(tmp_path / "a.jsonl", make_rows(20)), options, settings)
+    before = counts(settings)
+    append = write_jsonl(tmp_path / "b.jsonl", make_rows(10, start=100))
+    with pytest.raises(ShardChangedDuringIngest, match="run the same ingest again"):
+        ingest_source_file(append, options, settings, _EraseWhileWriting(settings, "shop", "rec-00003"))
+    store = ShardStore(settings.shards_dir)
+    # the append left nothing: only the erasure's version is new, and it lacks the record
+    assert counts(settings) == {**before, "shard_versions": before["shard_versions"] + 1}
+    assert len(store.versions("shop", 0)) == 2  # v1 and the erasure's (the append's file was removed)
+    assert "rec-00003" not in store.read("shop", 0)["record_id"].to_pylist()
+    # run again: the append builds on the erased version, so the record stays gone
+    summary = ingest_source_file(append, options, settings)
+    assert summary.new_records == 10
+    latest = store.read("shop", 0)["record_id"].to_pylist()
+    assert "rec-00003" not in latest and len(latest) == 29
