@@ -393,49 +393,60 @@ def per_method_counts(matches: list[RequestMatch]) -> dict[str, dict[str, int]]:
 class PurgeReport:
     shard_versions: list[dict]  # {"shard", "version"} whose file and locate index were deleted
     checkpoints: list[str]  # keys of deleted sub-model checkpoints
-    kept_in_service: list[str]  # checkpoints that saw the records but serve the current ensemble (none expected)
+    kept_in_service: list[str]  # checkpoints that saw erased records but serve the current ensemble (none expected)
+    deferred_shards: list[int]  # shards another open request still needs the old files of
 
     def to_dict(self) -> dict:
         return {"shard_versions": self.shard_versions, "checkpoints": self.checkpoints,
-                "kept_in_service": self.kept_in_service}
+                "kept_in_service": self.kept_in_service, "deferred_shards": self.deferred_shards}
 
 
 def purge_superseded_files(settings: Settings, session: Session, request_id: str) -> PurgeReport:
-    """Delete the files that still hold the request's erased records once it is
-    retrained and verified: every superseded shard version that contained one of
-    them (Parquet file and locate index) and every sub-model checkpoint trained
-    on such a version from the record's slice on. The rows stay, as lineage,
-    marked ``files_purged_at`` / ``file_purged_at``.
+    """Delete the files that still hold erased records, once the request is
+    retrained and verified: in each shard it erased from, every superseded shard
+    version that contained an erased record (Parquet file and locate index) and
+    every sub-model checkpoint trained on such a version from the record's slice
+    on. The rows stay, as lineage, marked ``files_purged_at`` / ``file_purged_at``.
 
     A version v of shard s held record r iff r.first_shard_version <= v <
     r.erased_in_shard_version; a checkpoint after slice c of version v saw r iff
-    additionally c >= r.slice. Nothing deleted is needed again: the ensemble in
-    service and any later retraining start from versions without the records.
-    Idempotent: a rerun deletes what is left and marks it."""
+    also c >= r.slice. Nothing deleted is needed again: the ensemble in service and
+    later retraining start from versions without the records. A shard where
+    another request's erasure is not yet verified keeps its old files (that
+    request's membership probe reads them); that request's completion purges
+    them, for every erased record of the shard. Idempotent."""
+    from flows.erasure_requests import CLOSED_STATES
     from flows.locate import remove_index
     from flows.training import current_ensemble_row
 
-    erased = [m for m in request_matches(session, request_id) if m.erased_in_shard_version is not None]
-    if not erased:
-        return PurgeReport([], [], [])
+    touched = sorted({(m.dataset_id, m.shard) for m in request_matches(session, request_id)
+                      if m.erased_in_shard_version is not None})
     now = utcnow()
-    records: dict[tuple[int, int], list[Record]] = defaultdict(list)
-    for m in erased:
-        record = session.get(Record, (m.dataset_id, m.record_id))
-        if record is not None and record.erased_in_shard_version is not None:
-            records[(m.dataset_id, record.shard)].append(record)
     purged_versions: list[dict] = []
     purged_checkpoints: list[str] = []
     in_service: list[str] = []
-    for (dataset_id, shard), held in sorted(records.items()):
-        def held_by(version: int, from_slice: int = 0) -> bool:
-            return any(r.first_shard_version <= version < r.erased_in_shard_version and r.slice <= from_slice
-                       for r in held)
+    deferred: list[int] = []
+    closed = [str(state) for state in CLOSED_STATES]
+    for dataset_id, shard in touched:
+        others_open = session.scalar(
+            select(RequestMatch.id).join(ErasureRequest, ErasureRequest.id == RequestMatch.request_id).where(
+                RequestMatch.dataset_id == dataset_id, RequestMatch.shard == shard,
+                RequestMatch.erased_in_shard_version.is_not(None), RequestMatch.request_id != str(request_id),
+                ErasureRequest.state.not_in(closed)).limit(1))
+        if others_open is not None:
+            deferred.append(shard)
+            continue
+        held = list(session.scalars(select(Record).where(
+            Record.dataset_id == dataset_id, Record.shard == shard, Record.erased_in_shard_version.is_not(None))))
 
-        newest = max(r.erased_in_shard_version for r in held)
+        def held_by(version: int, from_slice: int | None = None) -> bool:
+            return any(r.first_shard_version <= version < r.erased_in_shard_version
+                       and (from_slice is None or r.slice <= from_slice) for r in held)
+
         for version in session.scalars(select(ShardVersion).where(
-                ShardVersion.dataset_id == dataset_id, ShardVersion.shard == shard, ShardVersion.version < newest)):
-            if version.files_purged_at is None and held_by(version.version, from_slice=1 << 30):
+                ShardVersion.dataset_id == dataset_id, ShardVersion.shard == shard,
+                ShardVersion.files_purged_at.is_(None))):
+            if held_by(version.version):
                 remove_index(version.path)
                 Path(version.path).unlink(missing_ok=True)
                 version.files_purged_at = now
@@ -444,8 +455,8 @@ def purge_superseded_files(settings: Settings, session: Session, request_id: str
         serving = set() if current is None else set(session.scalars(
             select(EnsembleMemberRow.checkpoint_key).where(EnsembleMemberRow.ensemble_id == current.id)))
         for checkpoint in session.scalars(select(Checkpoint).where(
-                Checkpoint.dataset_id == dataset_id, Checkpoint.shard == shard, Checkpoint.shard_version < newest)):
-            if checkpoint.file_purged_at is not None or not held_by(checkpoint.shard_version, checkpoint.slice):
+                Checkpoint.dataset_id == dataset_id, Checkpoint.shard == shard, Checkpoint.file_purged_at.is_(None))):
+            if not held_by(checkpoint.shard_version, checkpoint.slice):
                 continue
             if checkpoint.key in serving:  # verification would have failed; never delete what serves
                 in_service.append(checkpoint.key)
@@ -454,7 +465,7 @@ def purge_superseded_files(settings: Settings, session: Session, request_id: str
             checkpoint.file_purged_at = now
             purged_checkpoints.append(checkpoint.key)
     session.flush()
-    report = PurgeReport(purged_versions, purged_checkpoints, in_service)
-    if purged_versions or purged_checkpoints:
+    report = PurgeReport(purged_versions, purged_checkpoints, in_service, deferred)
+    if purged_versions or purged_checkpoints or deferred:
         append_event(session, "files.purged", report.to_dict(), actor="flow:verify", request_id=str(request_id))
     return report

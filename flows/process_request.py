@@ -2,7 +2,14 @@
 
     locate -> record matches -> human review of borderline matches -> erase
            -> retrain now (or leave it to the scheduled ``retrain_pending``)
-           -> verify the new ensemble's training manifest -> complete
+           -> verify the new ensemble's training manifest -> membership probe
+           -> complete -> certify
+
+Verification checks the manifest, then runs the membership-inference probe
+(``flows/membership.py``) before completing; a completed request then gets its
+signed certificate (``flows/certificate.py``). Both are stored once: a rerun of
+the flow, or of ``finish_waiting_requests``, issues a certificate that a crash
+after completion left unissued.
 
 Every step reads the request's state and recorded matches first and does only
 what is left, so running the flow again after a crash (or a ``kill -9``) at any
@@ -38,10 +45,12 @@ from sqlalchemy import select
 from db.session import unit_of_work
 from db.settings import load_settings
 from db.training import ShardRetrainJob
+from flows.certificate import certify_request
 from flows.database import open_database
 from flows.erasure import (
     ERASE,
     KEEP,
+    Verification,
     apply_review_verdicts,
     crash_point,
     dataset_or_fail,
@@ -49,6 +58,7 @@ from flows.erasure import (
     locate_for_request,
     open_requests_waiting,
     per_method_counts,
+    purge_superseded_files,
     record_matches,
     request_jobs,
     request_matches,
@@ -65,6 +75,7 @@ from flows.erasure_requests import (
     record_review_decisions,
     transition,
 )
+from flows.membership import probe_membership
 from flows.retraining import dispatch_retraining
 from flows.training import RETRY
 
@@ -223,33 +234,79 @@ def shards_awaiting_retraining(request_id: str) -> list[int]:
 @task(name="verify-and-complete", result_serializer="json", **RETRY)
 def verify_and_complete(request_id: str, dataset: str) -> dict:
     """Once every retraining it waits for is done: verify the ensemble in service
-    was trained on none of the erased records, then complete (samples are purged)."""
+    was trained on none of the erased records, measure membership before and after
+    (outside any transaction), then complete (samples are purged). Each step is
+    idempotent, so a rerun after a crash between any two does the rest."""
     settings = load_settings()
     engine = open_database(settings)
     try:
-        with unit_of_work(engine) as session:
-            state = get_request(session, request_id, for_update=True).state
-            if state in (S.AWAITING_RETRAIN, S.RETRAINING):
-                if not retraining_done(session, request_id):
-                    return {"state": state, "verification": None}
-                if state == S.AWAITING_RETRAIN:
-                    transition(session, request_id, S.RETRAINING, actor=ACTOR, reason="retrained by another run")
-                transition(session, request_id, S.VERIFYING, actor=ACTOR)
-                state = S.VERIFYING
-            if state != S.VERIFYING:
-                return {"state": state, "verification": None}
+        state = _enter_verifying(engine, request_id)
+        if state != S.VERIFYING:
+            return {"state": state, "verification": None, "membership": None}
         crash_point("verify:before")
-        with unit_of_work(engine) as session:
-            get_request(session, request_id, for_update=True)
-            result = verify_request(settings, session, request_id, dataset)
-            if result.passed:
-                transition(session, request_id, S.COMPLETED, actor=ACTOR,
-                           reason=f"ensemble {result.ensemble_version or '(none trained)'} holds none of the "
-                                  f"{result.erased_records} erased record(s)")
-            else:
-                transition(session, request_id, S.FAILED, actor=ACTOR,
-                           reason=f"{result.still_in_manifest} erased record(s) still in the training manifest")
-            return {"state": get_request(session, request_id).state, "verification": result.to_dict()}
+        verification = _verify_manifest(settings, engine, request_id, dataset)
+        membership = None
+        if verification.passed:
+            membership = probe_membership(settings, engine, request_id, dataset)
+            crash_point("verify:after_probe")
+            _complete(settings, engine, request_id, verification)
+        return {"state": _state_in(engine, request_id), "verification": verification.to_dict(),
+                "membership": membership}
+    finally:
+        engine.dispose()
+
+
+def _enter_verifying(engine, request_id: str) -> str:  # noqa: ANN001
+    """awaiting_retrain/retraining -> verifying once every retraining is done; the state after."""
+    with unit_of_work(engine) as session:
+        state = get_request(session, request_id, for_update=True).state
+        if state in (S.AWAITING_RETRAIN, S.RETRAINING) and retraining_done(session, request_id):
+            if state == S.AWAITING_RETRAIN:
+                transition(session, request_id, S.RETRAINING, actor=ACTOR, reason="retrained by another run")
+            transition(session, request_id, S.VERIFYING, actor=ACTOR)
+            state = S.VERIFYING
+        return state
+
+
+def _verify_manifest(settings, engine, request_id: str, dataset: str) -> Verification:  # noqa: ANN001
+    """The training manifest check; a failed one fails the request."""
+    with unit_of_work(engine) as session:
+        get_request(session, request_id, for_update=True)
+        result = verify_request(settings, session, request_id, dataset)
+        if not result.passed and get_request(session, request_id).state == S.VERIFYING:
+            transition(session, request_id, S.FAILED, actor=ACTOR,
+                       reason=f"{result.still_in_manifest} erased record(s) still in the training manifest")
+        return result
+
+
+def _complete(settings, engine, request_id: str, result: Verification) -> None:  # noqa: ANN001
+    """Delete the superseded files that held the erased records, then complete: one
+    transaction (a crash before the commit leaves it verifying; the purge is idempotent)."""
+    with unit_of_work(engine) as session:
+        if get_request(session, request_id, for_update=True).state == S.VERIFYING:
+            purged = purge_superseded_files(settings, session, request_id)
+            transition(session, request_id, S.COMPLETED, actor=ACTOR,
+                       reason=f"ensemble {result.ensemble_version or '(none trained)'} holds none of the "
+                              f"{result.erased_records} erased record(s); deleted {len(purged.shard_versions)} "
+                              f"superseded shard version file(s) and {len(purged.checkpoints)} checkpoint(s) "
+                              "that held them" + (f" (shards {purged.deferred_shards} wait for another open "
+                                                  "request)" if purged.deferred_shards else ""))
+
+
+def _state_in(engine, request_id: str) -> str:  # noqa: ANN001
+    with unit_of_work(engine) as session:
+        return get_request(session, request_id).state
+
+
+@task(name="certify", result_serializer="json", **RETRY)
+def certify(request_id: str, dataset: str | None) -> dict | None:
+    """Issue the signed certificate of a completed request (once; a rerun returns the
+    stored one); None while the request is not completed."""
+    settings = load_settings()
+    engine = open_database(settings)
+    try:
+        issued = certify_request(settings, engine, request_id, dataset)
+        return issued.to_dict() if issued is not None else None
     finally:
         engine.dispose()
 
@@ -329,9 +386,10 @@ def process_erasure_request(
     on_review_timeout: Literal["leave", "keep", "erase", "fail"] = "leave",
     review_poll_s: int = 10,
 ) -> dict:
-    """locate -> review -> erase -> retrain -> verify -> complete; a rerun resumes."""
+    """locate -> review -> erase -> retrain -> verify -> complete -> certify; a rerun resumes."""
     state = start_processing(request_id)
     if state in CLOSED_STATES or state == S.FAILED:
+        certify(request_id, dataset)  # a completed request whose certificate a crash left unissued gets it now
         return request_summary(request_id)
     located = locate_and_record(request_id, dataset)
     crash_point("after:locate")
@@ -350,6 +408,8 @@ def process_erasure_request(
         dispatch_retraining(dataset, shards_awaiting_retraining(request_id))
         crash_point("after:retrain")
     verify_and_complete(request_id, dataset)
+    crash_point("after:verify")
+    certify(request_id, dataset)
     summary = request_summary(request_id)
     publish_artifact(summary)
     return summary
@@ -392,16 +452,34 @@ def _waiting_requests(dataset: str | None) -> list[tuple[str, str]]:
             for ds in datasets:
                 if ds is not None:
                     pairs += [(r.id, ds.name) for r in open_requests_waiting(session, ds.id)]
+                    pairs += [(r.id, ds.name) for r in _unfinished_requests(session, ds.id)]
             return pairs
     finally:
         engine.dispose()
 
 
+def _unfinished_requests(session, dataset_id: int) -> list:  # noqa: ANN001
+    """Requests of the dataset a crash left after retraining: still verifying, or
+    completed without a certificate."""
+    from db.audit import Certificate
+    from db.requests import ErasureRequest
+    from db.training import RequestMatch
+
+    matched = select(RequestMatch.request_id).where(RequestMatch.dataset_id == dataset_id).distinct()
+    return list(session.scalars(select(ErasureRequest).where(
+        ErasureRequest.id.in_(matched),
+        (ErasureRequest.state == S.VERIFYING)
+        | ((ErasureRequest.state == S.COMPLETED) & ErasureRequest.id.not_in(select(Certificate.request_id))),
+    ).order_by(ErasureRequest.due_at, ErasureRequest.id)))
+
+
 def finish_waiting_requests(dataset: str | None = None) -> list[dict]:
-    """Verify and complete every request whose retraining is done (used by ``retrain_pending``)."""
+    """Verify, complete and certify every request whose retraining is done (used by
+    ``retrain_pending``), and finish those a crash left verifying or uncertified."""
     finished = []
     for request_id, name in _waiting_requests(dataset):
         result = verify_and_complete(request_id, name)
+        certify(request_id, name)
         if result["state"] in (S.COMPLETED, S.FAILED):
             summary = request_summary(request_id)
             publish_artifact(summary)

@@ -1,0 +1,484 @@
+"""Signed erasure certificates: what was found, erased, retrained, measured and
+not addressed for one completed request, signed with Ed25519.
+
+Envelope (stored in ``certificates.document`` as canonical JSON, exactly as issued):
+
+    {"certificate": {...},
+     "signature": {"algorithm": "Ed25519", "key_id": sha256(raw public key),
+                   "public_key_pem": "...", "value": base64(Ed25519(canonical_json(certificate)))}}
+
+The certificate holds ids, counts, hashes, thresholds and times only: the
+subject's identifiers as the keyed hashes the request stored, the erased
+records as a count and one digest of their sorted ids (record ids are
+pseudonymous keys, but a data owner's key may still carry meaning, so they are
+not listed), never a sample or a record's text. It also names the audit log's
+head at issue time (the last event's id and hash; the ``certificate.issued``
+event links to it), so a log truncated later cannot hide events the
+certificate saw. What still holds the erased records on disk (superseded shard
+versions and checkpoints, until ``purge_superseded_files`` deletes them) is
+counted, not hidden.
+
+One certificate per request (``certify_request`` returns the stored one on a
+rerun). ``verify_certificate`` needs no database and no settings: it checks
+the signature and the key id. With only the embedded public key it proves the
+document is intact, not who signed it: anyone can sign a document with a key of
+their own. A public key obtained apart from the document (``--public-key``)
+proves it was signed by that key's holder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, select, text
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from db.audit import AUDIT_LOCK_KEY, GENESIS_HASH, AuditEvent, Certificate, append_event, canonical_json
+from db.models import Dataset, Record, ShardVersion, utcnow
+from db.requests import ErasureRequest
+from db.session import unit_of_work
+from db.settings import Settings
+from db.training import Checkpoint, EnsembleMemberRow, RequestMatch
+from flows.signing import ALGORITHM, SigningKey, key_id, load_or_create_signing_key, load_public_key, signature_valid
+
+CERTIFICATE_FORMAT = "erasure-certificate/1"
+ACTOR = "flow:certify"
+RECORD_IDS_DIGEST = "sha256 of the sorted erased record ids joined by '\\n' (UTF-8); the ids are not listed"
+
+
+class MalformedCertificate(ValueError):
+    """The input is not a certificate envelope (unreadable JSON or missing parts)."""
+
+
+@dataclass(frozen=True)
+class IssuedCertificate:
+    request_id: str
+    document: str  # canonical JSON of the envelope, as signed and stored
+    sha256: str
+    key_id: str
+    issued_at: datetime
+
+    @property
+    def envelope(self) -> dict:
+        return json.loads(self.document)
+
+    @classmethod
+    def from_row(cls, row: Certificate) -> IssuedCertificate:
+        return cls(row.request_id, row.document, row.sha256, row.key_id, row.issued_at)
+
+    def to_dict(self) -> dict:
+        return {"request_id": self.request_id, "sha256": self.sha256, "key_id": self.key_id,
+                "issued_at": self.issued_at.isoformat()}
+
+
+# ---------------------------------------------------------------- issuing
+
+
+def stored_certificate(session: Session, request_id: str) -> IssuedCertificate | None:
+    row = session.get(Certificate, str(request_id))
+    return IssuedCertificate.from_row(row) if row is not None else None
+
+
+def certify_request(settings: Settings, engine: Engine, request_id: str, dataset: str | None = None
+                    ) -> IssuedCertificate | None:
+    """Issue the request's certificate once it is completed; the stored one if it exists;
+    None while the request is not completed."""
+    from flows.erasure_requests import RequestState, get_request
+
+    try:
+        with unit_of_work(engine) as session:
+            request = get_request(session, request_id, for_update=True)
+            existing = stored_certificate(session, request_id)
+            if existing is not None or request.state != RequestState.COMPLETED:
+                return existing
+            key = load_or_create_signing_key(settings)
+            body = build_certificate(settings, session, request, dataset)
+            body["audit_chain_head"] = audit_chain_head(session)
+            document = canonical_json(sign_certificate(body, key))
+            digest = hashlib.sha256(document.encode("utf-8")).hexdigest()
+            row = Certificate(request_id=request.id, issued_at=datetime.fromisoformat(body["issued_at"]),
+                              document=document, sha256=digest, key_id=key.key_id)
+            session.add(row)
+            session.flush()
+            append_event(session, "certificate.issued", {"sha256": digest, "key_id": key.key_id},
+                         actor=ACTOR, request_id=request.id)
+            issued = IssuedCertificate.from_row(row)
+    except IntegrityError:  # another process issued it first (SQLite has no row lock): keep theirs
+        with unit_of_work(engine) as session:
+            issued = stored_certificate(session, request_id)
+        if issued is None:
+            raise
+    return issued
+
+
+def sign_certificate(certificate: dict, key: SigningKey) -> dict:
+    return {"certificate": certificate,
+            "signature": {"algorithm": ALGORITHM, "key_id": key.key_id, "public_key_pem": key.public_key_pem,
+                          "value": key.sign(canonical_json(certificate).encode("utf-8"))}}
+
+
+def audit_chain_head(session: Session) -> dict:
+    """The last audit event (id, hash), read under the chain's append lock (PostgreSQL),
+    so the ``certificate.issued`` event appended next in this transaction links to it."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": AUDIT_LOCK_KEY})
+    session.flush()
+    last = session.execute(select(AuditEvent.id, AuditEvent.hash).order_by(AuditEvent.id.desc()).limit(1)).first()
+    return {"event_id": last.id, "hash": last.hash} if last else {"event_id": 0, "hash": GENESIS_HASH}
+
+
+# ---------------------------------------------------------------- the document
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return moment.isoformat() if moment is not None else None
+
+
+def _dataset_of(session: Session, request_id: str, name: str | None) -> Dataset | None:
+    from flows.erasure import dataset_or_fail
+
+    if name is not None:
+        return dataset_or_fail(session, name)
+    ids = sorted(set(session.scalars(select(RequestMatch.dataset_id).where(RequestMatch.request_id == request_id))))
+    if len(ids) > 1:
+        raise ValueError(f"request {request_id} has matches in {len(ids)} datasets; name the dataset to certify")
+    return session.get(Dataset, ids[0]) if ids else None
+
+
+def build_certificate(settings: Settings, session: Session, request: ErasureRequest, dataset_name: str | None) -> dict:
+    """The certificate body of a completed request (without the audit head)."""
+    dataset = _dataset_of(session, request.id, dataset_name)
+    matches = [m for m in _matches(session, request.id) if dataset is None or m.dataset_id == dataset.id]
+    erased = [m for m in matches if m.erased_in_shard_version is not None]
+    erased_ids = sorted({m.record_id for m in erased})
+    return {
+        "format": CERTIFICATE_FORMAT,
+        "issued_at": utcnow().isoformat(),
+        "request": {
+            "id": request.id, "received_at": _iso(request.received_at), "original_due_at": _iso(request.original_due_at),
+            "due_at": _iso(request.due_at), "extension_months": request.extension_months,
+            "completed_at": _iso(request.closed_at), "state": request.state,
+            "completed_on_time": request.closed_at is not None and request.closed_at <= request.due_at,
+        },
+        "subject": {
+            "identifiers": [{"kind": i.kind, "keyed_hash": i.keyed_hash} for i in request.identifiers],
+            "identifier_hashing": "HMAC-SHA256 of 'kind:normalised value' with the dataset's identifier key "
+                                  "(key id below); neither the key nor the values are in this certificate",
+            "samples_received": request.sample_count,
+            "samples_purged_at": _iso(request.samples_purged_at),
+        },
+        "dataset": None if dataset is None else {
+            "name": dataset.name, "shards": dataset.n_shards, "slices": dataset.n_slices,
+            "embedder": dataset.embedder, "identifier_key_id": dataset.key_id},
+        "locate": _locate_section(session, request, dataset, matches),
+        "erasure": _erasure_section(session, dataset, erased, erased_ids),
+        "retraining": _retraining_section(session, request.id),
+        "ensemble": _ensemble_section(session, dataset, request.id),
+        "verification": _verification_section(settings, session, request.id, dataset),
+        "retained": _retained_section(settings, session, request.id, dataset, erased),
+        "scope": _scope(session, request.id, dataset, matches, erased_ids),
+    }
+
+
+def _matches(session: Session, request_id: str) -> list[RequestMatch]:
+    from flows.erasure import request_matches
+
+    return request_matches(session, request_id)
+
+
+def _thresholds(dataset: Dataset | None) -> dict:
+    from dedup.policy import default_thresholds
+
+    return default_thresholds(dataset.embedder if dataset is not None else None).to_dict()
+
+
+def _locate_section(session: Session, request: ErasureRequest, dataset: Dataset | None,
+                    matches: list[RequestMatch]) -> dict:
+    from flows.erasure import per_method_counts
+
+    reviewed = {d.match_ref for d in request.review_decisions}
+    borderline = [m for m in matches if m.decision == "review"]
+    return {
+        "thresholds": _thresholds(dataset),
+        "thresholds_source": "dedup.policy defaults for the dataset's embedder: identifier matches are erased; "
+                             "jaccard >= jaccard_erase erase, >= jaccard_review review; cosine >= cosine_erase "
+                             "erase, >= cosine_review review; below: kept, not recorded",
+        "matches": len(matches),
+        "by_method": per_method_counts(matches),
+        "review": {
+            "borderline": len(borderline),
+            "decided_by_reviewer": sum(m.match_ref in reviewed for m in borderline),
+            "decided_by_timeout_policy": sum(m.match_ref not in reviewed and m.final_decision is not None
+                                             for m in borderline),
+            "erased": sum(m.final_decision == "erase" for m in borderline),
+            "kept": sum(m.final_decision == "keep" for m in borderline),
+        },
+    }
+
+
+def _version_row(session: Session, dataset_id: int, shard: int, version: int) -> ShardVersion | None:
+    return session.scalars(select(ShardVersion).where(
+        ShardVersion.dataset_id == dataset_id, ShardVersion.shard == shard, ShardVersion.version == version)).first()
+
+
+def _version_dict(row: ShardVersion | None) -> dict | None:
+    return None if row is None else {"version": row.version, "sha256": row.sha256, "rows": row.row_count,
+                                     "created_by": row.created_by}
+
+
+def _erasure_section(session: Session, dataset: Dataset | None, erased: list[RequestMatch], erased_ids: list[str]) -> dict:
+    from flows.membership import holding_version
+
+    shards = []
+    by_shard: dict[tuple[int, int], int] = defaultdict(int)
+    for m in erased:
+        by_shard[(m.shard, m.erased_in_shard_version)] += 1
+    for (shard, version), count in sorted(by_shard.items()):
+        shards.append({
+            "shard": shard, "records": count,
+            "before": _version_dict(holding_version(session, dataset.id, shard, version)),
+            "after": _version_dict(_version_row(session, dataset.id, shard, version)),
+        })
+    return {
+        "records_erased": len(erased_ids),
+        "record_ids_sha256": hashlib.sha256("\n".join(erased_ids).encode("utf-8")).hexdigest(),
+        "record_ids_digest": RECORD_IDS_DIGEST,
+        "shards": shards,
+    }
+
+
+def _retraining_section(session: Session, request_id: str) -> list[dict]:
+    from flows.erasure import request_jobs
+
+    return [{"job_id": j.id, "shard": j.shard, "status": j.status, "trained_on_shard_version": j.target_shard_version,
+             "restored_checkpoint_after_slice": j.restored_slice,
+             "retrained_from_slice": None if j.restored_slice is None else j.restored_slice + 1,
+             "samples_processed": j.samples_processed, "full_shard_samples": j.full_training_samples,
+             "device": j.device, "ensemble_version": j.ensemble_version_id,
+             "finished_at": _iso(j.finished_at)} for j in request_jobs(session, request_id)]
+
+
+def _ensemble_section(session: Session, dataset: Dataset | None, request_id: str) -> dict:
+    from flows.membership import ensembles_around_request
+
+    if dataset is None:
+        return {"before": None, "in_service": None}
+    before, after = ensembles_around_request(session, dataset.id, request_id)
+    return {"before": before.version_id if before else None, "in_service": after.version_id if after else None}
+
+
+def _verification_section(settings: Settings, session: Session, request_id: str, dataset: Dataset | None) -> dict:
+    from flows.erasure import verify_request
+    from flows.membership import probe_rows, probe_summary
+
+    manifest = None
+    if dataset is not None:
+        manifest = {**verify_request(settings, session, request_id, dataset.name).to_dict(),
+                    "method": "no erased record id is in the seen_ids of any member checkpoint of the ensemble "
+                              "in service, checked when this certificate was issued"}
+    probes = [probe_summary(r) for r in probe_rows(session, request_id)]
+    return {
+        "training_manifest": manifest,
+        "membership_probe": probes or {"status": "not run",
+                                       "reason": "no probe is stored for this request (it runs after retraining "
+                                                 "when records were erased)"},
+    }
+
+
+def _retained_section(settings: Settings, session: Session, request_id: str, dataset: Dataset | None,
+                      erased: list[RequestMatch]) -> dict:
+    """Artefacts that held the erased records, counted with whether their files still exist.
+
+    A shard version v of shard s held record r iff ``r.first_shard_version <= v <
+    r.erased_in_shard_version``; a checkpoint after slice c trained for such a
+    version saw r iff also ``c >= r.slice`` (slices are cumulative; the lineage
+    rule of ``flows.erasure.purge_superseded_files``)."""
+    from flows.locate import load_tombstones
+
+    if dataset is None or not erased:
+        return {"superseded_shard_versions": [], "superseded_files_on_disk": 0,
+                "checkpoints_with_erased_records": {"count": 0, "on_disk": 0, "purged": 0},
+                "tombstones": 0, "statement": "nothing was erased"}
+    held: dict[int, list[Record]] = defaultdict(list)
+    for record in session.scalars(select(Record).where(
+            Record.dataset_id == dataset.id, Record.record_id.in_(sorted({m.record_id for m in erased})))):
+        if record.erased_in_shard_version is not None:
+            held[record.shard].append(record)
+
+    def holds(shard: int, version: int, from_slice: int) -> bool:
+        return any(r.first_shard_version <= version < r.erased_in_shard_version and r.slice <= from_slice
+                   for r in held[shard])
+
+    versions, checkpoints = [], []
+    for shard in sorted(held):
+        newest = max(r.erased_in_shard_version for r in held[shard])
+        for row in session.scalars(select(ShardVersion).where(
+                ShardVersion.dataset_id == dataset.id, ShardVersion.shard == shard, ShardVersion.version < newest)
+                .order_by(ShardVersion.version)):
+            if holds(shard, row.version, 1 << 30):
+                versions.append({"shard": shard, "version": row.version, "sha256": row.sha256,
+                                 "file_on_disk": Path(row.path).exists(),
+                                 "indexes_on_disk": Path(f"{row.path}.dedup").exists(),
+                                 "files_purged_at": _iso(row.files_purged_at)})
+        checkpoints += [row for row in session.scalars(select(Checkpoint).where(
+            Checkpoint.dataset_id == dataset.id, Checkpoint.shard == shard, Checkpoint.shard_version < newest))
+            if holds(shard, row.shard_version, row.slice)]
+    checkpoints_on_disk = sum(Path(c.path).exists() for c in checkpoints)
+    keys = [c.key for c in checkpoints]
+    in_ensembles = len(set(session.scalars(select(EnsembleMemberRow.ensemble_id).where(
+        EnsembleMemberRow.dataset_id == dataset.id, EnsembleMemberRow.checkpoint_key.in_(keys))))) if keys else 0
+    tombstones = load_tombstones(settings, dataset.name)
+    files_on_disk = sum(v["file_on_disk"] or v["indexes_on_disk"] for v in versions)
+    if files_on_disk or checkpoints_on_disk:
+        where = (f"{files_on_disk} of {len(versions)} superseded shard version file(s) (with their locate "
+                 f"indexes) and {checkpoints_on_disk} of {len(checkpoints)} sub-model checkpoint(s) that held the "
+                 "erased records are still on disk: the store keeps superseded versions until they are purged, "
+                 "and they have not been purged for this request. They are not in service: the current shard "
+                 "versions and the ensemble in service do not hold the records (see verification).")
+    else:
+        where = (f"The {len(versions)} superseded shard version file(s) and {len(checkpoints)} checkpoint(s) that "
+                 "held the erased records are no longer on disk (their lineage rows remain). Backups and copies "
+                 "made outside this pipeline are not covered.")
+    return {
+        "superseded_shard_versions": versions,
+        "superseded_files_on_disk": files_on_disk,
+        "checkpoints_with_erased_records": {
+            "count": len(checkpoints), "on_disk": checkpoints_on_disk,
+            "purged": sum(c.file_purged_at is not None for c in checkpoints),
+            "ensemble_versions_using_them": in_ensembles},
+        "tombstones": sum(key.startswith(f"{request_id}/") for key in tombstones.keys) if tombstones else 0,
+        "statement": where + (" The erased records' MinHash signatures are kept as tombstones to screen "
+                              "re-ingested data; they are not the text."),
+    }
+
+
+def _scope(session: Session, request_id: str, dataset: Dataset | None, matches: list[RequestMatch],
+           erased_ids: list[str]) -> dict:
+    t = _thresholds(dataset)
+    borderline = [m for m in matches if m.decision == "review"]
+    return {
+        "back_end_removal": {
+            "status": "done" if erased_ids else "nothing to remove",
+            "statement": (f"{len(erased_ids)} record(s) found for the subject and decided 'erase' were removed from "
+                          "the training data (new shard versions without them), and each sub-model that had "
+                          "trained on them was retrained from the checkpoint before the earliest slice that held "
+                          "them: by SISA this is exactly the sub-model trained without them. The training manifest "
+                          "check confirms no model in service lists them."),
+        },
+        "near_copies_and_paraphrases": {
+            "status": "searched at the thresholds stated",
+            "statement": (f"Copies without the subject's identifiers were searched by MinHash (verified Jaccard >= "
+                          f"{t['jaccard_erase']} erased, >= {t['jaccard_review']} to review) and by embedding "
+                          f"neighbours (cosine >= {t['cosine_review']} to review, >= {t['cosine_erase']} erased), "
+                          f"one hop from the subject's records; {len(borderline)} borderline match(es) went to "
+                          f"review ({sum(m.final_decision == 'erase' for m in borderline)} erased, "
+                          f"{sum(m.final_decision == 'keep' for m in borderline)} kept). Copies below these "
+                          "thresholds, and data never ingested into this pipeline, were not found and not removed."),
+        },
+        "output_suppression": {
+            "status": "measured, not guaranteed",
+            "statement": ("What was measured: a membership-inference probe (the loss of the sub-model that held "
+                          "each erased record against records it never saw) before and after retraining, and the "
+                          "POST /v1/screen endpoint screens new text against the erased records' tombstones. "
+                          "Nothing else: no control stops a model from producing output that resembles the "
+                          "subject's data."),
+        },
+        "latent_information_and_downstream_use": {
+            "status": "not addressed",
+            "statement": ("What the models can infer about the subject from other people's records, and copies "
+                          "or uses outside this pipeline (exports, caches, backups, models distilled or fine-tuned "
+                          "from these ones), are not addressed by this certificate."),
+        },
+    }
+
+
+# ---------------------------------------------------------------- offline verification
+
+
+@dataclass(frozen=True)
+class CertificateVerdict:
+    valid: bool
+    request_id: str | None
+    key_id: str | None  # the key id the signature names
+    key_source: str  # "supplied": a public key given apart from the document; "embedded": the document's own
+    signer_proven: bool
+    problem: str | None = None
+
+    @property
+    def meaning(self) -> str:
+        if not self.valid:
+            return f"INVALID: {self.problem}"
+        if self.signer_proven:
+            return f"valid: signed by the holder of the supplied key {self.key_id}"
+        return (f"valid with the embedded key {self.key_id}: the document is intact, but the embedded key does not "
+                "prove who signed it; verify with --public-key from the issuer")
+
+    def to_dict(self) -> dict:
+        return {"valid": self.valid, "request_id": self.request_id, "key_id": self.key_id,
+                "key_source": self.key_source, "signer_proven": self.signer_proven, "problem": self.problem,
+                "meaning": self.meaning}
+
+
+def parse_envelope(data: str | bytes) -> dict:
+    """The envelope from a file's text; ``MalformedCertificate`` says what is wrong."""
+    try:
+        envelope = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise MalformedCertificate(f"not JSON ({exc}); give a file written by `erasure audit certificate --out`") from None
+    _check_shape(envelope)
+    return envelope
+
+
+def _check_shape(envelope: Any) -> None:
+    if not isinstance(envelope, dict) or not isinstance(envelope.get("certificate"), dict) \
+            or not isinstance(envelope.get("signature"), dict):
+        raise MalformedCertificate("not a certificate envelope: expected an object with 'certificate' and "
+                                   "'signature' objects")
+    missing = [k for k in ("algorithm", "key_id", "public_key_pem", "value")
+               if not isinstance(envelope["signature"].get(k), str)]
+    if missing:
+        raise MalformedCertificate(f"the signature lacks {', '.join(missing)}")
+
+
+def verify_certificate(envelope: dict, public_key_pem: str | bytes | None = None) -> CertificateVerdict:
+    """Check the signature over ``canonical_json(envelope['certificate'])`` and the key id.
+
+    Without ``public_key_pem`` the embedded key is used (integrity only). A
+    supplied key that is not Ed25519 PEM raises ``ValueError``; a malformed
+    envelope raises ``MalformedCertificate``.
+    """
+    _check_shape(envelope)
+    certificate, signature = envelope["certificate"], envelope["signature"]
+    request = certificate.get("request")
+    request_id = request.get("id") if isinstance(request, dict) else None
+    claimed = signature["key_id"]
+    supplied = load_public_key(public_key_pem) if public_key_pem is not None else None
+    source = "supplied" if supplied is not None else "embedded"
+
+    def invalid(problem: str) -> CertificateVerdict:
+        return CertificateVerdict(False, request_id, claimed, source, False, problem)
+
+    if signature["algorithm"] != ALGORITHM:
+        return invalid(f"signature algorithm {signature['algorithm']!r}, expected {ALGORITHM}")
+    try:
+        embedded = load_public_key(signature["public_key_pem"])
+    except ValueError:
+        return invalid("the embedded public key is unreadable")
+    if key_id(embedded) != claimed:
+        return invalid("the key_id does not match the embedded public key")
+    if supplied is not None and key_id(supplied) != claimed:
+        return invalid(f"signed by key {claimed}, not by the supplied key {key_id(supplied)}")
+    try:
+        body = canonical_json(certificate).encode("utf-8")
+    except ValueError as exc:
+        return invalid(f"the certificate cannot be canonicalised ({exc})")
+    if not signature_valid(supplied or embedded, signature["value"], body):
+        return invalid("the signature does not match the certificate: it was changed after signing")
+    return CertificateVerdict(True, request_id, claimed, source, supplied is not None)
