@@ -257,7 +257,7 @@ class use_settings:
     """Point flows run in this process at ``settings`` (they read the environment,
     as a worker's flows do); the previous values come back afterwards."""
 
-    NAMES = ("ERASURE_HOME", "ERASURE_DATABASE_URL", "ERASURE_SECRET_KEY")
+    NAMES = ("ERASURE_HOME", "ERASURE_DATABASE_URL", "ERASURE_SECRET_KEY", "ERASURE_SIGNING_KEY_FILE")
 
     def __init__(self, settings: Settings) -> None:
         import os
@@ -267,6 +267,7 @@ class use_settings:
             "ERASURE_HOME": str(settings.home),
             "ERASURE_DATABASE_URL": settings.resolved_database_url,
             "ERASURE_SECRET_KEY": settings.secret_key.get_secret_value() if settings.secret_key else None,
+            "ERASURE_SIGNING_KEY_FILE": str(settings.signing_key_file) if settings.signing_key_file else None,
         }
         self.saved: dict[str, str | None] = {}
 

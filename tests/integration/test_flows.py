@@ -11,6 +11,9 @@ import time
 import pytest
 from sqlalchemy import select
 
+from pathlib import Path
+
+from db.audit import MembershipProbe
 from db.lineage import latest_shard_versions
 from db.models import Record, ShardVersion
 from db.session import unit_of_work
@@ -170,3 +173,14 @@ def test_two_requests_on_the_same_shards_at_once(settings, prefect_env) -> None:
     assert len({j.shard for j in jobs}) == len(jobs) and all(j.status == "done" for j in jobs)  # once per shard
     for rid in ids:
         _check_erased(settings, rid)
+    # Whichever completed first left the shared shards' old files for the other's probe;
+    # the second completion deleted them: no superseded file that held an erased record is left.
+    engine = open_database(settings)
+    with unit_of_work(engine) as session:
+        erased = [r for r in session.scalars(select(Record).where(Record.erased_in_shard_version.is_not(None)))]
+        held = [v for v in session.scalars(select(ShardVersion)) if any(
+            r.shard == v.shard and r.first_shard_version <= v.version < r.erased_in_shard_version for r in erased)]
+        probes = session.scalars(select(MembershipProbe)).all()
+    engine.dispose()
+    assert held and all(v.files_purged_at is not None and not Path(v.path).exists() for v in held)
+    assert len(probes) == 4 and all(p.auc is not None for p in probes), [(p.role, p.details) for p in probes]
