@@ -110,6 +110,16 @@ def event_hash(prev_hash: str, event_id: int, at: datetime, actor: str, request_
     return hashlib.sha256((prev_hash + body).encode("utf-8")).hexdigest()
 
 
+def chain_head(session: Session) -> tuple[int, str]:
+    """(id, hash) of the last event, read under the chain's append lock (held to
+    commit on PostgreSQL), so an event appended next in this transaction links to it."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": AUDIT_LOCK_KEY})
+    session.flush()  # earlier events of this transaction first
+    last = session.execute(select(AuditEvent.id, AuditEvent.hash).order_by(AuditEvent.id.desc()).limit(1)).first()
+    return (last.id, last.hash) if last else (0, GENESIS_HASH)
+
+
 def append_event(
     session: Session,
     kind: str,
@@ -122,12 +132,8 @@ def append_event(
     """Append one event to the chain inside the caller's transaction."""
     if not kind or len(kind) > 48:
         raise ValueError("an audit event kind is 1-48 characters")
-    bind = session.get_bind()
-    if bind.dialect.name == "postgresql":
-        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": AUDIT_LOCK_KEY})
-    session.flush()  # earlier events of this transaction first
-    last = session.execute(select(AuditEvent.id, AuditEvent.hash).order_by(AuditEvent.id.desc()).limit(1)).first()
-    event_id, prev = (last.id + 1, last.hash) if last else (1, GENESIS_HASH)
+    last_id, prev = chain_head(session)
+    event_id = last_id + 1
     moment = at or utcnow()  # microseconds survive both backends, so the hash recomputes
     body = canonical_json(details or {})
     event = AuditEvent(id=event_id, at=moment, actor=actor[:200], request_id=request_id, kind=kind, details=body,

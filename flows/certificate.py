@@ -36,11 +36,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, select, text
+from sqlalchemy import Engine, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from db.audit import AUDIT_LOCK_KEY, GENESIS_HASH, AuditEvent, Certificate, append_event, canonical_json
+from db.audit import Certificate, append_event, canonical_json, chain_head
 from db.models import Dataset, Record, ShardVersion, utcnow
 from db.requests import ErasureRequest
 from db.session import unit_of_work
@@ -125,13 +125,9 @@ def sign_certificate(certificate: dict, key: SigningKey) -> dict:
 
 
 def audit_chain_head(session: Session) -> dict:
-    """The last audit event (id, hash), read under the chain's append lock (PostgreSQL),
-    so the ``certificate.issued`` event appended next in this transaction links to it."""
-    if session.get_bind().dialect.name == "postgresql":
-        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": AUDIT_LOCK_KEY})
-    session.flush()
-    last = session.execute(select(AuditEvent.id, AuditEvent.hash).order_by(AuditEvent.id.desc()).limit(1)).first()
-    return {"event_id": last.id, "hash": last.hash} if last else {"event_id": 0, "hash": GENESIS_HASH}
+    """The last audit event, so the ``certificate.issued`` event appended next links to it."""
+    event_id, digest = chain_head(session)
+    return {"event_id": event_id, "hash": digest}
 
 
 # ---------------------------------------------------------------- the document

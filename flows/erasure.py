@@ -37,7 +37,7 @@ from sqlalchemy.orm import Session
 
 from db.audit import append_event
 from db.lineage import add_shard_version, get_dataset, latest_shard_versions
-from db.locks import lock_dataset, lock_shard, retrain_lock  # noqa: F401  (re-exported for the flows)
+from db.locks import lock_dataset, lock_shard
 from db.models import Dataset, Record, ShardVersion, utcnow
 from db.requests import ErasureRequest
 from db.session import unit_of_work

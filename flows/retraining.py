@@ -30,7 +30,8 @@ from db.session import unit_of_work
 from db.settings import Settings, load_settings
 from db.training import JOB_DONE, JOB_PENDING, JOB_RUNNING, Checkpoint, RequestMatch, ShardRetrainJob
 from flows.database import open_database
-from flows.erasure import crash_point, dataset_or_fail, lock_dataset, lock_shard, retrain_lock
+from db.locks import lock_dataset, lock_shard, retrain_lock
+from flows.erasure import crash_point, dataset_or_fail
 from flows.erasure_requests import RequestState, get_request, transition
 from flows.training import RETRY, checkpoint_store, current_ensemble, publish_ensemble, record_checkpoints
 from shards.checkpoints import CheckpointStore

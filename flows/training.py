@@ -30,7 +30,8 @@ from db.session import unit_of_work
 from db.settings import Settings, load_settings
 from db.training import Checkpoint, EnsembleMemberRow, EnsembleVersionRow
 from flows.database import open_database
-from flows.erasure import dataset_or_fail, lock_dataset
+from db.locks import lock_dataset
+from flows.erasure import dataset_or_fail
 from shards.checkpoints import CheckpointStore
 from shards.ensemble import EnsembleMember, EnsembleVersion
 from shards.model import ModelSpec

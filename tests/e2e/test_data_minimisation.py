@@ -8,7 +8,6 @@ identifiers and the sample text."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
