@@ -146,4 +146,16 @@ def demo(
     if cost["fraction_of_full"] is not None:
         lines.append(f"  cost: {cost['sisa_samples']} samples vs {cost['full_retrain_samples']} for a full retrain "
                      f"({cost['fraction_of_full']:.1%})")
+    audit = result["accountability"]
+    for probe in audit["membership_probe"]:
+        auc = "n/a" if probe["auc"] is None else f"{probe['auc']:.3f} [{probe['ci_low']:.3f}, {probe['ci_high']:.3f}]"
+        lines.append(f"  membership probe {probe['role']:6}: AUC {auc} ({probe['erased_count']} erased vs "
+                     f"{probe['heldout_count']} held out; 0.5 = indistinguishable)")
+    certificate = audit["certificate"]
+    if certificate is not None:
+        lines.append(f"  certificate: {certificate['file']} (signed, key {certificate['key_id'][:16]}…, "
+                     f"verified offline: {'yes' if certificate['verified_offline'] else 'NO'})")
+        lines.append("  scope: " + "; ".join(f"{k.replace('_', ' ')}: {v}" for k, v in certificate["scope"].items()))
+    log = audit["audit_log"]
+    lines.append(f"  audit log: {log['events']} chained event(s), {'intact' if log['ok'] else 'BROKEN'}")
     _emit(result, as_json, "\n".join(lines))

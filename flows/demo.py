@@ -125,6 +125,7 @@ def run_full_demo(
                 row["erased"] += m.erased_in_shard_version is not None
                 row["kept"] += m.final_decision == "keep"
                 row["truly_the_subjects"] += m.record_id in truth
+        accountability = _accountability(settings, engine, request_id)
         engine.dispose()
         full = full_retrain_samples(settings, "demo")
     retrained = [j for j in summary["retraining"] if j["status"] == "done"]
@@ -147,9 +148,43 @@ def run_full_demo(
         "retraining": retrained,
         "cost": {"sisa_samples": sisa_samples, "full_retrain_samples": full,
                  "fraction_of_full": round(sisa_samples / full, 4) if full else None},
+        "accountability": accountability,
         "database": settings.resolved_database_url.split("@")[-1],
         "home": str(settings.home),
     }
+
+
+SCOPE_ORDER = ("back_end_removal", "near_copies_and_paraphrases", "output_suppression",
+               "latent_information_and_downstream_use")
+
+
+def _accountability(settings: Settings, engine, request_id: str) -> dict:  # noqa: ANN001
+    """What an auditor gets: the certificate (written to the reports folder and checked
+    offline against the exported public key), the membership probe, the audit log."""
+    from db.audit import verify_chain
+    from db.session import unit_of_work
+    from flows.certificate import parse_envelope, stored_certificate, verify_certificate
+    from flows.membership import probe_rows, probe_summary, report_path
+    from flows.signing import load_or_create_signing_key
+
+    with unit_of_work(engine) as session:
+        issued = stored_certificate(session, request_id)
+        probes = [probe_summary(row) for row in probe_rows(session, request_id)]
+        chain = verify_chain(session)
+    result: dict = {"membership_probe": probes, "audit_log": chain.to_dict(), "certificate": None}
+    if issued is not None:
+        folder = report_path(settings, request_id).parent
+        folder.mkdir(parents=True, exist_ok=True)
+        cert_file = folder / "certificate.json"
+        cert_file.write_text(issued.document, encoding="utf-8")
+        key_file = folder / "issuer-public-key.pem"
+        key_file.write_text(load_or_create_signing_key(settings).public_key_pem, encoding="utf-8")
+        verdict = verify_certificate(parse_envelope(cert_file.read_text(encoding="utf-8")), key_file.read_text())
+        scope = issued.envelope["certificate"]["scope"]
+        result["certificate"] = {**issued.to_dict(), "file": str(cert_file), "public_key_file": str(key_file),
+                                 "verified_offline": verdict.valid and verdict.signer_proven,
+                                 "scope": {k: scope[k]["status"] for k in SCOPE_ORDER if k in scope}}
+    return result
 
 
 def _count(values) -> dict[str, int]:  # noqa: ANN001

@@ -61,6 +61,14 @@ def test_demo_runs_the_whole_story(tmp_path: Path) -> None:
         assert counts["erased"] <= counts["truly_the_subjects"], method  # nobody else's data erased
     assert report["retraining"] and all(r["status"] == "done" for r in report["retraining"])
     assert 0 < report["cost"]["fraction_of_full"] <= 1
+    audit = report["accountability"]
+    assert audit["certificate"]["verified_offline"] and Path(audit["certificate"]["file"]).is_file()
+    assert audit["certificate"]["scope"]["latent_information_and_downstream_use"] == "not addressed"
+    assert {p["role"] for p in audit["membership_probe"]} == {"before", "after"}
+    assert audit["audit_log"]["ok"] and audit["audit_log"]["events"] > 0
+    verified = run_cli(["audit", "verify-certificate", audit["certificate"]["file"], "--public-key",
+                        audit["certificate"]["public_key_file"], "--json"], tmp_path / "home")
+    assert verified.returncode == 0 and json.loads(verified.stdout)["signer_proven"]
 
 
 def test_bad_file_exits_2_with_row_numbers(tmp_path: Path) -> None:
