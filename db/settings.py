@@ -76,21 +76,29 @@ class Settings(BaseSettings):
             return key
         path = self.home / "secret.key"
         if not path.exists():
-            self.home.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as fh:
-                fh.write(secrets.token_hex(32))
-                fh.flush()
-                os.fsync(fh.fileno())
-            try:
-                os.link(tmp, path)  # fails if another process won the race: keep theirs
-            except FileExistsError:
-                pass
-            tmp.unlink(missing_ok=True)
+            write_private_file_once(path, secrets.token_hex(32).encode())
         return path.read_text().strip().encode()
 
 
 def load_settings(**overrides: object) -> Settings:
     """Settings from the environment, with non-None overrides (CLI flags) applied."""
     return Settings(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def write_private_file_once(path: Path, data: bytes) -> None:
+    """Create ``path`` (mode 0600) holding ``data``, durably; if another process
+    created it first, keep theirs (a hard link never replaces a file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass
+    finally:
+        tmp.unlink(missing_ok=True)
