@@ -311,19 +311,31 @@ def serve(
     host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", help="Port to listen on.")] = 8000,
     log_level: Annotated[str, typer.Option("--log-level", help="uvicorn log level.")] = "info",
+    workers: Annotated[int, typer.Option("--workers", help="Worker processes (about one per core).")] = 1,
     home: HomeOpt = None,
     database_url: DbOpt = None,
 ) -> None:
     """Serve the HTTP API (OpenAPI document at /openapi.json, docs at /docs)."""
+    import os
+
     import uvicorn
 
     from api.app import create_app
 
     if not 0 < port < 65536:
         _fail("--port must be between 1 and 65535")
-    app = create_app(_settings(home, database_url))
-    typer.echo(f"serving the erasure API on http://{host}:{port} (docs at /docs)", err=True)
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    if not 1 <= workers <= 64:
+        _fail("--workers must be between 1 and 64")
+    settings = _settings(home, database_url)
+    app = create_app(settings)  # brings the schema to head once, before any worker starts
+    typer.echo(f"serving the erasure API on http://{host}:{port} with {workers} worker(s) (docs at /docs)", err=True)
+    if workers == 1:
+        uvicorn.run(app, host=host, port=port, log_level=log_level)
+        return
+    # Each worker process builds its own app from the same settings, passed by environment.
+    os.environ["ERASURE_HOME"] = str(settings.home)
+    os.environ["ERASURE_DATABASE_URL"] = settings.resolved_database_url
+    uvicorn.run("api.app:create_app", factory=True, host=host, port=port, log_level=log_level, workers=workers)
 
 
 if __name__ == "__main__":  # `python -m api.cli_requests ...`, until api/cli.py mounts these

@@ -11,7 +11,7 @@ The server is stopped and the database dropped in every case.
 
 Prints one JSON document. Goal: >= 1,000 requests/s, p99 <= 50 ms, 0 lost.
 
-    .venv/bin/python benchmarks/bench_intake.py --clients 8 --seconds 20 --workers 1
+    .venv/bin/python benchmarks/bench_intake.py --clients 8 --seconds 20   # --workers: one per core
 """
 
 from __future__ import annotations
@@ -150,7 +150,8 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=8, help="concurrent client threads (default 8)")
     parser.add_argument("--seconds", type=float, default=20.0, help="measured duration (default 20)")
     parser.add_argument("--max-requests", type=int, default=200_000, help="stop after this many in all")
-    parser.add_argument("--workers", type=int, default=1, help="uvicorn worker processes (default 1)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                        help="uvicorn worker processes (default: one per core)")
     parser.add_argument("--postgres-url", default=os.environ.get(
         "ERASURE_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"))
     args = parser.parse_args()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -321,14 +322,16 @@ def cli_env(home: Path, database_url: str) -> dict[str, str]:
 
 
 @pytest.mark.postgres
-def test_fifty_concurrent_submissions_on_a_real_server(tmp_path: Path, postgres_url: str) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_fifty_concurrent_submissions_on_a_real_server(tmp_path: Path, postgres_url: str, workers: int) -> None:
     upgrade_to_head(postgres_url)
     engine = make_engine(postgres_url)
     with unit_of_work(engine) as session:
         token, _ = issue_token(session, "load", ["intake"])
     port = free_port()
     server = subprocess.Popen(
-        [sys.executable, "-m", "api.cli_requests", "serve", "--port", str(port), "--log-level", "warning"],
+        [sys.executable, "-m", "api.cli_requests", "serve", "--port", str(port), "--log-level", "warning",
+         "--workers", str(workers)],
         env=cli_env(tmp_path / "home", postgres_url), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         start_new_session=True,
     )
@@ -377,11 +380,11 @@ def test_fifty_concurrent_submissions_on_a_real_server(tmp_path: Path, postgres_
         with unit_of_work(engine) as session:
             assert session.scalar(select(func.count()).select_from(ErasureRequest)) == 51
     finally:
-        server.terminate()
+        os.killpg(server.pid, signal.SIGTERM)  # the uvicorn supervisor and its workers
         try:
             server.wait(timeout=10)
         except subprocess.TimeoutExpired:
-            server.kill()
+            os.killpg(server.pid, signal.SIGKILL)
         if server.stderr:
             server.stderr.close()
         engine.dispose()
