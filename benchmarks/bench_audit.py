@@ -43,7 +43,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from db.audit import GENESIS_HASH, canonical_json, event_hash  # noqa: E402
+from db.audit import GENESIS_HASH, canonical_json, event_body, event_hash  # noqa: E402
 from db.audit_queries import due_requests, ensemble_reflections, request_timeline, subject_lineage  # noqa: E402
 from db.session import make_engine, unit_of_work, upgrade_to_head  # noqa: E402
 from dedup.identifiers import key_id, keyed_hash  # noqa: E402
@@ -237,7 +237,7 @@ def _load_requests(conn: psycopg.Connection, data: Lineage, progress: Progress) 
         nonlocal prev
         body = canonical_json(details)
         event_id = len(audit) + 1
-        digest = event_hash(prev, event_id, at, actor, request_id, kind, body)
+        digest = event_hash(prev, event_id, event_body(at, actor, request_id, kind, body))
         audit.append((event_id, at, actor, request_id, kind, body, prev, digest))
         prev = digest
 

@@ -3,7 +3,7 @@ membership-inference probe results.
 
 The audit log is append-only and tamper-evident. Event ``n`` stores
 
-    hash_n = SHA-256( hash_{n-1} || canonical_json(id, at, actor, request_id, kind, details) )
+    hash_n = SHA-256( hash_{n-1} || n || LF || canonical_json(at, actor, request_id, kind, details) )
 
 with ``hash_0`` = 64 zeros, so changing, deleting or reordering any event breaks
 every later link; ``verify_chain`` recomputes it and names the first broken
@@ -12,7 +12,8 @@ table (migration 0004); a superuser who bypasses it still cannot hide the edit
 from ``erasure audit verify-log``.
 
 Appends are serialised so the chain is a line, not a tree: on PostgreSQL by a
-transaction-scoped advisory lock, on SQLite by its single writer. The event id
+transaction-scoped advisory lock inside the ``audit_append`` function (one round
+trip), on SQLite by its single writer. The event id
 is assigned before hashing (last id + 1) and is the primary key, so two racing
 appends can never both link to the same predecessor. Append events as the last
 writes of a transaction: the lock is held until commit.
@@ -103,11 +104,16 @@ def canonical_json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
-def event_hash(prev_hash: str, event_id: int, at: datetime, actor: str, request_id: str | None,
-               kind: str, details: str) -> str:
-    body = canonical_json({"id": event_id, "at": at.isoformat(timespec="microseconds"), "actor": actor,
-                           "request_id": request_id, "kind": kind, "details": details})
-    return hashlib.sha256((prev_hash + body).encode("utf-8")).hexdigest()
+def event_body(at: datetime, actor: str, request_id: str | None, kind: str, details: str) -> str:
+    """What an event's hash covers besides its id and predecessor (canonical JSON)."""
+    return canonical_json({"at": at.isoformat(timespec="microseconds"), "actor": actor, "request_id": request_id,
+                           "kind": kind, "details": details})
+
+
+def event_hash(prev_hash: str, event_id: int, body: str) -> str:
+    """SHA-256(prev_hash || id || LF || body), hex. PostgreSQL's ``audit_append``
+    (migration 0004) computes the same bytes."""
+    return hashlib.sha256(f"{prev_hash}{event_id}\n{body}".encode("utf-8")).hexdigest()
 
 
 def chain_head(session: Session) -> tuple[int, str]:
@@ -120,6 +126,10 @@ def chain_head(session: Session) -> tuple[int, str]:
     return (last.id, last.hash) if last else (0, GENESIS_HASH)
 
 
+_APPEND_ON_POSTGRES = text(
+    "SELECT event_id, event_hash FROM audit_append(:at, :actor, :request_id, :kind, :details, :body)")
+
+
 def append_event(
     session: Session,
     kind: str,
@@ -128,19 +138,29 @@ def append_event(
     actor: str,
     request_id: str | None = None,
     at: datetime | None = None,
-) -> AuditEvent:
-    """Append one event to the chain inside the caller's transaction."""
+) -> int:
+    """Append one event to the chain inside the caller's transaction; its id.
+
+    On PostgreSQL one call of ``audit_append`` takes the lock, reads the head and
+    inserts (one round trip: the lock is held until commit, so every round trip
+    inside it costs every concurrent writer). Elsewhere the same steps in Python."""
     if not kind or len(kind) > 48:
         raise ValueError("an audit event kind is 1-48 characters")
+    moment = at or utcnow()  # microseconds survive both backends, so the hash recomputes
+    actor = actor[:200]
+    details_json = canonical_json(details or {})
+    body = event_body(moment, actor, request_id, kind, details_json)
+    if session.get_bind().dialect.name == "postgresql":
+        session.flush()  # earlier events of this transaction first
+        row = session.execute(_APPEND_ON_POSTGRES, {"at": moment, "actor": actor, "request_id": request_id,
+                                                    "kind": kind, "details": details_json, "body": body}).one()
+        return int(row.event_id)
     last_id, prev = chain_head(session)
     event_id = last_id + 1
-    moment = at or utcnow()  # microseconds survive both backends, so the hash recomputes
-    body = canonical_json(details or {})
-    event = AuditEvent(id=event_id, at=moment, actor=actor[:200], request_id=request_id, kind=kind, details=body,
-                       prev_hash=prev, hash=event_hash(prev, event_id, moment, actor[:200], request_id, kind, body))
-    session.add(event)
+    session.add(AuditEvent(id=event_id, at=moment, actor=actor, request_id=request_id, kind=kind,
+                           details=details_json, prev_hash=prev, hash=event_hash(prev, event_id, body)))
     session.flush()
-    return event
+    return event_id
 
 
 @dataclass(frozen=True)
@@ -173,7 +193,7 @@ def verify_chain(session: Session, batch: int = 5000) -> ChainVerdict:
             if e.prev_hash != prev:
                 return ChainVerdict(count, False, e.id, f"event {e.id} does not link to event {e.id - 1} "
                                                          "(its prev_hash differs: an earlier event was changed)")
-            recomputed = event_hash(prev, e.id, e.at, e.actor, e.request_id, e.kind, e.details)
+            recomputed = event_hash(prev, e.id, event_body(e.at, e.actor, e.request_id, e.kind, e.details))
             if recomputed != e.hash:
                 return ChainVerdict(count, False, e.id, f"event {e.id} was changed after it was written "
                                                          "(its contents no longer match its hash)")

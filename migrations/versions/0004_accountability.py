@@ -18,6 +18,7 @@ branch_labels = None
 depends_on = None
 
 APPEND_ONLY_MESSAGE = "audit_events is append-only"
+AUDIT_LOCK_KEY = 0x6175646974  # = db.audit.AUDIT_LOCK_KEY (a migration does not import the models)
 
 
 def _utc() -> sa.DateTime:
@@ -46,6 +47,29 @@ def upgrade() -> None:
             BEGIN
                 RAISE EXCEPTION '{APPEND_ONLY_MESSAGE}: % is not allowed', TG_OP
                     USING ERRCODE = 'insufficient_privilege';
+            END $$;
+        """)
+        # One round trip per append: lock, read the head, hash, insert (db/audit.py has the same hash in Python).
+        op.execute(f"""
+            CREATE FUNCTION audit_append(p_at timestamptz, p_actor varchar, p_request_id varchar, p_kind varchar,
+                                         p_details text, p_body text)
+            RETURNS TABLE (event_id integer, event_hash varchar) LANGUAGE plpgsql AS $$
+            DECLARE
+                last_id integer;
+                last_hash varchar;
+            BEGIN
+                PERFORM pg_advisory_xact_lock({AUDIT_LOCK_KEY});
+                SELECT e.id, e.hash INTO last_id, last_hash FROM audit_events e ORDER BY e.id DESC LIMIT 1;
+                IF NOT FOUND THEN
+                    last_id := 0;
+                    last_hash := repeat('0', 64);
+                END IF;
+                event_id := last_id + 1;
+                event_hash := encode(sha256(convert_to(last_hash || event_id::text || chr(10) || p_body, 'UTF8')),
+                                     'hex');
+                INSERT INTO audit_events (id, at, actor, request_id, kind, details, prev_hash, hash)
+                VALUES (event_id, p_at, p_actor, p_request_id, p_kind, p_details, last_hash, event_hash);
+                RETURN NEXT;
             END $$;
         """)
         op.execute("CREATE TRIGGER audit_events_no_change BEFORE UPDATE OR DELETE ON audit_events "
@@ -106,6 +130,7 @@ def downgrade() -> None:
         op.execute("DROP TRIGGER IF EXISTS audit_events_no_truncate ON audit_events")
         op.execute("DROP TRIGGER IF EXISTS audit_events_no_change ON audit_events")
         op.execute("DROP FUNCTION IF EXISTS audit_events_append_only()")
+        op.execute("DROP FUNCTION IF EXISTS audit_append(timestamptz, varchar, varchar, varchar, text, text)")
     op.drop_index("ix_audit_events_kind_at", table_name="audit_events")
     op.drop_index("ix_audit_events_request_id", table_name="audit_events")
     op.drop_table("audit_events")
