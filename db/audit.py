@@ -27,7 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any
 
 from sqlalchemy import Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint, select, text
@@ -146,7 +146,8 @@ def append_event(
     inside it costs every concurrent writer). Elsewhere the same steps in Python."""
     if not kind or len(kind) > 48:
         raise ValueError("an audit event kind is 1-48 characters")
-    moment = at or utcnow()  # microseconds survive both backends, so the hash recomputes
+    # In UTC, as it reads back; microseconds survive both backends: the hash recomputes.
+    moment = (at or utcnow()).astimezone(timezone.utc)
     actor = actor[:200]
     details_json = canonical_json(details or {})
     body = event_body(moment, actor, request_id, kind, details_json)

@@ -166,3 +166,14 @@ def test_concurrent_appends_keep_one_chain(postgres_url: str, tmp_path) -> None:
         assert verdict.ok and verdict.events == 80
     finally:
         engine.dispose()
+
+
+def test_an_event_time_in_another_zone_still_verifies(engine: Engine) -> None:
+    from datetime import datetime, timedelta, timezone
+
+    berlin = timezone(timedelta(hours=1))
+    with unit_of_work(engine) as session:
+        append_event(session, "test.event", {"n": 1}, actor="test", at=datetime(2026, 11, 29, 4, 0, 0, 123456, berlin))
+        append_event(session, "test.event", {"n": 2}, actor="test")
+    with unit_of_work(engine) as session:
+        assert verify_chain(session).ok
