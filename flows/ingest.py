@@ -335,17 +335,19 @@ def ingest_source_file(
                 session, dataset_id=dataset.id, path=str(path.resolve()), sha256=sha, fmt=fmt,
                 row_count=rows, new_record_count=sum(new_per_shard.values()),
             )
+            # An erasure may have written a shard since we read it: appending to the old
+            # version would bring the erased records back. Lock (in shard order), then re-check.
             for ref in written:
-                # An erasure may have written this shard since we read it: appending to the
-                # old version would bring the erased records back. Serialise and re-check.
                 lock_shard(session, dataset.id, ref.shard)
-                now_latest = latest_shard_versions(session, dataset.id).get(ref.shard)
-                if (now_latest.version if now_latest else None) != recorded_versions.get(ref.shard):
+            now_latest = {s: v.version for s, v in latest_shard_versions(session, dataset.id).items()}
+            for ref in written:
+                if now_latest.get(ref.shard) != recorded_versions.get(ref.shard):
                     raise ShardChangedDuringIngest(
                         f"shard {ref.shard} of {options.dataset} changed while this file was being ingested "
-                        f"(version {recorded_versions.get(ref.shard)} -> {now_latest.version if now_latest else None}, "
+                        f"(version {recorded_versions.get(ref.shard)} -> {now_latest.get(ref.shard)}, "
                         "an erasure or another ingest); nothing was ingested: run the same ingest again"
                     )
+            for ref in written:
                 add_shard_version(
                     session, dataset_id=dataset.id, shard=ref.shard, version=ref.version, path=str(ref.path),
                     sha256=ref.sha256, row_count=ref.row_count, created_by=f"ingest:source_file:{source.id}",
