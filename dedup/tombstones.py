@@ -14,9 +14,8 @@ with the estimate.
 
 from __future__ import annotations
 
+import io
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ import numpy as np
 
 from dedup.lsh import DEFAULT_MAX_MISS, BandIndex, choose_params
 from dedup.minhash import MinHashParams, estimate_jaccard, is_empty_signature, minhash_signatures
+from shards.files import write_atomically
 
 DEFAULT_SCREEN_JACCARD = 0.7
 _FORMAT = 1
@@ -107,19 +107,10 @@ class TombstoneSet:
     # ------------------------------------------------------------------ files
     def save(self, path: str | Path) -> None:
         """One ``.npz`` file (signatures, keys, parameters), replaced atomically."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, signatures=self.signatures, keys=np.array(self.keys, dtype=str),
-                         meta=np.array(json.dumps({"format": _FORMAT, "minhash": self.minhash.to_dict()})))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        buffer = io.BytesIO()
+        np.savez(buffer, signatures=self.signatures, keys=np.array(self.keys, dtype=str),
+                 meta=np.array(json.dumps({"format": _FORMAT, "minhash": self.minhash.to_dict()})))
+        write_atomically(path, buffer.getvalue())
 
     @classmethod
     def load(cls, path: str | Path) -> TombstoneSet:
