@@ -24,8 +24,8 @@ from api.routes.audit import router as audit_router
 from api.routes.requests import router as requests_router
 from api.routes.screen import router as screen_router
 from db.settings import Settings, load_settings
-from flows.database import open_database
-from flows.erasure_requests import (
+from pipeline.database import open_database
+from pipeline.lifecycle import (
     IdempotencyConflict,
     IllegalTransition,
     InvalidRequest,

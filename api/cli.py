@@ -77,8 +77,8 @@ def ingest(
     as_json: JsonOpt = False,
 ) -> None:
     """Validate FILE and ingest it: shards, slices, features, lineage."""
-    from flows.ingest import IngestOptions, IngestValidationError, ShardChangedDuringIngest, ingest_source_file
-    from flows.progress import RichReporter
+    from pipeline.ingest import IngestOptions, IngestValidationError, ShardChangedDuringIngest, ingest_source_file
+    from pipeline.progress import RichReporter
     from shards.sources import FieldMap, SourceError
 
     settings = _settings(home, database_url)
@@ -152,8 +152,8 @@ def locate(
     """Dry run: every record of a subject, by identifier, near-copy and paraphrase. Changes nothing."""
     from db.session import unit_of_work
     from dedup.locate import LocateRequest
-    from flows.database import open_database
-    from flows.locate import locate_dry_run
+    from pipeline.database import open_database
+    from pipeline.locate import locate_dry_run
 
     settings = _settings(home, database_url)
     try:
@@ -184,7 +184,7 @@ def list_shards(
     as_json: JsonOpt = False,
 ) -> None:
     """List a dataset's recorded shard versions."""
-    from flows.reports import shard_report
+    from pipeline.reports import shard_report
 
     settings = _settings(home, database_url)
     try:

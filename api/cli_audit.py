@@ -20,7 +20,7 @@ def verify_log(home: HomeOpt = None, database_url: DbOpt = None, as_json: JsonOp
     """Recompute the audit log's hash chain; name the first broken event (exit 1)."""
     from db.audit import verify_chain
     from db.session import unit_of_work
-    from flows.database import open_database
+    from pipeline.database import open_database
 
     engine = open_database(settings_from_flags(home, database_url))
     try:

@@ -35,8 +35,8 @@ def _session(home: Path | None, database_url: str | None) -> Iterator[tuple[Sett
     """Settings and a read transaction; the queries' and services' errors exit 2."""
     from db.audit_queries import AuditQueryError
     from db.session import unit_of_work
-    from flows.database import open_database
-    from flows.erasure_requests import InvalidRequest
+    from pipeline.database import open_database
+    from pipeline.lifecycle import InvalidRequest
 
     settings = settings_from_flags(home, database_url)
     engine = open_database(settings)
@@ -101,7 +101,7 @@ def due(
     """Open requests past their deadline, and those due within --within-days."""
     from api.schemas_audit import MAX_WITHIN_DAYS, DueReportOut
     from db.audit_queries import due_requests
-    from flows.erasure_requests import OPEN_STATES
+    from pipeline.lifecycle import OPEN_STATES
 
     if not 0 <= within_days <= MAX_WITHIN_DAYS:
         fail(f"--within-days must be 0 to {MAX_WITHIN_DAYS}, e.g. --within-days 7")
@@ -127,7 +127,7 @@ def subject(
     """Every record of a subject, and every shard version, checkpoint and ensemble version that held it."""
     from api.schemas_audit import SubjectIn, SubjectLineageOut
     from db.audit_queries import subject_lineage
-    from flows.erasure_requests import IDENTIFIER_KINDS
+    from pipeline.lifecycle import IDENTIFIER_KINDS
 
     pairs = []
     for spec in identifier:

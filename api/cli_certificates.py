@@ -35,9 +35,9 @@ def certificate(
     as_json: JsonOpt = False,
 ) -> None:
     """Export a completed request's signed certificate (issued now if a crash left it unissued)."""
-    from flows.certificate import certify_request
-    from flows.database import open_database
-    from flows.erasure_requests import RequestNotFound, get_request
+    from pipeline.certificate import certify_request
+    from pipeline.database import open_database
+    from pipeline.lifecycle import RequestNotFound, get_request
     from db.session import unit_of_work
 
     settings = settings_from_flags(home, database_url)
@@ -88,7 +88,7 @@ def verify_certificate_file(
     as_json: JsonOpt = False,
 ) -> None:
     """Verify a certificate offline (exit 1 when invalid, 2 when unreadable)."""
-    from flows.certificate import MalformedCertificate, parse_envelope, verify_certificate
+    from pipeline.certificate import MalformedCertificate, parse_envelope, verify_certificate
 
     try:
         envelope = parse_envelope(file.read_bytes())
@@ -115,7 +115,7 @@ def verify_certificate_file(
 
 def public_key(out: OutOpt = None, home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     """Export the certificate signing key's public half (PEM); the key is created if there is none yet."""
-    from flows.signing import load_or_create_signing_key
+    from pipeline.signing import load_or_create_signing_key
 
     settings = settings_from_flags(home, None)
     try:

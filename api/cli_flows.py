@@ -91,7 +91,7 @@ def process(
         _fail("--on-review-timeout is leave, keep, erase or fail")
     _prepare(home, database_url)
     from flows.process_request import process_erasure_request
-    from flows.erasure_requests import RequestError
+    from pipeline.lifecycle import RequestError
 
     try:
         summary = process_erasure_request(request_id, dataset, retrain=retrain, review_timeout_s=review_timeout,
@@ -129,8 +129,8 @@ def demo(
 ) -> None:
     """The whole story: ingest demo data, train, erase one fictional person, retrain, verify."""
     settings = _prepare(home, database_url)
-    from flows.demo import run_full_demo
-    from flows.progress import RichReporter
+    from api.demo import run_full_demo
+    from pipeline.progress import RichReporter
 
     with RichReporter() as reporter:
         result = run_full_demo(settings, records=records, shards=shards, slices=slices, reporter=reporter,

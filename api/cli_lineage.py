@@ -2,7 +2,7 @@
 
 ``export`` writes one OpenLineage RunEvent per line (a START and a COMPLETE per run of
 ingest, train, erase and retrain), rebuilt from the database by
-``flows.lineage_export``. Events go to ``--out FILE`` (written atomically) or to stdout
+``pipeline.lineage_export``. Events go to ``--out FILE`` (written atomically) or to stdout
 (``--out -``, the default); ``--json`` prints a summary on stdout and so needs a file.
 Bad input exits with status 2 and a message on stderr.
 """
@@ -53,8 +53,8 @@ def export(
 ) -> None:
     """Export the lineage in the database as OpenLineage RunEvents (JSON lines)."""
     from db.session import unit_of_work
-    from flows.database import open_database
-    from flows.lineage_export import export_lineage
+    from pipeline.database import open_database
+    from pipeline.lineage_export import export_lineage
 
     to_stdout = out == "-"
     if to_stdout and as_json:

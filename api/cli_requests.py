@@ -52,8 +52,8 @@ def _actor(actor: str | None) -> str:
 @contextmanager
 def _database(home: Path | None, database_url: str | None) -> Iterator[tuple[Settings, Engine]]:
     """Settings and an engine over the upgraded schema; service errors exit 2."""
-    from flows.database import open_database
-    from flows.erasure_requests import InvalidRequest, RequestError
+    from pipeline.database import open_database
+    from pipeline.lifecycle import InvalidRequest, RequestError
 
     settings = _settings(home, database_url)
     engine = open_database(settings)
@@ -103,7 +103,7 @@ def _read_body(path: Path) -> tuple[list[tuple[str, str]], list[str]]:
 
 
 def _parse_identifiers(specs: list[str]) -> list[tuple[str, str]]:
-    from flows.erasure_requests import IDENTIFIER_KINDS
+    from pipeline.lifecycle import IDENTIFIER_KINDS
 
     pairs = []
     for spec in specs:
@@ -139,7 +139,7 @@ def submit(
     as_json: JsonOpt = False,
 ) -> None:
     """Submit an erasure request (identifiers are stored only as keyed hashes)."""
-    from flows.erasure_requests import submit_request
+    from pipeline.lifecycle import submit_request
 
     identifiers = _parse_identifiers(identifier)
     samples = list(sample)
@@ -169,7 +169,7 @@ def submit(
 def show(request_id: RequestId, home: HomeOpt = None, database_url: DbOpt = None, as_json: JsonOpt = False) -> None:
     """A request's state, deadline, decisions and timeline."""
     from db.session import unit_of_work
-    from flows.erasure_requests import describe_request
+    from pipeline.lifecycle import describe_request
 
     with _database(home, database_url) as (_, engine), unit_of_work(engine) as session:
         data = _status_json(describe_request(session, request_id))
@@ -194,7 +194,7 @@ def review(
 ) -> None:
     """Record review decisions on a request's borderline matches."""
     from db.session import unit_of_work
-    from flows.erasure_requests import ReviewInput, record_review_decisions
+    from pipeline.lifecycle import ReviewInput, record_review_decisions
 
     decisions = [ReviewInput(ref, "erase", note) for ref in erase] + [ReviewInput(ref, "keep", note) for ref in keep]
     if not decisions:
@@ -216,7 +216,7 @@ def extend(
 ) -> None:
     """Extend a request's deadline (Art. 12(3)); the reason is recorded."""
     from db.session import unit_of_work
-    from flows.erasure_requests import extend_deadline
+    from pipeline.lifecycle import extend_deadline
 
     with _database(home, database_url) as (_, engine), unit_of_work(engine) as session:
         data = _status_json(extend_deadline(session, request_id, months=months, reason=reason, actor=_actor(actor)))
@@ -236,7 +236,7 @@ def deny(
 ) -> None:
     """Deny a request under an Art. 17(3) ground; its samples are deleted."""
     from db.session import unit_of_work
-    from flows.erasure_requests import deny_request
+    from pipeline.lifecycle import deny_request
 
     with _database(home, database_url) as (_, engine), unit_of_work(engine) as session:
         data = _status_json(deny_request(session, request_id, ground=ground, detail=detail, actor=_actor(actor)))

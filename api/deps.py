@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 from db.requests import find_active_token, token_digest
 from db.session import unit_of_work
 from db.settings import Settings
-from flows.erasure_requests import MAX_IDEMPOTENCY_KEY_CHARS
+from pipeline.lifecycle import MAX_IDEMPOTENCY_KEY_CHARS
 
 
 # How long a verified token is trusted without a database lookup (seconds).

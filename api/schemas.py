@@ -1,7 +1,7 @@
 """Request and response bodies of the API (pydantic v2), apart from the tables.
 
 Validation here gives early 422 answers naming the field; the services in
-``flows.erasure_requests`` check the same rules again for the CLI and the flows.
+``pipeline.lifecycle`` check the same rules again for the CLI and the flows.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationInfo, field_validator
 
 from dedup.tombstones import DEFAULT_SCREEN_JACCARD
-from flows.erasure_requests import (
+from pipeline.lifecycle import (
     IDENTIFIER_KINDS,
     MAX_EXTENSION_MONTHS,
     MAX_IDENTIFIER_CHARS,
@@ -26,7 +26,7 @@ from flows.erasure_requests import (
     Submission,
     validate_identifier,
 )
-from flows.screening import MAX_KEYS_PER_TEXT, MAX_SCREEN_TEXT_CHARS, MAX_SCREEN_TEXTS
+from pipeline.screening import MAX_KEYS_PER_TEXT, MAX_SCREEN_TEXT_CHARS, MAX_SCREEN_TEXTS
 
 IdentifierKind = Literal[IDENTIFIER_KINDS]  # type: ignore[valid-type]  # the kinds dedup/ normalises
 Reason = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_REASON_CHARS)]

@@ -13,7 +13,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from api.schemas import IdentifierIn
-from flows.erasure_requests import MAX_IDENTIFIERS, hash_identifiers
+from pipeline.lifecycle import MAX_IDENTIFIERS, hash_identifiers
 
 DatasetName = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
 MAX_WITHIN_DAYS = 366

@@ -47,7 +47,7 @@ from db.audit import GENESIS_HASH, canonical_json, event_body, event_hash  # noq
 from db.audit_queries import due_requests, ensemble_reflections, request_timeline, subject_lineage  # noqa: E402
 from db.session import make_engine, unit_of_work, upgrade_to_head  # noqa: E402
 from dedup.identifiers import key_id, keyed_hash  # noqa: E402
-from flows.erasure_requests import OPEN_STATES  # noqa: E402
+from pipeline.lifecycle import OPEN_STATES  # noqa: E402
 
 console = Console(stderr=True)
 KEY = b"benchmark-secret-key-0123456789"

@@ -42,11 +42,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from db.session import unit_of_work
     from db.settings import Settings
-    from flows.database import open_database
-    from flows.demo import DEMO_FIELDS, pick_demo_subject
+    from pipeline.database import open_database
+    from api.demo import DEMO_FIELDS, pick_demo_subject
     from flows.process_request import process_erasure_request
-    from flows.erasure_requests import get_request, submit_request
-    from flows.training import ingest_dataset, train_ensemble, use_settings
+    from pipeline.lifecycle import get_request, submit_request
+    from db.settings import use_settings
+    from flows.training import ingest_dataset, train_ensemble
     from shards.demo_data import write_demo
 
     settings = Settings(home=home, database_url=args.database_url,

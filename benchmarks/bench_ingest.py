@@ -32,9 +32,9 @@ GOAL_PEAK_MB = 2048
 def _ingest_child(records: str, home: str, url: str) -> None:
     """Runs in its own process so that peak RSS is the ingest's alone."""
     from db.settings import Settings
-    from flows.demo import DEMO_FIELDS
-    from flows.ingest import IngestOptions, ingest_source_file
-    from flows.progress import RichReporter
+    from api.demo import DEMO_FIELDS
+    from pipeline.ingest import IngestOptions, ingest_source_file
+    from pipeline.progress import RichReporter
 
     settings = Settings(home=Path(home), database_url=url, secret_key="benchmark-secret-key-0123456789")
     with RichReporter() as reporter:

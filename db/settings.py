@@ -8,7 +8,7 @@ keys the HMAC of identifiers; without it a random key is generated once into
 identifier hashes unmatchable, so production sets the variable from a vault.
 ``ERASURE_SIGNING_KEY_FILE`` names the Ed25519 key that signs erasure
 certificates (default ``$ERASURE_HOME/signing_key.pem``, generated once, 0600;
-see ``flows/signing.py``).
+see ``pipeline/signing.py``).
 """
 
 from __future__ import annotations
@@ -102,3 +102,35 @@ def write_private_file_once(path: Path, data: bytes) -> None:
             pass
     finally:
         tmp.unlink(missing_ok=True)
+
+
+class use_settings:
+    """Point flows run in this process at ``settings`` (they read the environment,
+    as a worker's flows do); the previous values come back afterwards."""
+
+    NAMES = ("ERASURE_HOME", "ERASURE_DATABASE_URL", "ERASURE_SECRET_KEY", "ERASURE_SIGNING_KEY_FILE")
+
+    def __init__(self, settings: Settings) -> None:
+        self.values = {
+            "ERASURE_HOME": str(settings.home),
+            "ERASURE_DATABASE_URL": settings.resolved_database_url,
+            "ERASURE_SECRET_KEY": settings.secret_key.get_secret_value() if settings.secret_key else None,
+            "ERASURE_SIGNING_KEY_FILE": str(settings.signing_key_file) if settings.signing_key_file else None,
+        }
+        self.saved: dict[str, str | None] = {}
+
+    def __enter__(self) -> use_settings:
+        for name, value in self.values.items():
+            self.saved[name] = os.environ.get(name)
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for name, value in self.saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value

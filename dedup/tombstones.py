@@ -24,7 +24,6 @@ import numpy as np
 
 from dedup.lsh import DEFAULT_MAX_MISS, BandIndex, choose_params
 from dedup.minhash import MinHashParams, estimate_jaccard, is_empty_signature, minhash_signatures
-from shards.files import write_atomically
 
 DEFAULT_SCREEN_JACCARD = 0.7
 _FORMAT = 1
@@ -105,12 +104,12 @@ class TombstoneSet:
         return cache[key]
 
     # ------------------------------------------------------------------ files
-    def save(self, path: str | Path) -> None:
-        """One ``.npz`` file (signatures, keys, parameters), replaced atomically."""
+    def to_bytes(self) -> bytes:
+        """One ``.npz`` document (signatures, keys, parameters); the caller writes it atomically."""
         buffer = io.BytesIO()
         np.savez(buffer, signatures=self.signatures, keys=np.array(self.keys, dtype=str),
                  meta=np.array(json.dumps({"format": _FORMAT, "minhash": self.minhash.to_dict()})))
-        write_atomically(path, buffer.getvalue())
+        return buffer.getvalue()
 
     @classmethod
     def load(cls, path: str | Path) -> TombstoneSet:

@@ -111,7 +111,8 @@ def demo_subject(ground_truth: Path) -> dict:
 
 def trained_demo(settings, records: int = DEMO_RECORDS, shards: int = 4, slices: int = 3) -> dict:  # noqa: ANN001
     """Ingest and train the demo data through the flows (settings exported to the environment)."""
-    from flows.training import ingest_dataset, train_ensemble, use_settings
+    from db.settings import use_settings
+    from flows.training import ingest_dataset, train_ensemble
     from shards.demo_data import write_demo
 
     files = write_demo(settings.home / "demo-data", records, seed=0)
@@ -123,8 +124,8 @@ def trained_demo(settings, records: int = DEMO_RECORDS, shards: int = 4, slices:
 
 
 def submit_for(settings, subject: dict, key: str = "test-request") -> str:  # noqa: ANN001
-    from flows.database import open_database
-    from flows.erasure_requests import submit_request
+    from pipeline.database import open_database
+    from pipeline.lifecycle import submit_request
 
     engine = open_database(settings)
     try:

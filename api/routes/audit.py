@@ -34,7 +34,7 @@ from db.audit_queries import (
     request_timeline,
     subject_lineage,
 )
-from flows.erasure_requests import OPEN_STATES
+from pipeline.lifecycle import OPEN_STATES
 
 PREFIX = "/v1/audit"
 _ERRORS = {

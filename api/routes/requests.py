@@ -1,5 +1,5 @@
 """/v1/erasure-requests: intake, status, review decisions, extension, denial.
-Each route calls one service of ``flows.erasure_requests``."""
+Each route calls one service of ``pipeline.lifecycle``."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from api.schemas import (
     SubmissionOut,
     SubmitRequestIn,
 )
-from flows.erasure_requests import (
+from pipeline.lifecycle import (
     RequestStatus,
     deny_request,
     describe_request,

@@ -1,5 +1,5 @@
 """/v1/screen: screen texts (e.g. model outputs) against a dataset's tombstones.
-One service, ``flows.screening.screen_texts``; the texts are never echoed, logged or stored."""
+One service, ``pipeline.screening.screen_texts``; the texts are never echoed, logged or stored."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends
 
 from api.deps import ApiError, Caller, EngineDep, SettingsDep, require_scope
 from api.schemas import ErrorOut, ScreenIn, ScreenOut
-from flows.screening import ScreenResult, UnknownDataset, screen_texts
+from pipeline.screening import ScreenResult, UnknownDataset, screen_texts
 
 PATH = "/v1/screen"
 ScreenCaller = Annotated[Caller, Depends(require_scope("screen"))]

@@ -30,7 +30,7 @@ from db.lineage import ensure_dataset
 from db.requests import ErasureRequest, issue_token, revoke_token
 from db.session import make_engine, unit_of_work, upgrade_to_head
 from db.settings import Settings
-from flows.erasure_requests import transition
+from pipeline.lifecycle import transition
 from tests.conftest import TEST_SECRET, database_dump
 
 BASE = "/v1/erasure-requests"

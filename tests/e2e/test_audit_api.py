@@ -19,7 +19,7 @@ from db.requests import issue_token
 from db.session import unit_of_work
 from db.settings import Settings
 from db.training import Checkpoint, EnsembleMemberRow, EnsembleVersionRow
-from flows.erasure_requests import submit_request
+from pipeline.lifecycle import submit_request
 
 BASE = "/v1/audit"
 EMAIL = "Jane.Doe@example.org"

@@ -104,7 +104,7 @@ def test_nothing_kept_holds_what_the_subject_sent(database_url: str, tmp_path: P
 
     from db.lineage import latest_shard_versions
     from db.session import unit_of_work
-    from flows.database import open_database
+    from pipeline.database import open_database
 
     engine = open_database(settings)
     try:

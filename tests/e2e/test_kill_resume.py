@@ -29,9 +29,10 @@ from db.models import Record, ShardVersion
 from db.session import unit_of_work
 from db.settings import Settings
 from db.training import EnsembleMemberRow, RequestMatch
-from flows.database import open_database
-from flows.erasure import KILL_ENV
-from flows.training import current_ensemble_row, use_settings
+from pipeline.database import open_database
+from pipeline.erasure import KILL_ENV
+from pipeline.training import current_ensemble_row
+from db.settings import use_settings
 from tests.conftest import ADMIN_URL, TEST_SECRET, _libpq
 from tests.prefect_server import submit_for, trained_demo
 
@@ -120,7 +121,7 @@ def _run_to_end(settings: Settings, base: Path, request_id: str, api_url: str) -
 
 
 def _final_state(settings: Settings, request_id: str) -> dict:
-    from flows.locate import load_tombstones
+    from pipeline.locate import load_tombstones
 
     engine = open_database(settings)
     try:
@@ -134,7 +135,7 @@ def _final_state(settings: Settings, request_id: str) -> dict:
             current = current_ensemble_row(session, session.scalars(select(Record.dataset_id)).first())
             members = sorted((m.shard, m.checkpoint_key) for m in session.scalars(
                 select(EnsembleMemberRow).where(EnsembleMemberRow.ensemble_id == current.id)))
-            from flows.erasure_requests import get_request
+            from pipeline.lifecycle import get_request
 
             state = get_request(session, request_id).state
     finally:

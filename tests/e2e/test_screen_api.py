@@ -19,10 +19,10 @@ from db.session import unit_of_work
 from db.settings import Settings
 from dedup.minhash import MinHashParams, minhash_signatures
 from dedup.tombstones import DEFAULT_SCREEN_JACCARD, TombstoneSet
-from flows.demo import DEMO_FIELDS
-from flows.ingest import IngestOptions, ingest_source_file
-from flows.locate import tombstone_path
-from flows.screening import MAX_SCREEN_TEXT_CHARS, MAX_SCREEN_TEXTS, SCREEN_NOTE, screen_texts
+from api.demo import DEMO_FIELDS
+from pipeline.ingest import IngestOptions, ingest_source_file
+from pipeline.locate import tombstone_path
+from pipeline.screening import MAX_SCREEN_TEXT_CHARS, MAX_SCREEN_TEXTS, SCREEN_NOTE, screen_texts
 from shards.demo_data import write_demo
 from tests.conftest import database_dump
 

@@ -18,8 +18,8 @@ from db.audit import GENESIS_HASH, AuditEvent, append_event, verify_chain
 from db.requests import issue_token, revoke_token
 from db.session import unit_of_work
 from db.settings import Settings
-from flows.database import open_database
-from flows.erasure_requests import RequestState, deny_request, extend_deadline, submit_request, transition
+from pipeline.database import open_database
+from pipeline.lifecycle import RequestState, deny_request, extend_deadline, submit_request, transition
 
 JANE = [("email", "jane.doe@example.org"), ("name", "Jane Doe")]
 SAMPLE = "my review of the blue kettle that leaked on day two"

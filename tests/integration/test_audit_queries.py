@@ -18,10 +18,11 @@ from db.models import ShardVersion
 from db.requests import RequestEvent
 from db.session import unit_of_work
 from db.training import Checkpoint, EnsembleVersionRow
-from flows.database import open_database
-from flows.erasure import erased_record_ids, request_matches
-from flows.erasure_requests import OPEN_STATES, hash_identifiers, submit_request, transition
-from flows.training import checkpoint_store, current_ensemble_row, use_settings
+from pipeline.database import open_database
+from pipeline.erasure import erased_record_ids, request_matches
+from pipeline.lifecycle import OPEN_STATES, hash_identifiers, submit_request, transition
+from pipeline.training import checkpoint_store, current_ensemble_row
+from db.settings import use_settings
 from shards.demo_data import read_ground_truth
 from shards.ensemble import EnsembleVersion, training_ids
 from tests.conftest import TEST_SECRET

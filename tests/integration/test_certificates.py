@@ -20,9 +20,9 @@ from typer.testing import CliRunner
 
 from db.audit import AuditEvent, Certificate, MembershipProbe, verify_chain
 from db.session import unit_of_work
-from flows.database import open_database
-from flows.erasure import KILL_ENV, erased_record_ids
-from flows.training import use_settings
+from pipeline.database import open_database
+from pipeline.erasure import KILL_ENV, erased_record_ids
+from db.settings import use_settings
 from tests.prefect_server import submit_for, trained_demo
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -155,7 +155,7 @@ def test_certificate_and_probe_of_a_completed_request(settings, prefect_env, tmp
     assert oct(settings.signing_key_path.stat().st_mode & 0o777) == "0o600"
 
     # The purge is idempotent: nothing is left for a second one.
-    from flows.erasure import purge_superseded_files
+    from pipeline.erasure import purge_superseded_files
 
     engine = open_database(settings)
     try:

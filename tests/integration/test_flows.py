@@ -18,10 +18,11 @@ from db.lineage import latest_shard_versions
 from db.models import Record, ShardVersion
 from db.session import unit_of_work
 from db.training import ShardRetrainJob
-from flows.database import open_database
-from flows.erasure import erased_record_ids, request_matches, undecided_refs
-from flows.erasure_requests import ReviewInput, get_request, record_review_decisions
-from flows.training import checkpoint_store, current_ensemble, use_settings
+from pipeline.database import open_database
+from pipeline.erasure import erased_record_ids, request_matches, undecided_refs
+from pipeline.lifecycle import ReviewInput, get_request, record_review_decisions
+from pipeline.training import checkpoint_store, current_ensemble
+from db.settings import use_settings
 from tests.prefect_server import submit_for, trained_demo
 
 

@@ -16,7 +16,7 @@ from sqlalchemy import func, select, text
 from db.models import Dataset, Record, RecordIdentifier, ShardVersion, SourceFile
 from db.session import make_engine, unit_of_work, upgrade_to_head
 from db.settings import Settings
-from flows.ingest import IngestOptions, IngestValidationError, ingest_source_file
+from pipeline.ingest import IngestOptions, IngestValidationError, ingest_source_file
 from shards.assign import place_record
 from shards.sources import FieldMap, SourceError
 from shards.store import ShardStore
@@ -303,7 +303,7 @@ class _EraseWhileWriting:
 
     @contextmanager
     def step(self, description: str, total: int | None):  # noqa: ANN201
-        from flows.progress import _SilentStep
+        from pipeline.progress import _SilentStep
 
         yield _SilentStep()
         if description == "writing shard versions":
@@ -331,7 +331,7 @@ class _EraseWhileWriting:
 
 
 def test_an_erasure_during_an_append_is_not_undone(settings: Settings, tmp_path: Path) -> None:
-    from flows.ingest import ShardChangedDuringIngest
+    from pipeline.ingest import ShardChangedDuringIngest
 
     options = IngestOptions(dataset="shop", fields=FIELDS, n_shards=1, n_slices=2)
     ingest_source_file(write_jsonl(tmp_path / "a.jsonl", make_rows(20)), options, settings)

@@ -3,7 +3,7 @@ processed to completion with retraining (Prefect flows against the session's
 server), on SQLite and PostgreSQL. Every line is validated offline against the
 OpenLineage 2-0-2 JSON schema and the facet schemas in tests/resources/openlineage/
 (see its README), and the custom facet against the schema shipped in
-flows/openlineage_facets/."""
+pipeline/openlineage_facets/."""
 
 from __future__ import annotations
 
@@ -27,8 +27,8 @@ from db.models import Dataset, ShardVersion
 from db.session import unit_of_work
 from db.settings import Settings
 from db.training import ShardRetrainJob
-from flows.database import open_database
-from flows.lineage_export import FACETS_DIR, export_lineage
+from pipeline.database import open_database
+from pipeline.lineage_export import FACETS_DIR, export_lineage
 from tests.conftest import ADMIN_URL, TEST_SECRET, _libpq
 
 RESOURCES = Path(__file__).parent.parent / "resources" / "openlineage"
@@ -113,7 +113,7 @@ def pipeline(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from flows.process_request import process_erasure_request
-    from flows.training import use_settings
+    from db.settings import use_settings
     from tests.prefect_server import submit_for, trained_demo
 
     tmp = tmp_path_factory.mktemp(f"lineage-{request.param}")

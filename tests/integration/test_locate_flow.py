@@ -15,11 +15,12 @@ from db.settings import Settings
 from dedup.locate import LocateRequest
 from dedup.minhash import MinHashParams, minhash_signatures
 from dedup.tombstones import TombstoneSet
-from flows.database import open_database
-from flows.demo import DEMO_FIELDS
-from flows.ingest import IngestOptions, ingest_source_file
-from flows.locate import locate_dry_run, tombstone_path
+from pipeline.database import open_database
+from api.demo import DEMO_FIELDS
+from pipeline.ingest import IngestOptions, ingest_source_file
+from pipeline.locate import locate_dry_run, tombstone_path
 from shards.demo_data import read_ground_truth, write_demo
+from shards.files import write_atomically
 from shards.store import ShardStore
 
 
@@ -81,7 +82,7 @@ def test_ingest_screens_out_erased_content(settings: Settings, tmp_path: Path, d
     tombstones = TombstoneSet.empty(params).added(
         minhash_signatures([r["text"] for r in erased], params), ["request-1"] * 3, params
     )
-    tombstones.save(tombstone_path(settings, "demo"))
+    write_atomically(tombstone_path(settings, "demo"), tombstones.to_bytes())
     # the refresh brings the erased texts back under new ids, lightly edited
     refresh = tmp_path / "refresh.jsonl"
     back = [{**r, "id": f"again-{i}", "text": r["text"].upper() + " !!"} for i, r in enumerate(erased)]

@@ -23,8 +23,8 @@ from db.requests import (
 from db.session import unit_of_work
 from db.settings import Settings
 from dedup.identifiers import keyed_hash
-from flows.database import open_database
-from flows.erasure_requests import (
+from pipeline.database import open_database
+from pipeline.lifecycle import (
     ALLOWED_TRANSITIONS,
     CLOSED_STATES,
     IdempotencyConflict,

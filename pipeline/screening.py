@@ -1,7 +1,7 @@
 """Screening texts (e.g. model outputs) against a dataset's tombstones.
 
 The tombstones are the MinHash signatures of erased records
-(``flows.locate.tombstone_path``). A text whose estimated Jaccard similarity
+(``pipeline.locate.tombstone_path``). A text whose estimated Jaccard similarity
 with a tombstone reaches ``min_jaccard`` is reported as matching erased content.
 This is an aid for output filtering, not a guarantee: the estimates have a
 standard error (about 0.035 at J = 0.8 with 128 permutations) and MinHash does
@@ -24,8 +24,8 @@ from db.lineage import get_dataset
 from db.session import unit_of_work
 from db.settings import Settings
 from dedup.tombstones import DEFAULT_SCREEN_JACCARD, TombstoneSet
-from flows.database import open_database
-from flows.locate import tombstone_path
+from pipeline.database import open_database
+from pipeline.locate import tombstone_path
 
 MAX_SCREEN_TEXTS = 100
 MAX_SCREEN_TEXT_CHARS = 20_000

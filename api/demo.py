@@ -5,8 +5,8 @@ Later stages (locate, erase, retrain, certify) extend this as they land."""
 from __future__ import annotations
 
 from db.settings import Settings
-from flows.ingest import IngestOptions, ingest_source_file
-from flows.progress import Reporter
+from pipeline.ingest import IngestOptions, ingest_source_file
+from pipeline.progress import Reporter
 from shards.demo_data import write_demo
 from shards.sources import FieldMap
 
@@ -56,9 +56,9 @@ def full_retrain_samples(settings: Settings, dataset: str) -> int:
     """What retraining every sub-model from scratch costs now (samples processed)."""
     from db.lineage import latest_shard_versions
     from db.session import unit_of_work
-    from flows.database import open_database
-    from flows.erasure import dataset_or_fail
-    from flows.training import checkpoint_store, current_ensemble
+    from pipeline.database import open_database
+    from pipeline.erasure import dataset_or_fail
+    from pipeline.training import checkpoint_store, current_ensemble
     from shards.training import TrainConfig, shard_from_parquet
 
     engine = open_database(settings)
@@ -89,11 +89,12 @@ def run_full_demo(
     retraining from the affected slices, verification. Flows run in this process
     against ``PREFECT_API_URL`` or, without one, a temporary Prefect server."""
     from db.session import unit_of_work
-    from flows.database import open_database
-    from flows.erasure import request_matches, undecided_refs
+    from pipeline.database import open_database
+    from pipeline.erasure import request_matches, undecided_refs
     from flows.process_request import process_erasure_request
-    from flows.erasure_requests import ReviewInput, record_review_decisions, submit_request
-    from flows.training import train_ensemble, use_settings
+    from pipeline.lifecycle import ReviewInput, record_review_decisions, submit_request
+    from db.settings import use_settings
+    from flows.training import train_ensemble
 
     ingested = run_demo(settings, records=records, shards=shards, slices=slices, reporter=reporter, embedder=embedder)
     subject = pick_demo_subject(ingested["demo_data"]["ground_truth"])
@@ -163,9 +164,9 @@ def _accountability(settings: Settings, engine, request_id: str) -> dict:  # noq
     offline against the exported public key), the membership probe, the audit log."""
     from db.audit import verify_chain
     from db.session import unit_of_work
-    from flows.certificate import parse_envelope, stored_certificate, verify_certificate
-    from flows.membership import probe_rows, probe_summary, report_path
-    from flows.signing import load_or_create_signing_key
+    from pipeline.certificate import parse_envelope, stored_certificate, verify_certificate
+    from pipeline.membership import probe_rows, probe_summary, report_path
+    from pipeline.signing import load_or_create_signing_key
 
     with unit_of_work(engine) as session:
         issued = stored_certificate(session, request_id)

@@ -19,7 +19,7 @@ Versions. ``before``: the ensemble in service before the request's retraining
 for the erased records' shards were trained on the old shard versions.
 ``after``: the ensemble in service now. The erased records' features are read
 by record id from the old shard version files, so the probe runs before
-``flows.erasure.purge_superseded_files`` deletes them (once they are gone, it
+``pipeline.erasure.purge_superseded_files`` deletes them (once they are gone, it
 stores rows without an AUC, saying why); only ids, labels and feature vectors
 are read, never the text.
 
@@ -57,9 +57,9 @@ from db.models import ShardVersion, utcnow
 from db.session import unit_of_work
 from db.settings import Settings
 from db.training import EnsembleVersionRow
-from flows.erasure import dataset_or_fail, request_jobs, request_matches
-from flows.erasure_requests import get_request
-from flows.training import checkpoint_store, current_ensemble_row
+from pipeline.erasure import dataset_or_fail, request_jobs, request_matches
+from pipeline.lifecycle import get_request
+from pipeline.training import checkpoint_store, current_ensemble_row
 from shards.ensemble import EnsembleVersion
 from shards.files import write_atomically
 from shards.membership import AucEstimate, ScorePanel, cross_entropy_losses, estimate_auc, render_membership_png, summarize
@@ -336,14 +336,11 @@ def probe_membership(settings: Settings, engine: Engine, request_id: str, datase
                                                      "erased": len(r.erased_losses), "heldout": len(r.heldout_losses)}
                                              for r in results}}, actor=ACTOR, request_id=str(request_id))
         summaries = [probe_summary(r) for r in probe_rows(session, request_id)]
-    publish_probe_artifact(request_id, summaries, png)
     return summaries
 
 
-def publish_probe_artifact(request_id: str, summaries: list[dict], png: bytes) -> None:
-    """A markdown artifact ``membership-<request id>``: the AUCs and the plot as a data: URI."""
-    from prefect.artifacts import create_markdown_artifact
-
+def probe_markdown(request_id: str, summaries: list[dict], png: bytes) -> str:
+    """The probe as markdown (the flow's artifact): the AUCs and the plot as a data: URI."""
     def number(value: float | None) -> str:
         return "n/a" if value is None else f"{value:.3f}"
 
@@ -354,8 +351,5 @@ def publish_probe_artifact(request_id: str, summaries: list[dict], png: bytes) -
               f"[{number(s['ci_low'])}, {number(s['ci_high'])}] | {s['erased_count']} | {s['heldout_count']} | "
               f"{s['reason'] or s['note'] or ''} |" for s in summaries]
     lines += ["", f"![loss distributions](data:image/png;base64,{base64.b64encode(png).decode('ascii')})"]
-    try:
-        create_markdown_artifact(key=f"membership-{request_id}".lower(), markdown="\n".join(lines),
-                                 description="membership-inference probe before and after retraining (counts only)")
-    except Exception:  # noqa: BLE001 - an artifact is a convenience; the database holds the record
-        pass
+    return "\n".join(lines)
+

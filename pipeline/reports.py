@@ -5,7 +5,7 @@ from __future__ import annotations
 from db.lineage import get_dataset, latest_shard_versions
 from db.session import unit_of_work
 from db.settings import Settings
-from flows.database import open_database
+from pipeline.database import open_database
 
 
 def shard_report(settings: Settings, dataset_name: str) -> dict:

@@ -43,7 +43,8 @@ from db.requests import ErasureRequest
 from db.session import unit_of_work
 from db.settings import Settings
 from db.training import JOB_DONE, JOB_PENDING, Checkpoint, EnsembleMemberRow, RequestMatch, ShardRetrainJob
-from flows.erasure_requests import get_request, identifier_hashes, review_verdicts, sample_texts
+from pipeline.lifecycle import get_request, identifier_hashes, review_verdicts, sample_texts
+from shards.files import write_atomically
 from shards.store import ShardStore, ShardVersionRef
 
 ERASE = "erase"
@@ -93,11 +94,9 @@ def request_matches(session: Session, request_id: str, dataset_id: int | None = 
 
 def locate_for_request(settings: Settings, session: Session, request_id: str, dataset: str):
     """The request's matches in the dataset's current shard versions (a LocateResult)."""
-    import flows.locate as locate
+    from pipeline.locate import locate_in_dataset
 
-    if hasattr(locate, "locate_request"):
-        return locate.locate_request(settings, session, request_id, dataset)
-    return locate.locate_in_dataset(
+    return locate_in_dataset(
         settings, session, dataset,
         identifier_hashes=identifier_hashes(session, request_id),
         samples=tuple(sample_texts(session, request_id)),
@@ -266,7 +265,7 @@ def update_indexes_and_tombstones(
     """
     from dedup.shard_index import artefact_dir
     from dedup.tombstones import TombstoneSet
-    from flows.locate import dataset_embedder, load_index, load_tombstones, tombstone_path
+    from pipeline.locate import dataset_embedder, load_index, load_tombstones, tombstone_path
 
     embedder = dataset_embedder(dataset.embedder, dataset.feature_dim)
     base_index = load_index(base.path, shard, base.version, embedder)
@@ -280,12 +279,12 @@ def update_indexes_and_tombstones(
     fresh = [i for i, key in enumerate(keys) if key not in present]
     if fresh:
         tombstones = tombstones.added(removed.signatures[fresh], [keys[i] for i in fresh], removed.minhash)
-        tombstones.save(tombstone_path(settings, dataset.name))
+        write_atomically(tombstone_path(settings, dataset.name), tombstones.to_bytes())
 
 
 def _shard_is_trained(session: Session, dataset_id: int, shard: int) -> bool:
     """Whether the ensemble in service has a sub-model of the shard (then it must be retrained)."""
-    from flows.training import current_ensemble_row
+    from pipeline.training import current_ensemble_row
     from db.training import EnsembleMemberRow
 
     current = current_ensemble_row(session, dataset_id)
@@ -352,7 +351,7 @@ class Verification:
 def verify_request(settings: Settings, session: Session, request_id: str, dataset_name: str) -> Verification:
     """The ensemble in service was trained on none of the request's erased records
     (its training manifest: every member checkpoint's ``seen_ids``)."""
-    from flows.training import current_ensemble, checkpoint_store
+    from pipeline.training import current_ensemble, checkpoint_store
     from shards.ensemble import training_ids
 
     dataset = dataset_or_fail(session, dataset_name)
@@ -415,9 +414,9 @@ def purge_superseded_files(settings: Settings, session: Session, request_id: str
     another request's erasure is not yet verified keeps its old files (that
     request's membership probe reads them); that request's completion purges
     them, for every erased record of the shard. Idempotent."""
-    from flows.erasure_requests import CLOSED_STATES
-    from flows.locate import remove_index
-    from flows.training import current_ensemble_row
+    from pipeline.lifecycle import CLOSED_STATES
+    from pipeline.locate import remove_index
+    from pipeline.training import current_ensemble_row
 
     touched = sorted({(m.dataset_id, m.shard) for m in request_matches(session, request_id)
                       if m.erased_in_shard_version is not None})

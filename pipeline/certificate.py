@@ -46,7 +46,7 @@ from db.requests import ErasureRequest
 from db.session import unit_of_work
 from db.settings import Settings
 from db.training import Checkpoint, EnsembleMemberRow, RequestMatch
-from flows.signing import ALGORITHM, SigningKey, key_id, load_or_create_signing_key, load_public_key, signature_valid
+from pipeline.signing import ALGORITHM, SigningKey, key_id, load_or_create_signing_key, load_public_key, signature_valid
 
 CERTIFICATE_FORMAT = "erasure-certificate/1"
 ACTOR = "flow:certify"
@@ -90,7 +90,7 @@ def certify_request(settings: Settings, engine: Engine, request_id: str, dataset
                     ) -> IssuedCertificate | None:
     """Issue the request's certificate once it is completed; the stored one if it exists;
     None while the request is not completed."""
-    from flows.erasure_requests import RequestState, get_request
+    from pipeline.lifecycle import RequestState, get_request
 
     try:
         with unit_of_work(engine) as session:
@@ -138,7 +138,7 @@ def _iso(moment: datetime | None) -> str | None:
 
 
 def _dataset_of(session: Session, request_id: str, name: str | None) -> Dataset | None:
-    from flows.erasure import dataset_or_fail
+    from pipeline.erasure import dataset_or_fail
 
     if name is not None:
         return dataset_or_fail(session, name)
@@ -184,7 +184,7 @@ def build_certificate(settings: Settings, session: Session, request: ErasureRequ
 
 
 def _matches(session: Session, request_id: str) -> list[RequestMatch]:
-    from flows.erasure import request_matches
+    from pipeline.erasure import request_matches
 
     return request_matches(session, request_id)
 
@@ -197,7 +197,7 @@ def _thresholds(dataset: Dataset | None) -> dict:
 
 def _locate_section(session: Session, request: ErasureRequest, dataset: Dataset | None,
                     matches: list[RequestMatch]) -> dict:
-    from flows.erasure import per_method_counts
+    from pipeline.erasure import per_method_counts
 
     reviewed = {d.match_ref for d in request.review_decisions}
     borderline = [m for m in matches if m.decision == "review"]
@@ -230,7 +230,7 @@ def _version_dict(row: ShardVersion | None) -> dict | None:
 
 
 def _erasure_section(session: Session, dataset: Dataset | None, erased: list[RequestMatch], erased_ids: list[str]) -> dict:
-    from flows.membership import holding_version
+    from pipeline.membership import holding_version
 
     shards = []
     by_shard: dict[tuple[int, int], int] = defaultdict(int)
@@ -251,7 +251,7 @@ def _erasure_section(session: Session, dataset: Dataset | None, erased: list[Req
 
 
 def _retraining_section(session: Session, request_id: str) -> list[dict]:
-    from flows.erasure import request_jobs
+    from pipeline.erasure import request_jobs
 
     return [{"job_id": j.id, "shard": j.shard, "status": j.status, "trained_on_shard_version": j.target_shard_version,
              "restored_checkpoint_after_slice": j.restored_slice,
@@ -262,7 +262,7 @@ def _retraining_section(session: Session, request_id: str) -> list[dict]:
 
 
 def _ensemble_section(session: Session, dataset: Dataset | None, request_id: str) -> dict:
-    from flows.membership import ensembles_around_request
+    from pipeline.membership import ensembles_around_request
 
     if dataset is None:
         return {"before": None, "in_service": None}
@@ -271,8 +271,8 @@ def _ensemble_section(session: Session, dataset: Dataset | None, request_id: str
 
 
 def _verification_section(settings: Settings, session: Session, request_id: str, dataset: Dataset | None) -> dict:
-    from flows.erasure import verify_request
-    from flows.membership import probe_rows, probe_summary
+    from pipeline.erasure import verify_request
+    from pipeline.membership import probe_rows, probe_summary
 
     manifest = None
     if dataset is not None:
@@ -295,8 +295,8 @@ def _retained_section(settings: Settings, session: Session, request_id: str, dat
     A shard version v of shard s held record r iff ``r.first_shard_version <= v <
     r.erased_in_shard_version``; a checkpoint after slice c trained for such a
     version saw r iff also ``c >= r.slice`` (slices are cumulative; the lineage
-    rule of ``flows.erasure.purge_superseded_files``)."""
-    from flows.locate import load_tombstones
+    rule of ``pipeline.erasure.purge_superseded_files``)."""
+    from pipeline.locate import load_tombstones
 
     if dataset is None or not erased:
         return {"superseded_shard_versions": [], "superseded_files_on_disk": 0,

@@ -40,9 +40,9 @@ from db.locks import lock_shard
 from db.session import unit_of_work
 from db.settings import Settings
 from dedup.identifiers import key_id, keyed_hash
-from flows.database import open_database
-from flows.locate import build_and_save_index, dataset_embedder, load_tombstones, remove_index
-from flows.progress import Reporter, SilentReporter
+from pipeline.database import open_database
+from pipeline.locate import build_and_save_index, dataset_embedder, load_tombstones, remove_index
+from pipeline.progress import Reporter, SilentReporter
 from shards.assign import place_record, validate_layout
 from shards.sources import (
     CleanRow,

@@ -25,7 +25,7 @@ counts only, never an identifier, a record id or a text.
 
 Events are built with the ``openlineage-python`` client classes and written with its
 ``Serde``; the custom facet's JSON schema ships beside this module
-(``flows/openlineage_facets/ErasureRequestRunFacet.json``).
+(``pipeline/openlineage_facets/ErasureRequestRunFacet.json``).
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ PROJECT_URL = "https://github.com/example-org/erasure-pipeline"
 FACETS_DIR = Path(__file__).parent / "openlineage_facets"
 ERASURE_REQUEST_FACET = "erasure_request"
 ERASURE_REQUEST_FACET_SCHEMA = (
-    f"{PROJECT_URL}/blob/main/flows/openlineage_facets/ErasureRequestRunFacet.json#/$defs/ErasureRequestRunFacet"
+    f"{PROJECT_URL}/blob/main/pipeline/openlineage_facets/ErasureRequestRunFacet.json#/$defs/ErasureRequestRunFacet"
 )
 # run ids: uuid5(RUN_ID_NAMESPACE, "<job>/<dataset>/<row key>")
 RUN_ID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, f"{PROJECT_URL}/openlineage/run")

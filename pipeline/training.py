@@ -1,0 +1,185 @@
+"""Training lineage: sub-model checkpoints -> shard version and slice, and the
+ensemble version in service -> its member checkpoints.
+
+Checkpoints live under ``$ERASURE_HOME/checkpoints/<dataset>``, ensemble
+manifests under ``$ERASURE_HOME/ensembles/<dataset>``. Sub-models train one after
+another in the calling process: torch's deterministic switches are process-wide
+(see ``shards.device``), so two trainings must never share a process concurrently.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from db.audit import append_event
+from db.lineage import latest_shard_versions
+from db.locks import lock_dataset
+from db.models import utcnow
+from db.session import unit_of_work
+from db.settings import Settings
+from db.training import Checkpoint, EnsembleMemberRow, EnsembleVersionRow
+from pipeline.database import open_database
+from pipeline.erasure import dataset_or_fail
+from shards.checkpoints import CheckpointStore
+from shards.ensemble import EnsembleMember, EnsembleVersion
+from shards.model import ModelSpec
+from shards.training import EmptyShardError, SliceSchedule, TrainConfig, checkpoint_chain, shard_from_parquet, train_shard
+
+
+@dataclass(frozen=True)
+class TrainingOptions:
+    """What determines the sub-models besides their data (part of every checkpoint address)."""
+
+    epochs: float = 4.0
+    hidden: tuple[int, ...] = (64,)
+    batch_size: int = 128
+    learning_rate: float = 2e-3
+    seed: int = 0
+    num_classes: int | None = None  # default: the dataset's highest label + 1
+
+
+def checkpoint_store(settings: Settings, dataset: str) -> CheckpointStore:
+    return CheckpointStore(settings.home / "checkpoints" / dataset)
+
+
+def manifest_path(settings: Settings, dataset: str, version_id: str) -> Path:
+    return settings.home / "ensembles" / dataset / f"{version_id}.json"
+
+
+def current_ensemble_row(session: Session, dataset_id: int) -> EnsembleVersionRow | None:
+    """The ensemble version in service: the dataset's newest."""
+    return session.scalars(
+        select(EnsembleVersionRow).where(EnsembleVersionRow.dataset_id == dataset_id)
+        .order_by(EnsembleVersionRow.id.desc()).limit(1)
+    ).first()
+
+
+def current_ensemble(session: Session, dataset_id: int) -> EnsembleVersion | None:
+    row = current_ensemble_row(session, dataset_id)
+    return EnsembleVersion.read(row.manifest_path) if row is not None else None
+
+
+def record_checkpoints(
+    session: Session, store: CheckpointStore, dataset_id: int, shard: int, shard_version: int, keys: list[str]
+) -> None:
+    """Rows for the stored checkpoints of a chain that have none yet (a prefix
+    shared with an earlier version keeps the version it was first trained for)."""
+    for key in keys:
+        if not store.exists(key) or session.get(Checkpoint, (dataset_id, key)) is not None:
+            continue
+        ref = store.ref(key)
+        session.add(Checkpoint(
+            dataset_id=dataset_id, key=key, shard=shard, slice=ref.slice_index, shard_version=shard_version,
+            path=str(ref.path), sha256=ref.sha256, records_seen=ref.records_seen, created_at=utcnow(),
+        ))
+    session.flush()
+
+
+def publish_ensemble(
+    settings: Settings, session: Session, dataset_id: int, dataset: str, version: EnsembleVersion, created_by: str
+) -> tuple[EnsembleVersion, bool]:
+    """Record ``version`` as the ensemble in service (manifest file + rows), unless it
+    is already the current one. Caller holds the dataset lock."""
+    current = current_ensemble_row(session, dataset_id)
+    if current is not None and current.version_id == version.version_id:
+        return version, False
+    if current is not None and version.parent is None:
+        version = EnsembleVersion(version.members, version.aggregation, parent=current.version_id, notes=version.notes)
+    path = version.write(manifest_path(settings, dataset, version.version_id))
+    row = EnsembleVersionRow(
+        dataset_id=dataset_id, version_id=version.version_id, parent_version_id=version.parent,
+        manifest_path=str(path), created_by=created_by, created_at=utcnow(),
+    )
+    session.add(row)
+    session.flush()
+    for member in version.members:
+        session.add(EnsembleMemberRow(ensemble_id=row.id, shard=int(member.shard_id), dataset_id=dataset_id,
+                                      checkpoint_key=member.checkpoint.key))
+    session.flush()
+    append_event(session, "ensemble.published", {
+        "dataset": dataset, "version_id": version.version_id, "parent_version_id": version.parent,
+        "members": {m.shard_id: m.checkpoint.key for m in version.members}, "created_by": created_by,
+    }, actor=f"flow:{created_by.split(':')[0]}")
+    return version, True
+
+
+def _num_classes(settings: Settings, versions: dict, options: TrainingOptions) -> int:
+    if options.num_classes is not None:
+        return options.num_classes
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    highest = 1
+    for v in versions.values():
+        labels = pq.read_table(v.path, columns=["label"])["label"]
+        top = pc.max(labels).as_py()
+        if top is not None:
+            highest = max(highest, int(top))
+    return highest + 1
+
+
+def train_config(feature_dim: int, num_classes: int, num_slices: int, options: TrainingOptions) -> TrainConfig:
+    return TrainConfig(
+        model=ModelSpec(input_dim=feature_dim, num_classes=num_classes, hidden=options.hidden),
+        schedule=SliceSchedule.paper(num_slices, options.epochs),
+        batch_size=options.batch_size, learning_rate=options.learning_rate, seed=options.seed,
+    )
+
+
+
+
+def train_one_shard(settings: Settings, dataset: str, shard: int, options: dict) -> dict:
+    """Train (or resume) shard ``shard``'s sub-model on its latest version; record its checkpoints."""
+    engine = open_database(settings)
+    try:
+        with unit_of_work(engine) as session:
+            ds = dataset_or_fail(session, dataset)
+            versions = latest_shard_versions(session, ds.id)
+            opts = TrainingOptions(**{**options, "hidden": tuple(options.get("hidden", (64,)))})
+            config = train_config(ds.feature_dim, _num_classes(settings, versions, opts), ds.n_slices, opts)
+            version = versions[shard]
+            dataset_id = ds.id
+        store = checkpoint_store(settings, dataset)
+        data = shard_from_parquet(version.path, str(shard), unlabeled="skip")
+        try:
+            result = train_shard(data, config, store)
+        except EmptyShardError:
+            return {"shard": shard, "shard_version": version.version, "checkpoint": None, "trained_slices": []}
+        with unit_of_work(engine) as session:
+            record_checkpoints(session, store, dataset_id, shard, version.version, checkpoint_chain(data, config))
+        return {
+            "shard": shard, "shard_version": version.version, "checkpoint": result.final.key,
+            "trained_slices": list(result.cost.slices_trained), "samples": result.cost.samples_processed,
+            "seconds": round(result.cost.wall_seconds, 3),
+        }
+    finally:
+        engine.dispose()
+
+
+def publish_trained_members(settings: Settings, dataset: str, members: list[dict]) -> dict:
+    """Publish the ensemble of the freshly trained members (under the dataset lock)."""
+    engine = open_database(settings)
+    store = checkpoint_store(settings, dataset)
+    try:
+        with unit_of_work(engine) as session:
+            ds = dataset_or_fail(session, dataset)
+            lock_dataset(session, ds.id)
+            refs = [EnsembleMember(str(m["shard"]), store.ref(m["checkpoint"])) for m in members if m["checkpoint"]]
+            version, created = publish_ensemble(settings, session, ds.id, dataset, EnsembleVersion(tuple(refs)),
+                                                created_by="train")
+            return {"ensemble_version": version.version_id, "created": created, "members": len(refs)}
+    finally:
+        engine.dispose()
+
+
+def list_shards(settings: Settings, dataset: str) -> list[int]:
+    engine = open_database(settings)
+    try:
+        with unit_of_work(engine) as session:
+            return sorted(latest_shard_versions(session, dataset_or_fail(session, dataset).id))
+    finally:
+        engine.dispose()
