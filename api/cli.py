@@ -68,6 +68,12 @@ def ingest(
     shards: Annotated[int, typer.Option(help="Number of SISA shards S (fixed per dataset).")] = 4,
     slices: Annotated[int, typer.Option(help="Number of slices R per shard (fixed per dataset).")] = 4,
     seed: Annotated[int, typer.Option(help="Placement seed (fixed per dataset).")] = 0,
+    placement: Annotated[Optional[str], typer.Option(
+        help="subject: a person's records (linked by email, user id or phone, and their near-copies) share one "
+             "shard and one late slice, so their erasure retrains one sub-model; record: by record id. Fixed per "
+             "dataset; default: subject when identifier fields are given.")] = None,
+    max_records_per_identifier: Annotated[int, typer.Option(
+        help="An identifier value on more records than this (a shared support address) links none of them.")] = 1000,
     format: Annotated[Optional[str], typer.Option("--format", help="jsonl, csv or parquet (default: from the suffix).")] = None,
     embedder: Annotated[
         str, typer.Option(help="Features/paraphrase embedder: 'hashing' (fast, words) or 'minilm' (meaning, ~200 texts/s).")
@@ -95,6 +101,8 @@ def ingest(
         seed=seed,
         fmt=format,
         embedder=embedder,
+        placement=placement,
+        max_records_per_identifier=max_records_per_identifier,
     )
     try:
         with RichReporter() as reporter:
@@ -107,7 +115,8 @@ def ingest(
         _fail(str(exc), code=1)
     human = (
         f"{summary.status}: {summary.new_records} new record(s) of {summary.rows} row(s) into dataset "
-        f"{summary.dataset!r} ({summary.shards} shards x {summary.slices} slices) in {summary.seconds:.1f}s"
+        f"{summary.dataset!r} ({summary.shards} shards x {summary.slices} slices, placed by {summary.placement}) "
+        f"in {summary.seconds:.1f}s"
     )
     _emit(summary.to_json(), as_json, human)
 
@@ -154,15 +163,17 @@ def locate(
     from dedup.locate import LocateRequest
     from pipeline.database import open_database
     from pipeline.locate import locate_dry_run
+    from pipeline.placement import matches_retrain_estimate
 
     settings = _settings(home, database_url)
     try:
         request = LocateRequest.parse(identifier, sample, [str(p) for p in sample_file])
         with unit_of_work(open_database(settings)) as session:
             result = locate_dry_run(settings, session, dataset, request, hops=hops, report_keep=show_keep)
+            estimate = matches_retrain_estimate(settings, session, dataset, result.matches)
     except (ValueError, LookupError, OSError) as exc:
         _fail(str(exc))
-    data = {"dataset": dataset, **result.to_dict()}
+    data = {"dataset": dataset, **result.to_dict(), "retrain_estimate": estimate}
     by_method: dict[str, int] = {}
     for match in result.matches:
         by_method[match.method.value] = by_method.get(match.method.value, 0) + 1
@@ -173,6 +184,9 @@ def locate(
             f"  {match.decision.value:6} shard {match.shard} slice {match.slice} {match.record_id}  "
             f"{match.method.value} {match.metric.value}={match.score:.3f} (hop {match.hop})"
         )
+    lines.append(f"erasing the 'erase' matches would retrain {estimate['shards_touched']} shard(s) from slice(s) "
+                 f"{estimate['earliest_slice']}: {estimate['samples']} samples, {estimate['fraction']:.1%} of a full "
+                 "retraining")
     _emit(data, as_json, "\n".join(lines))
 
 
@@ -206,6 +220,37 @@ def db_upgrade(home: HomeOpt = None, database_url: DbOpt = None, as_json: JsonOp
     upgrade_to_head(settings.resolved_database_url)
     url = settings.resolved_database_url
     _emit({"upgraded": True, "database": url.split("@")[-1]}, as_json, "schema is at head")
+
+
+
+@db_app.command("rekey")
+def db_rekey(
+    dataset: Annotated[Optional[str], typer.Option("--dataset", help="Only this dataset (default: all).")] = None,
+    drop_unkeyed_tombstones: Annotated[bool, typer.Option(
+        "--drop-unkeyed-tombstones",
+        help="Delete a tombstone file from before keyed signatures (it confirms guessed erased texts to anyone "
+             "holding it and cannot be re-keyed); re-ingests of those texts are then no longer screened out.")] = False,
+    home: HomeOpt = None,
+    database_url: DbOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Bring data from before keyed digests under the secret key: content HMACs of live records,
+    keyed locate indexes, unkeyed tombstones dropped on request, database files compacted."""
+    from pipeline.locate import UnkeyedTombstoneFile
+    from pipeline.rekey import rekey_all, rekey_dataset
+
+    settings = _settings(home, database_url)
+    try:
+        if dataset is not None:
+            reports = [rekey_dataset(settings, dataset, drop_unkeyed_tombstones=drop_unkeyed_tombstones)]
+        else:
+            reports = rekey_all(settings, drop_unkeyed_tombstones=drop_unkeyed_tombstones)
+    except (LookupError, ValueError, UnkeyedTombstoneFile) as exc:
+        _fail(str(exc))
+    data = {"datasets": [r.to_dict() for r in reports]}
+    lines = [f"{r.dataset}: {r.records_rekeyed} record digest(s) keyed, {r.indexes_rebuilt} index(es) rebuilt, "
+             f"{r.unkeyed_tombstones_dropped} unkeyed tombstone(s) dropped" for r in reports] or ["no datasets"]
+    _emit(data, as_json, "\n".join(lines))
 
 
 if __name__ == "__main__":

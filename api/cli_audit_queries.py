@@ -1,4 +1,4 @@
-"""The audit query commands: ``erasure audit timeline | due | subject | ensemble``.
+"""The audit query commands: ``erasure audit timeline | due | subject | ensemble | screen-reference``.
 
 Thin: parse flags, call one query of ``db.audit_queries``, print. With
 ``--json`` each prints one JSON document on stdout, the same shape as the
@@ -28,6 +28,7 @@ def register_commands(audit_app: typer.Typer) -> None:
     audit_app.command("due")(due)
     audit_app.command("subject")(subject)
     audit_app.command("ensemble")(ensemble)
+    audit_app.command("screen-reference")(screen_reference)
 
 
 @contextmanager
@@ -88,6 +89,9 @@ def timeline(
         extra = f" ({e['reason']})" if e["reason"] else ""
         if e["details"]:
             extra += " " + ", ".join(f"{k}={v}" for k, v in sorted(e["details"].items()))
+        for note in e.get("notes") or ():
+            extra += f" [{note['kind']} note {note['id']}: " + (note["text"] if note["text"] is not None
+                                                                 else "purged") + "]"
         lines.append(f"  {e['at']}  {e['actor']}: {e['kind']}{states}{extra}  [{e['source']}]")
     emit(data, as_json, "\n".join(lines))
 
@@ -112,6 +116,8 @@ def due(
               for r in data["overdue"]]
     lines += [f"  due      {r['request_id']}  {r['state']}, due {r['due_at']} (in {r['days_left']:.1f} days)"
               for r in data["due_soon"]]
+    lines += [f"  UPSTREAM {a['request_id']}  {len(a['rows'])} row(s) in {a['path']} (sha256 {a['sha256'][:16]}…): "
+              "delete them at the source, then `erasure audit upstream-done`" for a in data["upstream_open"]]
     emit(data, as_json, "\n".join(lines))
 
 
@@ -128,6 +134,7 @@ def subject(
     from api.schemas_audit import SubjectIn, SubjectLineageOut
     from db.audit_queries import subject_lineage
     from pipeline.lifecycle import IDENTIFIER_KINDS
+    from pipeline.placement import subject_placement_view
 
     pairs = []
     for spec in identifier:
@@ -145,6 +152,9 @@ def subject(
     with _session(home, database_url) as (settings, session):
         data = _dump(SubjectLineageOut, subject_lineage(session, body.keyed_hashes(settings.secret_key_bytes()),
                                                         dataset=body.dataset))
+        # where the live records are, per dataset, and what their erasure would retrain
+        data["placement"] = subject_placement_view(settings, session, [
+            (r["dataset"], r["shard"], r["slice"]) for r in data["records"] if r["erased_in_shard_version"] is None])
     lines = [f"{len(data['records'])} record(s) ({data['erased']} erased); {len(data['requests'])} request(s); "
              f"{data['in_current_shard_versions']} in current shard versions, "
              f"{data['in_current_ensembles']} in current ensembles; "
@@ -157,6 +167,11 @@ def subject(
                      f"from v{r['first_shard_version']}, {erased}; {'+'.join(r['found_by'])}; "
                      f"versions {r['shard_versions']}, {len(r['checkpoints'])} checkpoint(s), "
                      f"{len(r['ensemble_versions'])} ensemble version(s); {now}")
+    for p in data["placement"]:
+        est = p["retrain_estimate"]
+        where = ", ".join(f"shard {s['shard']} slice(s) {s['slices']}" for s in p["shards"])
+        lines.append(f"  {p['dataset']} (placed by {p['placement']}): {where}; erasing them retrains "
+                     f"{est['shards_touched']} shard(s), {est['fraction']:.1%} of a full retraining")
     emit(data, as_json, "\n".join(lines))
 
 
@@ -187,3 +202,19 @@ def ensemble(
     lines += [f"  HOLDS      {r['request_id']}  {r['state']}: {r['erased_records_held']} erased record(s)"
               for r in data["still_holding"]]
     emit(data, as_json, "\n".join(lines))
+
+
+def screen_reference(
+    reference: Annotated[str, typer.Argument(help="The opaque reference of a /v1/screen answer (scr_...).")],
+    home: HomeOpt = None,
+    database_url: DbOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """What a screen reference stands for: the dataset, erasure request and erased record."""
+    from api.schemas_audit import ScreenReferenceOut
+    from pipeline.screening import resolve_screen_reference
+
+    with _session(home, database_url) as (settings, session):
+        data = _dump(ScreenReferenceOut, resolve_screen_reference(settings, reference, engine=session.get_bind()))
+    where = f"shard {data['shard']}, record {data['record_id']}" if data["record_id"] is not None else "no record id"
+    emit(data, as_json, f"{data['reference']}: dataset {data['dataset']}, request {data['request_id']}, {where}")

@@ -67,15 +67,19 @@ def certificate(
         emit(issued.envelope, True, "")
         return
     body = issued.envelope["certificate"]
-    erasure, probes = body["erasure"], body["verification"]["membership_probe"]
     lines = [f"certificate of request {request_id}, issued {issued.issued_at.isoformat()}",
-             f"  completed {body['request']['completed_at']}, due {body['request']['due_at']}",
-             f"  records erased: {erasure['records_erased']} from {len(erasure['shards'])} shard(s); "
-             f"sub-models retrained: {len(body['retraining'])}"]
-    if isinstance(probes, list):
-        lines += [f"  membership probe {p['role']}: " + (f"AUC {p['auc']:.3f} [{p['ci_low']:.3f}, {p['ci_high']:.3f}], "
-                  f"{p['erased_count']} erased vs {p['heldout_count']} held out" if p["auc"] is not None
-                  else f"no AUC ({p['reason']})") for p in probes]
+             f"  completed {body['request']['completed_at']}, due {body['request']['due_at']}"]
+    for section in body["datasets"]:
+        erasure, probes = section["erasure"], section["verification"]["membership_probe"]
+        exactness = ", ".join(f"shard {j['shard']}: {j['exactness']['status']}" for j in section["retraining"])
+        lines.append(f"  dataset {section['dataset']['name']}: {section['locate']['matches']} found, "
+                     f"{erasure['records_erased']} erased from {len(erasure['shards'])} shard(s); "
+                     f"sub-models retrained: {len(section['retraining'])}" + (f" ({exactness})" if exactness else ""))
+        if isinstance(probes, list):
+            lines += [f"    membership probe {p['role']}: " + (
+                f"AUC {p['auc']:.3f} [{p['ci_low']:.3f}, {p['ci_high']:.3f}], "
+                f"{p['erased_count']} erased vs {p['heldout_count']} held out" if p["auc"] is not None
+                else f"no AUC ({p['reason']})") for p in probes]
     lines += [f"  sha256 {issued.sha256}, signed by key {issued.key_id}",
               "  write it with --out FILE; print the document with --json"]
     typer.echo("\n".join(lines))

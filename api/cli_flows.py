@@ -76,7 +76,8 @@ def train(
 
 def process(
     request_id: Annotated[str, typer.Argument(help="The request id (a UUID).")],
-    dataset: DatasetOpt = "default",
+    dataset: Annotated[Optional[str], typer.Option(
+        help="Only this dataset (default: every dataset, or those the request named).")] = None,
     retrain: Annotated[str, typer.Option(help="'now', or 'scheduled' to leave it to retrain-pending.")] = "now",
     review_timeout: Annotated[int, typer.Option(help="Seconds to wait paused for review decisions (0: do not wait).")] = 0,
     on_review_timeout: Annotated[str, typer.Option(help="leave (end, continue later), keep, erase or fail.")] = "leave",
@@ -148,9 +149,15 @@ def demo(
                      f"({cost['fraction_of_full']:.1%})")
     audit = result["accountability"]
     for probe in audit["membership_probe"]:
-        auc = "n/a" if probe["auc"] is None else f"{probe['auc']:.3f} [{probe['ci_low']:.3f}, {probe['ci_high']:.3f}]"
-        lines.append(f"  membership probe {probe['role']:6}: AUC {auc} ({probe['erased_count']} erased vs "
-                     f"{probe['heldout_count']} held out; 0.5 = indistinguishable)")
+        auc = ("n/a" if probe["auc"] is None else f"{probe['auc']:.3f} [{probe['ci_low']:.3f}, {probe['ci_high']:.3f}]")
+        power = probe.get("power") or {}
+        power_text = ("n/a" if power.get("auc") is None
+                      else f"{power['auc']:.3f} [{power['ci_low']:.3f}, {power['ci_high']:.3f}]")
+        lines.append(f"  membership probe {probe['role']:6}: AUC {auc} ({probe['erased_count']} erased records, "
+                     f"{probe.get('groups') if probe.get('groups') is not None else 'n/a'} distinct texts, vs "
+                     f"{probe['heldout_count']} never seen; reference-calibrated); power {power_text}")
+    if audit.get("membership_sentence"):
+        lines.append(f"  {audit['membership_sentence']}")
     certificate = audit["certificate"]
     if certificate is not None:
         lines.append(f"  certificate: {certificate['file']} (signed, key {certificate['key_id'][:16]}…, "
@@ -158,4 +165,8 @@ def demo(
         lines.append("  scope: " + "; ".join(f"{k.replace('_', ' ')}: {v}" for k, v in certificate["scope"].items()))
     log = audit["audit_log"]
     lines.append(f"  audit log: {log['events']} chained event(s), {'intact' if log['ok'] else 'BROKEN'}")
+    if audit.get("residue"):
+        from api.cli_audit import residue_lines
+
+        lines += ["  " + line for line in residue_lines(audit["residue"]).splitlines()]
     _emit(result, as_json, "\n".join(lines))

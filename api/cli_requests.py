@@ -13,6 +13,7 @@ import sys
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -26,10 +27,12 @@ from api.cli_common import fail as _fail
 from api.cli_common import settings_from_flags as _settings
 from db.settings import Settings
 
-request_app = typer.Typer(no_args_is_help=True, help="Erasure requests: submit, show, review, extend, deny.")
+request_app = typer.Typer(no_args_is_help=True,
+                          help="Erasure requests: submit, show, review, extend, deny, purge-notes.")
 token_app = typer.Typer(no_args_is_help=True, help="API bearer tokens (stored only as SHA-256).")
 
-ActorOpt = Annotated[Optional[str], typer.Option("--actor", help="Who acts, for the timeline (default cli:$USER).")]
+ActorOpt = Annotated[Optional[str], typer.Option(
+    "--actor", help="Who acts, for the timeline: a principal without spaces (default cli:$USER).")]
 RequestId = Annotated[str, typer.Argument(help="The request id (a UUID).")]
 
 
@@ -133,6 +136,9 @@ def submit(
     idempotency_key: Annotated[
         Optional[str], typer.Option("--idempotency-key", help="Resubmitting with the same key is a no-op (default: new UUID).")
     ] = None,
+    dataset: Annotated[
+        list[str], typer.Option("--dataset", help="A dataset the request covers. Repeatable (default: every dataset).")
+    ] = [],  # noqa: B006 - typer needs a literal default
     actor: ActorOpt = None,
     home: HomeOpt = None,
     database_url: DbOpt = None,
@@ -155,7 +161,8 @@ def submit(
     key = idempotency_key or str(uuid.uuid4())
     with _database(home, database_url) as (settings, engine):
         submission = submit_request(engine, settings.secret_key_bytes(), idempotency_key=key,
-                                    identifiers=identifiers, samples=samples, actor=_actor(actor))
+                                    identifiers=identifiers, samples=samples, actor=_actor(actor),
+                                    datasets=list(dataset) or None)
     from api.routes.requests import PREFIX
     from api.schemas import SubmissionOut
 
@@ -199,8 +206,9 @@ def review(
     decisions = [ReviewInput(ref, "erase", note) for ref in erase] + [ReviewInput(ref, "keep", note) for ref in keep]
     if not decisions:
         _fail("give at least one --erase REF or --keep REF")
-    with _database(home, database_url) as (_, engine), unit_of_work(engine) as session:
-        data = _status_json(record_review_decisions(session, request_id, decisions, reviewer=_actor(actor)))
+    with _database(home, database_url) as (settings, engine), unit_of_work(engine) as session:
+        data = _status_json(record_review_decisions(session, request_id, decisions, reviewer=_actor(actor),
+                                                    key=settings.secret_key_bytes()))
     _emit(data, as_json, f"{len(decisions)} decision(s) recorded; " + _status_line(data))
 
 
@@ -218,8 +226,9 @@ def extend(
     from db.session import unit_of_work
     from pipeline.lifecycle import extend_deadline
 
-    with _database(home, database_url) as (_, engine), unit_of_work(engine) as session:
-        data = _status_json(extend_deadline(session, request_id, months=months, reason=reason, actor=_actor(actor)))
+    with _database(home, database_url) as (settings, engine), unit_of_work(engine) as session:
+        data = _status_json(extend_deadline(session, request_id, months=months, reason=reason, actor=_actor(actor),
+                                            key=settings.secret_key_bytes()))
     _emit(data, as_json, _status_line(data))
 
 
@@ -238,9 +247,44 @@ def deny(
     from db.session import unit_of_work
     from pipeline.lifecycle import deny_request
 
-    with _database(home, database_url) as (_, engine), unit_of_work(engine) as session:
-        data = _status_json(deny_request(session, request_id, ground=ground, detail=detail, actor=_actor(actor)))
+    with _database(home, database_url) as (settings, engine), unit_of_work(engine) as session:
+        data = _status_json(deny_request(session, request_id, ground=ground, detail=detail, actor=_actor(actor),
+                                         key=settings.secret_key_bytes()))
     _emit(data, as_json, _status_line(data))
+
+
+def _duration(text: str) -> timedelta:
+    """'90d', '12h', '0' (days when no unit)."""
+    value, unit = (text[:-1], text[-1]) if text[-1:] in ("d", "h") else (text, "d")
+    try:
+        amount = float(value)
+    except ValueError:
+        _fail(f"--older-than {text!r}: write a duration such as 365d, 90d or 12h")
+    if amount < 0:
+        _fail(f"--older-than {text!r}: a duration is 0 or more")
+    return timedelta(days=amount) if unit == "d" else timedelta(hours=amount)
+
+
+@request_app.command("purge-notes")
+def purge_notes_command(
+    older_than: Annotated[Optional[str], typer.Option(
+        "--older-than", help="Purge the notes of requests closed at least this long ago (e.g. 365d, 90d, 12h; "
+        "default: the retention period, 365d).")] = None,
+    actor: ActorOpt = None,
+    home: HomeOpt = None,
+    database_url: DbOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Delete the notes (reasons, reviewers' notes, reviewed references) of closed
+    requests whose retention period ended; the audit log keeps their keyed hashes."""
+    from db.session import unit_of_work
+    from pipeline.lifecycle import DEFAULT_NOTES_RETENTION, purge_notes
+
+    window = _duration(older_than) if older_than else DEFAULT_NOTES_RETENTION
+    with _database(home, database_url) as (_, engine), unit_of_work(engine) as session:
+        data = purge_notes(session, older_than=window, actor=_actor(actor)).to_dict()
+    _emit(data, as_json, f"deleted {data['notes_deleted']} note(s) of {data['requests_purged']} request(s) "
+                         f"closed at least {data['older_than_days']:g} day(s) ago")
 
 
 # ---------------------------------------------------------------- tokens

@@ -114,7 +114,8 @@ def run_full_demo(
                 refs = undecided_refs(session, request_id)
                 reviewed = [ReviewInput(ref, "erase" if ref.split("/", 1)[1] in truth else "keep",
                                         "demo reviewer: ground truth") for ref in refs]
-                record_review_decisions(session, request_id, reviewed, reviewer="demo-reviewer")
+                record_review_decisions(session, request_id, reviewed, reviewer="demo-reviewer",
+                                        key=settings.secret_key_bytes())
         summary = process_erasure_request(request_id, "demo", review_timeout_s=0, on_review_timeout="leave")
         with unit_of_work(engine) as session:
             matches = request_matches(session, request_id)
@@ -127,6 +128,7 @@ def run_full_demo(
                 row["kept"] += m.final_decision == "keep"
                 row["truly_the_subjects"] += m.record_id in truth
         accountability = _accountability(settings, engine, request_id)
+        accountability["residue"] = _residue(settings, engine, request_id)
         engine.dispose()
         full = full_retrain_samples(settings, "demo")
     retrained = [j for j in summary["retraining"] if j["status"] == "done"]
@@ -155,6 +157,14 @@ def run_full_demo(
     }
 
 
+def _residue(settings: Settings, engine, request_id: str) -> dict:  # noqa: ANN001
+    """The residue check (pipeline/residue.py), Prefect's records included: the flows ran in this process."""
+    from flows.prefect_records import request_run_records
+    from pipeline.residue import check_residue
+
+    return check_residue(settings, engine, request_id, prefect_records=request_run_records)
+
+
 SCOPE_ORDER = ("back_end_removal", "near_copies_and_paraphrases", "output_suppression",
                "latent_information_and_downstream_use")
 
@@ -165,14 +175,15 @@ def _accountability(settings: Settings, engine, request_id: str) -> dict:  # noq
     from db.audit import verify_chain
     from db.session import unit_of_work
     from pipeline.certificate import parse_envelope, stored_certificate, verify_certificate
-    from pipeline.membership import probe_rows, probe_summary, report_path
+    from pipeline.membership import forgetting_sentence, probe_rows, probe_summary, report_path
     from pipeline.signing import load_or_create_signing_key
 
     with unit_of_work(engine) as session:
         issued = stored_certificate(session, request_id)
         probes = [probe_summary(row) for row in probe_rows(session, request_id)]
         chain = verify_chain(session)
-    result: dict = {"membership_probe": probes, "audit_log": chain.to_dict(), "certificate": None}
+    result: dict = {"membership_probe": probes, "membership_sentence": forgetting_sentence(probes),
+                    "audit_log": chain.to_dict(), "certificate": None}
     if issued is not None:
         folder = report_path(settings, request_id).parent
         folder.mkdir(parents=True, exist_ok=True)

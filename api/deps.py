@@ -34,14 +34,20 @@ class ApiError(Exception):
 
 @dataclass(frozen=True)
 class Caller:
-    """Who called: the token's name and scopes."""
+    """Who called: the token's id, name and scopes."""
 
     token_name: str
     scopes: frozenset[str]
+    token_id: int
 
     @property
     def actor(self) -> str:
         return f"token:{self.token_name}"
+
+    @property
+    def sees_every_request(self) -> bool:
+        """Review, audit and admin tokens see every request; an intake token only those it submitted."""
+        return bool(self.scopes & {"review", "audit", "admin"})
 
 
 def get_settings(request: Request) -> Settings:
@@ -105,7 +111,7 @@ class TokenCache:
             return hit[1]
         with unit_of_work(engine) as session:
             row = find_active_token(session, token)
-            caller = None if row is None else Caller(row.name, row.scope_set)
+            caller = None if row is None else Caller(row.name, row.scope_set, row.id)
         with self._lock:
             if caller is None:
                 self._entries.pop(digest, None)

@@ -26,7 +26,7 @@ from pipeline.lifecycle import (
     Submission,
     validate_identifier,
 )
-from pipeline.screening import MAX_KEYS_PER_TEXT, MAX_SCREEN_TEXT_CHARS, MAX_SCREEN_TEXTS
+from pipeline.screening import MAX_SCREEN_TEXT_CHARS, MAX_SCREEN_TEXTS, REFERENCE_PATTERN
 
 IdentifierKind = Literal[IDENTIFIER_KINDS]  # type: ignore[valid-type]  # the kinds dedup/ normalises
 Reason = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_REASON_CHARS)]
@@ -65,8 +65,14 @@ class IdentifierIn(_In):
         return value
 
 
+DatasetName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,199}$")]
+
+
 class SubmitRequestIn(_In):
     identifiers: list[IdentifierIn] = Field(default_factory=list, max_length=MAX_IDENTIFIERS)
+    datasets: list[DatasetName] | None = Field(
+        default=None, min_length=1, max_length=100,
+        description="The datasets the request covers (each must be ingested); leave out to cover every dataset.")
     samples: list[Sample] = Field(
         default_factory=list,
         max_length=MAX_SAMPLES,
@@ -125,6 +131,22 @@ class ReviewDecisionsIn(_In):
         return [ReviewInput(d.match_ref, d.decision.value, d.note) for d in self.decisions]
 
 
+class ReviewTicketIn(_In):
+    """The decisions a paused Prefect review is to be resumed with (no note: Prefect keeps run inputs)."""
+
+    decisions: list[ReviewDecisionIn] = Field(min_length=1, max_length=1000)
+
+    def pairs(self) -> list[tuple[str, str]]:
+        return [(d.match_ref, d.decision.value) for d in self.decisions]
+
+
+class ReviewTicketOut(_Out):
+    ticket: str = Field(description="Give it with exactly these decisions as the flow run's resume input "
+                        "`{decisions, ticket}`; without it the decisions are refused.")
+    reviewer: str = Field(description="The reviewer the ticket names (this token).")
+    expires_at: datetime
+
+
 # ---------------------------------------------------------------- status
 
 
@@ -153,14 +175,16 @@ class RequestStatusOut(_Out):
     due_at: datetime
     overdue: bool
     extension_months: int
-    extension_reason: str | None
+    extension_reason: str | None = Field(description="From the request's notes; null once they are purged.")
     denial_ground: str | None
-    denial_detail: str | None
+    denial_detail: str | None = Field(description="From the request's notes; null once they are purged.")
     submitted_by: str
     identifier_kinds: dict[str, int] = Field(description="How many identifiers of each kind (values are not kept).")
     sample_count: int
     samples_purged_at: datetime | None
     closed_at: datetime | None
+    notes_purged_at: datetime | None = Field(description="When the request's notes (reasons, reviewers' notes) "
+                                             "were deleted at the end of its retention period.")
     review_decisions: list[ReviewDecisionOut]
     history: list[EventOut]
 
@@ -186,9 +210,13 @@ class ScreenIn(_In):
 
 class TextScreenOut(_Out):
     index: int = Field(description="Position of the text in `texts`.")
-    matches_erased_content: bool
+    matches_erased_content: bool = Field(description="True: the text matches erased content (block it).")
     best_estimated_jaccard: float | None = Field(description="The best MinHash estimate among the matches; null without one.")
-    tombstone_keys: list[str] = Field(max_length=MAX_KEYS_PER_TEXT, description="Keys of the matching tombstones, best first (at most 5).")
+    reference: str | None = Field(
+        pattern=REFERENCE_PATTERN,
+        description="An opaque reference to the best matching tombstone (null without a match). It names no request "
+        "or record; only the audit scope can resolve it (GET /v1/audit/screen-references/{reference}).",
+    )
 
 
 class ScreenOut(_Out):

@@ -55,6 +55,9 @@ class TimelineEntryOut(_Out):
     audit_event_id: int | None
     request_event_id: int | None
     details: dict[str, Any] = Field(description="The audit event's ids and counts.")
+    notes: list[dict[str, Any]] = Field(
+        default_factory=list, description="Texts a person typed with the event ({id, kind, hmac, text}), from the "
+        "request's notes; text is null once they are purged (the audit log keeps only the keyed hash).")
 
 
 class RequestTimelineOut(_Out):
@@ -82,11 +85,24 @@ class DueRequestOut(_Out):
     days_left: float = Field(description="Days until the deadline; negative when overdue.")
 
 
+class UpstreamActionOut(_Out):
+    request_id: str
+    source_file_id: int
+    path: str
+    sha256: str
+    rows: list[int]
+    done_at: datetime | None
+    done_by: str | None
+
+
 class DueReportOut(_Out):
     now: datetime
     within_days: int
     overdue: list[DueRequestOut]
     due_soon: list[DueRequestOut]
+    upstream_open: list[UpstreamActionOut] = Field(
+        default_factory=list, description="Ingested source files that still hold an erased subject's rows upstream "
+                                          "(path, sha256, row numbers), until an operator marks them done.")
 
 
 # ---------------------------------------------------------------- subject lineage
@@ -169,3 +185,43 @@ class EnsembleReflectionsOut(_Out):
     lineage: list[str]
     reflected: list[ReflectedRequestOut]
     still_holding: list[HeldRequestOut]
+
+
+# ---------------------------------------------------------------- screen references
+
+
+class ScreenReferenceOut(_Out):
+    reference: str = Field(description="The opaque reference a /v1/screen answer gave.")
+    dataset: str
+    request_id: str = Field(description="The erasure request whose tombstone matched.")
+    shard: int | None = Field(description="The shard the erased record was in.")
+    record_id: str | None = Field(description="The erased record's id.")
+
+
+# ---------------------------------------------------------------- residue check
+
+
+class ResidueSummaryOut(_Out):
+    orphans: int
+    shard_hits: int
+    shard_hits_unresolved: int
+    database_hits: int
+    prefect: str = Field(description="clean, hits, or not_checked (never clean when Prefect could not be read)")
+    upstream_open: int
+
+
+class ResidueReportOut(_Out):
+    """``pipeline.residue.check_residue``: hits by place, as counts and ids (no text)."""
+
+    request_id: str
+    state: str
+    clean: bool
+    complete: bool = Field(description="false when Prefect's records were not checked")
+    summary: ResidueSummaryOut
+    inventory: dict[str, Any]
+    shards: dict[str, Any]
+    database: dict[str, Any]
+    prefect: dict[str, Any]
+    upstream: list[UpstreamActionOut]
+    tombstones: dict[str, int]
+    seconds: float

@@ -148,7 +148,7 @@ def load(url: str, data: Lineage) -> dict:
                 shard, slc = _place(i)
                 yield (1, f"r{i:08d}", shard, slc, _hex("content", i)[:64], 1, i, 1, data.erased_in.get(i))
 
-        counts["records"] = _copy(conn, "records", ("dataset_id", "record_id", "shard", "slice", "content_sha256",
+        counts["records"] = _copy(conn, "records", ("dataset_id", "record_id", "shard", "slice", "content_hmac",
                                                     "source_file_id", "row_number", "first_shard_version",
                                                     "erased_in_shard_version"), records(), progress, data.n)
 

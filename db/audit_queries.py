@@ -8,7 +8,9 @@ however many records the datasets hold (``benchmarks/bench_audit.py``).
 - ``request_timeline``: a request's events in time order, from the hash-chained
   audit log (``audit_events``) merged with its state history (``request_events``);
   an event written to both appears once, and the state history alone still
-  gives a full timeline for requests from before the audit log.
+  gives a full timeline for requests from before the audit log. The texts a
+  person typed (``request_notes``) are joined in while they exist; once purged
+  an entry still shows the note's kind and keyed hash.
 - ``due_requests``: open requests past their Art. 12(3) deadline, and those due
   within a window.
 - ``subject_lineage``: every record that ever held a subject's data (by keyed
@@ -38,8 +40,9 @@ from sqlalchemy.orm import Session, aliased
 
 from db.audit import AuditEvent
 from db.models import Dataset, Record, RecordIdentifier, ShardVersion
-from db.requests import ErasureRequest, RequestEvent, RequestIdentifier
+from db.requests import ErasureRequest, RequestEvent, RequestIdentifier, RequestNote
 from db.training import JOB_DONE, Checkpoint, EnsembleMemberRow, EnsembleVersionRow, RequestMatch, ShardRetrainJob
+from db.upstream import UpstreamAction, open_upstream_actions
 
 _CHUNK = 500  # ids per IN list
 MAX_LINEAGE_DEPTH = 100_000  # ensemble ancestry is a chain of content hashes; a guard, not a limit in practice
@@ -77,7 +80,9 @@ class TimelineEntry:
     """One event. ``kind`` uses the audit log's names (``request.transition``,
     ``shard.erased``, ...); a state-history line ``action`` is ``request.<action>``.
     ``source``: ``audit_log``, ``request_events`` or ``both`` (one event, written
-    to the two tables). ``details`` are the audit event's ids and counts."""
+    to the two tables). ``details`` are the audit event's ids and counts.
+    ``notes``: the texts a person typed with it (``{id, kind, hmac, text}``),
+    ``text`` None once the request's notes are purged."""
 
     at: datetime
     actor: str
@@ -89,6 +94,7 @@ class TimelineEntry:
     audit_event_id: int | None
     request_event_id: int | None
     details: dict
+    notes: tuple[dict, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -127,6 +133,8 @@ def request_timeline(session: Session, request_id: str, now: datetime | None = N
         select(AuditEvent).where(AuditEvent.request_id == request.id).order_by(AuditEvent.id)
     ).all()
 
+    texts = dict(session.execute(
+        select(RequestNote.id, RequestNote.text).where(RequestNote.request_id == request.id)).tuples().all())
     entries: list[TimelineEntry] = []
     unmatched: dict[tuple, list[RequestEvent]] = defaultdict(list)
     for event in history:
@@ -134,13 +142,15 @@ def request_timeline(session: Session, request_id: str, now: datetime | None = N
     for event in logged:
         details = _details(event.details)
         states = {key: details.pop(key, None) for key in _STATE_KEYS}
+        refs = details.pop("notes") if isinstance(details.get("notes"), list) else ()
+        notes = tuple({**ref, "text": texts.get(ref.get("id"))} for ref in refs if isinstance(ref, dict))
         key = (event.kind, event.at, event.actor, states["from_state"], states["to_state"])
         twin = unmatched[key].pop(0) if unmatched.get(key) else None
         entries.append(TimelineEntry(
             at=event.at, actor=event.actor, kind=event.kind, from_state=states["from_state"],
             to_state=states["to_state"], reason=states["reason"] if twin is None else twin.reason,
             source="audit_log" if twin is None else "both", audit_event_id=event.id,
-            request_event_id=None if twin is None else twin.id, details=details,
+            request_event_id=None if twin is None else twin.id, details=details, notes=notes,
         ))
     for events in unmatched.values():
         for event in events:
@@ -187,6 +197,8 @@ class DueReport:
     within_days: int
     overdue: tuple[DueRequest, ...]  # earliest deadline first
     due_soon: tuple[DueRequest, ...]  # not overdue; due before now + within_days
+    # source files that still hold erased subjects' rows upstream, until an operator marks them done
+    upstream_open: tuple[UpstreamAction, ...] = ()
 
 
 def due_requests(session: Session, *, open_states: Iterable[str], within_days: int = 7,
@@ -209,7 +221,7 @@ def due_requests(session: Session, *, open_states: Iterable[str], within_days: i
         item = DueRequest(row.id, row.state, row.received_at, row.due_at, row.extension_months,
                           round((row.due_at - now).total_seconds() / 86400, 3))
         (overdue if row.due_at < now else soon).append(item)
-    return DueReport(now, within_days, tuple(overdue), tuple(soon))
+    return DueReport(now, within_days, tuple(overdue), tuple(soon), tuple(open_upstream_actions(session)))
 
 
 # ---------------------------------------------------------------- c. a subject's records

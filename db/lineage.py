@@ -15,7 +15,7 @@ RECORD_COLUMNS = (
     "record_id",
     "shard",
     "slice",
-    "content_sha256",
+    "content_hmac",
     "source_file_id",
     "row_number",
     "first_shard_version",
@@ -41,8 +41,9 @@ def ensure_dataset(
     feature_dim: int,
     embedder: str,
     key_id: str,
+    placement: str | None = None,
 ) -> Dataset:
-    """The dataset named ``name``, created if new; its fixed layout must match."""
+    """The dataset named ``name``, created if new; its fixed layout (and placement, when given) must match."""
     dataset = get_dataset(session, name)
     if dataset is None:
         dataset = Dataset(
@@ -53,11 +54,14 @@ def ensure_dataset(
             feature_dim=feature_dim,
             embedder=embedder,
             key_id=key_id,
+            placement=placement or "record",
         )
         session.add(dataset)
         session.flush()
         return dataset
     wanted = {"seed": seed, "n_shards": n_shards, "n_slices": n_slices, "feature_dim": feature_dim, "embedder": embedder}
+    if placement is not None:
+        wanted["placement"] = placement
     for attr, value in wanted.items():
         if getattr(dataset, attr) != value:
             raise DatasetConflict(
@@ -78,10 +82,11 @@ def find_source_file(session: Session, dataset_id: int, sha256: str) -> SourceFi
     ).one_or_none()
 
 
-def record_contents(session: Session, dataset_id: int) -> dict[str, str]:
-    """record id -> content sha256 for every record of the dataset ever ingested."""
+def record_contents(session: Session, dataset_id: int) -> dict[str, str | None]:
+    """record id -> content HMAC for every record of the dataset ever ingested (None: not rekeyed,
+    see ``pipeline.rekey``)."""
     rows = session.execute(
-        select(Record.record_id, Record.content_sha256).where(Record.dataset_id == dataset_id)
+        select(Record.record_id, Record.content_hmac).where(Record.dataset_id == dataset_id)
     ).all()
     return {record_id: sha for record_id, sha in rows}
 

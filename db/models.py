@@ -69,6 +69,8 @@ class Dataset(Base):
     feature_dim: Mapped[int] = mapped_column(Integer)
     embedder: Mapped[str] = mapped_column(String(100))
     key_id: Mapped[str] = mapped_column(String(32))
+    # "subject" or "record" (shards.placement.PLACEMENT_MODES); fixed per dataset like the layout
+    placement: Mapped[str] = mapped_column(String(16), default="record", server_default="record")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     source_files: Mapped[list[SourceFile]] = relationship(back_populates="dataset")
@@ -115,7 +117,9 @@ class Record(Base):
     record_id: Mapped[str] = mapped_column(String(256), primary_key=True)
     shard: Mapped[int] = mapped_column(Integer)
     slice: Mapped[int] = mapped_column(Integer)
-    content_sha256: Mapped[str] = mapped_column(String(64))
+    # HMAC-SHA256(secret key, "content:" text), never a plain digest (which would confirm a guessed
+    # text to anyone reading the table). NULL until rekeyed: rows from before migration 0006.
+    content_hmac: Mapped[str | None] = mapped_column(String(64), nullable=True)
     source_file_id: Mapped[int] = mapped_column(Integer)
     row_number: Mapped[int] = mapped_column(Integer)
     first_shard_version: Mapped[int] = mapped_column(Integer)
@@ -162,3 +166,4 @@ class ShardVersion(Base):
 import db.requests  # noqa: E402,F401  (registers the request tables on Base.metadata for Alembic)
 import db.training  # noqa: E402,F401  (registers the training and erasure tables on Base.metadata)
 import db.audit  # noqa: E402,F401  (registers the audit log, certificates and probes)
+import db.upstream  # noqa: E402,F401  (registers the upstream actions' done marks)

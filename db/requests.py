@@ -6,8 +6,15 @@ What is stored, and what is not:
 - ``request_samples`` is the only table that holds content a data subject sent;
   its rows are deleted when the request closes (completed or denied).
 - ``request_events`` is the request's timeline: every state change, extension,
-  denial, review and purge, with time, actor and reason.
-- ``api_tokens`` stores the SHA-256 of each bearer token, never the token.
+  denial, review and purge, with time, actor and a reason made of codes and
+  counts (never text a person typed).
+- ``request_notes`` holds every text a person typed about a request (extension
+  reasons, denial details, reviewer notes, operator reasons, the match
+  references a review named). It is mutable: ``purge_notes`` deletes a closed
+  request's notes once its retention period ends. The hash-chained audit log
+  keeps only each note's id and keyed hash (migration 0007).
+- ``api_tokens`` stores the SHA-256 of each bearer token, never the token;
+  a request records the id of the token that submitted it.
 
 Times are timezone-aware UTC everywhere (``UTCDateTime``), on SQLite as well.
 The schema is created only by Alembic (``migrations/versions/0002_...``).
@@ -18,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 from datetime import datetime
+from enum import StrEnum
 
 from sqlalchemy import (
     ForeignKey,
@@ -50,13 +58,18 @@ class ErasureRequest(Base):
     original_due_at: Mapped[datetime] = mapped_column(UTCDateTime())
     due_at: Mapped[datetime] = mapped_column(UTCDateTime())
     extension_months: Mapped[int] = mapped_column(Integer, default=0)
-    extension_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
     denial_ground: Mapped[str | None] = mapped_column(String(32), nullable=True)
-    denial_detail: Mapped[str | None] = mapped_column(Text, nullable=True)
     submitted_by: Mapped[str] = mapped_column(String(200))
+    # The API token that submitted it (None from the CLI): an intake token sees only its own requests.
+    submitted_by_token_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # How matches reached only from a requester's sample were decided (dedup.policy.SampleOnly), once located.
+    sample_only_policy: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    notes_purged_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     identifier_count: Mapped[int] = mapped_column(Integer)
     sample_count: Mapped[int] = mapped_column(Integer)
     samples_purged_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    # the dataset names the request covers, as a JSON list; NULL: every dataset (migration 0009)
+    datasets: Mapped[str | None] = mapped_column(Text, nullable=True)
     closed_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
@@ -69,6 +82,9 @@ class ErasureRequest(Base):
     events: Mapped[list[RequestEvent]] = relationship(back_populates="request", order_by="RequestEvent.id")
     review_decisions: Mapped[list[ReviewDecision]] = relationship(
         back_populates="request", order_by="ReviewDecision.match_ref"
+    )
+    notes: Mapped[list[RequestNote]] = relationship(
+        back_populates="request", order_by="RequestNote.id", cascade="all, delete-orphan"
     )
 
 
@@ -124,7 +140,9 @@ class RequestEvent(Base):
 
 class ReviewDecision(Base):
     """A reviewer's decision on one match of a request (erase or keep); the
-    locate step names matches by ``match_ref``. A later decision replaces it."""
+    locate step names matches by ``match_ref``. A later decision replaces it.
+    ``reviewer`` is the verified principal (``token:<name>``, ``cli:<user>``);
+    a note the reviewer wrote is a ``RequestNote`` (``note_id``)."""
 
     __tablename__ = "review_decisions"
     __table_args__ = (UniqueConstraint("request_id", "match_ref", name="uq_review_decisions_request_match_ref"),)
@@ -134,10 +152,37 @@ class ReviewDecision(Base):
     match_ref: Mapped[str] = mapped_column(String(200))
     decision: Mapped[str] = mapped_column(String(16))
     reviewer: Mapped[str] = mapped_column(String(200))
-    note: Mapped[str | None] = mapped_column(Text, nullable=True)
+    note_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
     decided_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
     request: Mapped[ErasureRequest] = relationship(back_populates="review_decisions")
+
+
+class NoteKind(StrEnum):
+    """What a ``RequestNote`` holds."""
+
+    EXTENSION_REASON = "extension_reason"  # why the deadline was extended (Art. 12(3))
+    DENIAL_DETAIL = "denial_detail"  # the reasoning of an Art. 17(3) denial
+    REVIEW_NOTE = "review_note"  # what a reviewer wrote with decisions
+    REVIEW_REFS = "review_refs"  # the match references a review named (they embed record ids)
+    TRANSITION_REASON = "transition_reason"  # an operator's reason for a state change
+    LEGACY = "legacy"  # text moved out of the tables by migration 0007
+
+
+class RequestNote(Base):
+    """Text a person typed about a request: mutable, kept apart from the
+    append-only audit log (which holds only ``id`` and the note's keyed hash),
+    deleted by ``purge_notes`` when the request's retention period ends."""
+
+    __tablename__ = "request_notes"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    request_id: Mapped[str] = mapped_column(ForeignKey("erasure_requests.id", ondelete="CASCADE"), index=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    text: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+    request: Mapped[ErasureRequest] = relationship(back_populates="notes")
 
 
 # ------------------------------------------------------------------ API tokens
@@ -188,7 +233,7 @@ def issue_token(session: Session, name: str, scopes: list[str] | tuple[str, ...]
     session.flush()
     from db.audit import append_event  # db.audit imports db.models, which imports this module
 
-    append_event(session, "token.created", {"name": name, "scopes": row.scopes}, actor="admin")
+    append_event(session, "token.created", {"token_id": row.id, "scopes": sorted(row.scope_set)}, actor="admin")
     return token, row
 
 
@@ -208,7 +253,7 @@ def revoke_token(session: Session, name: str) -> ApiToken:
         row.revoked_at = utcnow()
         from db.audit import append_event
 
-        append_event(session, "token.revoked", {"name": name}, actor="admin")
+        append_event(session, "token.revoked", {"token_id": row.id}, actor="admin")
     return row
 
 

@@ -9,6 +9,9 @@ identifier hashes unmatchable, so production sets the variable from a vault.
 ``ERASURE_SIGNING_KEY_FILE`` names the Ed25519 key that signs erasure
 certificates (default ``$ERASURE_HOME/signing_key.pem``, generated once, 0600;
 see ``pipeline/signing.py``).
+``ERASURE_SAMPLE_ONLY_MATCHES`` says how a match reached only from a requester's
+sample is decided: ``review`` (default: whatever its score) or ``score``
+(``dedup/policy.py``).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import os
 import secrets
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -28,6 +32,11 @@ class Settings(BaseSettings):
     database_url: str | None = None
     secret_key: SecretStr | None = None
     signing_key_file: Path | None = None
+    sample_only_matches: Literal["review", "score"] = "review"
+    # Retrain a sub-model where its recorded runtime (device kind, torch version, CPU threads,
+    # deterministic mode) is not available: the result never saw the erased records but is not
+    # bitwise comparable, and the certificate says so. Default: refuse (the job stays pending).
+    allow_cross_runtime_retrain: bool = False
 
     @field_validator("home")
     @classmethod
@@ -108,7 +117,8 @@ class use_settings:
     """Point flows run in this process at ``settings`` (they read the environment,
     as a worker's flows do); the previous values come back afterwards."""
 
-    NAMES = ("ERASURE_HOME", "ERASURE_DATABASE_URL", "ERASURE_SECRET_KEY", "ERASURE_SIGNING_KEY_FILE")
+    NAMES = ("ERASURE_HOME", "ERASURE_DATABASE_URL", "ERASURE_SECRET_KEY", "ERASURE_SIGNING_KEY_FILE",
+             "ERASURE_ALLOW_CROSS_RUNTIME_RETRAIN", "ERASURE_SAMPLE_ONLY_MATCHES")
 
     def __init__(self, settings: Settings) -> None:
         self.values = {
@@ -116,6 +126,8 @@ class use_settings:
             "ERASURE_DATABASE_URL": settings.resolved_database_url,
             "ERASURE_SECRET_KEY": settings.secret_key.get_secret_value() if settings.secret_key else None,
             "ERASURE_SIGNING_KEY_FILE": str(settings.signing_key_file) if settings.signing_key_file else None,
+            "ERASURE_ALLOW_CROSS_RUNTIME_RETRAIN": "1" if settings.allow_cross_runtime_retrain else None,
+            "ERASURE_SAMPLE_ONLY_MATCHES": settings.sample_only_matches,
         }
         self.saved: dict[str, str | None] = {}
 

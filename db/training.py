@@ -12,7 +12,8 @@ their members, the matches of each request, and the per-shard retraining jobs.
   and the shard version that no longer holds it once erased.
 - ``shard_retrain_jobs``: the pending removals of one shard, batched: erasures
   attach their matches to the shard's ``pending`` job; a retraining claims it
-  (``running``, with the shard version it trains on) and marks it ``done``.
+  (``running``, with the shard version it trains on) and marks it ``done``, with
+  the runtime it ran in and whether it matched the recorded one.
 
 The schema is created only by Alembic (``migrations/versions/0003_...``).
 """
@@ -22,12 +23,14 @@ from __future__ import annotations
 from datetime import datetime
 
 from sqlalchemy import (
+    Boolean,
     Float,
     ForeignKey,
     ForeignKeyConstraint,
     Index,
     Integer,
     String,
+    Text,
     UniqueConstraint,
 )
 from sqlalchemy.orm import Mapped, mapped_column
@@ -120,6 +123,14 @@ class ShardRetrainJob(Base):
     full_training_samples: Mapped[int | None] = mapped_column(Integer, nullable=True)
     wall_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
     device: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    # What the retraining did and in which runtime (migration 0009): the certificate states
+    # exactness per shard only from these. ``runtime``/``recorded_runtime``: canonical JSON of
+    # ``shards.device.Runtime`` (this run's; the one recorded in the checkpoints it restored).
+    outcome: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    runtime: Mapped[str | None] = mapped_column(Text, nullable=True)
+    recorded_runtime: Mapped[str | None] = mapped_column(Text, nullable=True)
+    runtime_matches: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
+    config_matches: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
@@ -152,6 +163,9 @@ class RequestMatch(Base):
     decision: Mapped[str] = mapped_column(String(16))
     hop: Mapped[int] = mapped_column(Integer)
     query: Mapped[str] = mapped_column(String(300))
+    # seed / second-hop / sample (dedup.policy.Provenance; migration 0007): a match reached only
+    # from a requester's sample goes to review by default.
+    provenance: Mapped[str | None] = mapped_column(String(16), nullable=True)
     final_decision: Mapped[str | None] = mapped_column(String(16), nullable=True)
     erased_in_shard_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
     retrain_job_id: Mapped[int | None] = mapped_column(

@@ -71,6 +71,15 @@ def keyed_hash(key: bytes, kind: str, value: object) -> str:
     return hmac.new(key, message, hashlib.sha256).hexdigest()
 
 
+def content_hmac(key: bytes, text: str) -> str:
+    """Hex HMAC-SHA256 of a record's text under ``key`` (``content:`` keeps it apart from identifier hashes).
+
+    The only digest of record content the database keeps: a plain SHA-256 would let
+    anyone holding a guessed text confirm that it was (and, once erased, had been)
+    in the training data."""
+    return hmac.new(key, b"content:" + text.encode("utf-8"), hashlib.sha256).hexdigest()
+
+
 def key_id(key: bytes) -> str:
     """A short, non-secret fingerprint of the key, to detect a changed key."""
     return hmac.new(key, b"erasure-key-id", hashlib.sha256).hexdigest()[:16]

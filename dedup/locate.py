@@ -16,6 +16,13 @@ identifier. A record is used as a query at most once, and only once it is
 decided "erase" (a record under review does not widen the search), so cycles
 end and the work is bounded by ``hops``.
 
+Each match carries its provenance (:class:`Provenance`): ``seed``, ``second-hop``
+(found from a seed's text, or from a record found that way), or ``sample``
+(found only from a requester's sample, or from a record found that way). A
+sample-only match is decided by ``Thresholds.sample_only``: review by default.
+A text already queried is queried again only when it comes with a stronger
+provenance (a seed whose text equals a sample).
+
 Nothing is changed: this is the dry run that ``erasure locate`` prints, and the
 input to erasure once reviewed.
 """
@@ -29,7 +36,7 @@ from pathlib import Path
 from dedup.embeddings import Embedder
 from dedup.minhash import MinHashParams, minhash_signatures
 from dedup.normalize import exact_jaccard, shingle_set, words
-from dedup.policy import Decision, Match, Method, Metric, Thresholds, default_thresholds
+from dedup.policy import Decision, Match, Method, Metric, Provenance, SampleOnly, Thresholds, default_thresholds
 from dedup.shard_index import ShardIndex
 
 MAX_SAMPLE_BYTES = 100_000
@@ -170,7 +177,7 @@ class _Search:
         self.thresholds, self.report_keep = thresholds, report_keep
         self.matches: dict[tuple[int, str], Match] = {}
         self.queried: set[tuple[int, str]] = set()
-        self.seen_texts: set[str] = set()
+        self.seen_texts: dict[str, int] = {}  # text -> the strongest provenance rank it was queried with
         self.labels: list[str] = []
         self.verified = 0
         params = {idx.minhash for idx in indexes.values()}
@@ -189,16 +196,16 @@ class _Search:
         m = self.matches.get((shard, record_id))
         return m is not None and m.decision is Decision.ERASE
 
-    def run(self, queries: list[tuple[str, str]], hop: int) -> None:
+    def run(self, queries: list[tuple[str, str, Provenance]], hop: int) -> None:
         fresh = []
-        for label, text in queries:  # an identical text finds nothing new
-            if text not in self.seen_texts:
-                self.seen_texts.add(text)
-                fresh.append((label, text))
+        for label, text, provenance in queries:  # an identical text finds nothing new, unless better grounded
+            if self.seen_texts.get(text, -1) < provenance.rank:
+                self.seen_texts[text] = provenance.rank
+                fresh.append((label, text, provenance))
         if not fresh:
             return
-        self.labels += [label for label, _ in fresh]
-        texts = [text for _, text in fresh]
+        self.labels += [label for label, _, _ in fresh]
+        texts = [text for _, text, _ in fresh]
         k = self.minhash.shingle_size
         signatures = minhash_signatures(texts, self.minhash)
         query_sets = [shingle_set(t, k) for t in texts]
@@ -217,17 +224,23 @@ class _Search:
                     for r in cand.tolist():
                         if r in sets:
                             score = exact_jaccard(query_sets[q], sets[r])
-                            self.offer(self._match(idx, r, near, Metric.JACCARD, score, hop, fresh[q][0]))
+                            self.offer(self._match(idx, r, near, Metric.JACCARD, score, hop, fresh[q][0],
+                                                   fresh[q][2]))
             if vectors is not None and idx.vectors is not None:
                 found = idx.embedding_neighbours(vectors, self.thresholds.cosine_review, self.embedder, self.nprobe)
                 for q, (rows_q, sims) in enumerate(found):
                     for r, s in zip(rows_q.tolist(), sims.tolist()):
-                        self.offer(self._match(idx, r, para, Metric.COSINE, s, hop, fresh[q][0]))
+                        self.offer(self._match(idx, r, para, Metric.COSINE, s, hop, fresh[q][0], fresh[q][2]))
 
     def _match(self, idx: ShardIndex, row: int, method: Method, metric: Metric, score: float, hop: int,
-               query: str) -> Match:
+               query: str, provenance: Provenance) -> Match:
         return Match(idx.shard, idx.version, int(idx.slices[row]), idx.record_ids[row], method, metric,
-                     float(score), self.thresholds.decide(metric, score), hop, query)
+                     float(score), self.thresholds.decide(metric, score, provenance), hop, query, provenance)
+
+
+def _derived(provenance: Provenance) -> Provenance:
+    """The provenance of a match found from the text of a record of ``provenance``."""
+    return Provenance.SAMPLE if provenance is Provenance.SAMPLE else Provenance.SECOND_HOP
 
 
 def embedder_for(indexes: Mapping[int, ShardIndex]) -> Embedder | None:
@@ -254,6 +267,7 @@ def locate_matches(
     hops: int = DEFAULT_HOPS,
     report_keep: bool = False,
     nprobe: int | None = None,
+    sample_only: SampleOnly | str | None = None,
 ) -> LocateResult:
     """All records of the subject in ``indexes`` (shard -> its current version's index).
 
@@ -264,12 +278,16 @@ def locate_matches(
     indexes were built with (:func:`embedder_for`; None skips the embedding
     search). ``report_keep`` also lists verified candidates below the review
     thresholds; ``nprobe`` overrides how many IVF cells a vector search reads.
+    ``sample_only`` overrides ``thresholds.sample_only`` (how matches reached only
+    from a sample are decided; review by default).
     """
     if hops < 0:
         raise ValueError(f"hops must be 0 or more, got {hops}; 1 (the default) also searches from the seeds' texts")
     if request.identifiers and lookup is None:
         raise ValueError("the request has identifiers but no lookup was given: pass lookup=(kind, value) -> seeds")
     thresholds = thresholds or default_thresholds(embedder.name if embedder is not None else None)
+    if sample_only is not None:
+        thresholds = thresholds.with_changes(sample_only=SampleOnly(sample_only))
     search = _Search(indexes, fetch_texts, embedder, thresholds, report_keep, nprobe)
 
     all_seeds = list(seeds)
@@ -283,9 +301,10 @@ def locate_matches(
             unresolved.append(seed)
             continue
         search.offer(Match(idx.shard, idx.version, int(idx.slices[row]), seed.record_id, Method.IDENTIFIER,
-                           Metric.IDENTIFIER, 1.0, Decision.ERASE, 0, f"identifier:{seed.identifier_kind}"))
+                           Metric.IDENTIFIER, 1.0, Decision.ERASE, 0, f"identifier:{seed.identifier_kind}",
+                           Provenance.SEED))
 
-    search.run([(f"sample:{i + 1}", s) for i, s in enumerate(request.samples)], hop=0)
+    search.run([(f"sample:{i + 1}", s, Provenance.SAMPLE) for i, s in enumerate(request.samples)], hop=0)
     for hop in range(1, hops + 1):
         frontier = sorted(key for key, m in search.matches.items()
                           if m.decision is Decision.ERASE and key not in search.queried)
@@ -295,7 +314,8 @@ def locate_matches(
         queries = []
         for shard in sorted({s for s, _ in frontier}):
             ids = [rid for s, rid in frontier if s == shard]
-            queries += [(f"record:{shard}/{rid}", text) for rid, text in zip(ids, fetch_texts(shard, ids))]
+            queries += [(f"record:{shard}/{rid}", text, _derived(search.matches[(shard, rid)].provenance))
+                        for rid, text in zip(ids, fetch_texts(shard, ids))]
         search.run(queries, hop)
 
     ordered = sorted(search.matches.values(),

@@ -21,14 +21,27 @@ is then one multiply, one add and one segmented minimum over the whole batch.
 A signature equals ``datasketch.MinHash(num_perm, seed, hashfunc=shingle_hash)``
 updated with the same shingles (see :func:`datasketch_minhash`). Empty texts get
 datasketch's empty signature (every entry 2^32 - 1).
+
+**Keyed parameters** (:meth:`MinHashParams.keyed`): the permutations ``(a_k, b_k)``
+and the seed of the word hash are derived from a secret key (HMAC-SHA256 in
+counter mode), not from a public seed. Anyone can compute the signature of a
+guessed text under seeded parameters and compare it with a stored one; under
+keyed parameters nobody without the key can, so stored signatures (tombstones of
+erased records) confirm nothing to whoever copies them. Signatures of the same
+key stay comparable with each other (screening, LSH). A keyed signature still
+equals ``datasketch.MinHash(num_perm, scheme="affine32", permutations=(a, b),
+hashfunc=shingle_hash with the keyed word seed)``. The key itself is never part of
+:meth:`MinHashParams.to_dict`; files record only its fingerprint (``key_id``).
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import hmac
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import xxhash
@@ -43,14 +56,31 @@ WORD_MULTIPLIER = 0x9E3779B1  # odd: every power is invertible modulo 2^32
 _CHUNK_SHINGLES = 1 << 16
 
 
+class MinHashKeyMismatch(ValueError):
+    """Signatures made under another key (or none) than the one given: they are not comparable."""
+
+
+def minhash_key_id(key: bytes) -> str:
+    """A non-secret fingerprint of a MinHash key, stored with every keyed signature file."""
+    return hmac.new(key, b"minhash-key-id", hashlib.sha256).hexdigest()[:16]
+
+
 @dataclass(frozen=True)
 class MinHashParams:
-    """What makes two signatures comparable; stored with every signature file."""
+    """What makes two signatures comparable; stored with every signature file.
+
+    Unkeyed (``key_id`` None): datasketch's permutations of ``seed`` and the word
+    hash seed ``hash_seed``, both public. Keyed (:meth:`keyed`): both derived from
+    ``key``, which is never stored or printed; ``key_id`` is its fingerprint. Two
+    parameter sets are equal when their numbers and key fingerprints are.
+    """
 
     num_perm: int = 128
     seed: int = 1
     shingle_size: int = DEFAULT_SHINGLE_SIZE
     hash_seed: int = 0
+    key_id: str | None = None
+    key: bytes | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.num_perm, int) or not 16 <= self.num_perm <= 1024:
@@ -59,17 +89,71 @@ class MinHashParams:
             raise ValueError(f"shingle_size must be a positive integer, got {self.shingle_size!r}; 5 is the default")
         if not 0 <= self.seed < 2**32 or not 0 <= self.hash_seed < 2**32:
             raise ValueError("seed and hash_seed must be in 0..2**32-1")
+        if self.key is not None:
+            if not isinstance(self.key, bytes) or len(self.key) < 16:
+                raise ValueError("a MinHash key must be at least 16 bytes")
+            if self.key_id != minhash_key_id(self.key):
+                raise MinHashKeyMismatch(f"the key given has fingerprint {minhash_key_id(self.key)}, "
+                                         f"the parameters say {self.key_id}")
+        if self.key_id is not None and (self.seed or self.hash_seed):
+            raise ValueError("keyed parameters derive their permutations and word seed from the key; "
+                             "seed and hash_seed must be 0")
+
+    @classmethod
+    def keyed(cls, key: bytes, num_perm: int = 128, shingle_size: int = DEFAULT_SHINGLE_SIZE) -> MinHashParams:
+        """Parameters whose permutations and word hash seed are derived from ``key``."""
+        if not isinstance(key, bytes) or len(key) < 16:
+            raise ValueError("a MinHash key must be at least 16 bytes")
+        return cls(num_perm, 0, shingle_size, 0, minhash_key_id(key), key)
+
+    @property
+    def is_keyed(self) -> bool:
+        return self.key_id is not None
+
+    def with_key(self, key: bytes) -> MinHashParams:
+        """These (keyed) parameters, able to compute signatures again; the key must match ``key_id``."""
+        if not self.is_keyed:
+            raise MinHashKeyMismatch("these signatures were made without a key (seeded permutations); "
+                                     "rebuild them under the keyed parameters")
+        if minhash_key_id(key) != self.key_id:
+            raise MinHashKeyMismatch(f"these signatures were made under the MinHash key {self.key_id}, "
+                                     f"the key given is {minhash_key_id(key)}: restore the original secret key")
+        return replace(self, key=key)
+
+    def _secret(self) -> bytes:
+        if self.key is None:
+            raise MinHashKeyMismatch(f"these parameters are keyed (key id {self.key_id}) but hold no key; "
+                                     "signatures cannot be computed without it: attach it with with_key(key)")
+        return self.key
+
+    @property
+    def word_seed(self) -> int:
+        """The seed of the words' xxh32 hashes (derived from the key when keyed)."""
+        if not self.is_keyed:
+            return self.hash_seed
+        return int.from_bytes(hmac.new(self._secret(), b"minhash-word-seed", hashlib.sha256).digest()[:4], "little")
+
+    def permutations(self) -> tuple[np.ndarray, np.ndarray]:
+        """The ``(a, b)`` uint32 arrays of the affine permutations (``a`` odd)."""
+        if not self.is_keyed:
+            return permutations(self.num_perm, self.seed)
+        return keyed_permutations(self.num_perm, self._secret())
 
     def to_dict(self) -> dict:
-        return {"num_perm": self.num_perm, "seed": self.seed, "shingle_size": self.shingle_size,
+        data = {"num_perm": self.num_perm, "seed": self.seed, "shingle_size": self.shingle_size,
                 "hash_seed": self.hash_seed, "scheme": _SCHEME, "hash": "xxh32-words-poly"}
+        if self.is_keyed:
+            data["key_id"] = self.key_id  # the fingerprint only, never the key
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> MinHashParams:
+        """The parameters a file was written with; keyed ones come back without the key (see :meth:`with_key`)."""
         if data.get("scheme", _SCHEME) != _SCHEME or data.get("hash") != "xxh32-words-poly":
             raise ValueError(f"signatures use scheme {data.get('scheme')!r}/{data.get('hash')!r}; "
                              f"this version reads only {_SCHEME}/xxh32-words-poly: rebuild the index")
-        return cls(int(data["num_perm"]), int(data["seed"]), int(data["shingle_size"]), int(data["hash_seed"]))
+        return cls(int(data["num_perm"]), int(data["seed"]), int(data["shingle_size"]), int(data["hash_seed"]),
+                   data.get("key_id"))
 
 
 def shingle_hash(shingle: bytes, hash_seed: int = 0) -> int:
@@ -87,6 +171,20 @@ def permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
     a, b = MinHash(num_perm=num_perm, seed=seed, scheme=_SCHEME).permutations
     a, b = np.ascontiguousarray(a, dtype=np.uint32), np.ascontiguousarray(b, dtype=np.uint32)
+    a.setflags(write=False)
+    b.setflags(write=False)
+    return a, b
+
+
+@functools.lru_cache(maxsize=8)
+def keyed_permutations(num_perm: int, key: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """``(a, b)`` from HMAC-SHA256(key, counter): 32 independent secret bits per entry (``a`` forced odd)."""
+    needed = 8 * num_perm
+    blocks = [hmac.new(key, b"minhash-permutations/%d/%d" % (num_perm, i), hashlib.sha256).digest()
+              for i in range(-(-needed // 32))]
+    words = np.frombuffer(b"".join(blocks)[:needed], dtype="<u4").astype(np.uint32)
+    a = np.ascontiguousarray(words[:num_perm] | np.uint32(1))
+    b = np.ascontiguousarray(words[num_perm:])
     a.setflags(write=False)
     b.setflags(write=False)
     return a, b
@@ -169,8 +267,8 @@ def shingle_hashes(batch: WordBatch, k: int, hash_seed: int = 0) -> tuple[np.nda
 
 
 def _signatures_batch(texts: Sequence[str], params: MinHashParams) -> np.ndarray:
-    hv, offsets = shingle_hashes(tokenize_batch(texts), params.shingle_size, params.hash_seed)
-    a, b = permutations(params.num_perm, params.seed)
+    a, b = params.permutations()  # first: keyed parameters without their key fail before any work
+    hv, offsets = shingle_hashes(tokenize_batch(texts), params.shingle_size, params.word_seed)
     return _min_per_doc(fmix32(hv), offsets, a, b).T
 
 
@@ -199,11 +297,12 @@ def minhash_signatures(
 
 
 def datasketch_minhash(text: str, params: MinHashParams = MinHashParams()):
-    """The same signature built the ordinary way, with ``datasketch.MinHash`` (the reference)."""
+    """The same signature built the ordinary way, with ``datasketch.MinHash`` (the reference):
+    the parameters' permutations (keyed or seeded) and the word hash under their word seed."""
     from datasketch import MinHash
 
-    m = MinHash(num_perm=params.num_perm, seed=params.seed, scheme=_SCHEME,
-                hashfunc=functools.partial(shingle_hash, hash_seed=params.hash_seed))
+    m = MinHash(num_perm=params.num_perm, seed=params.seed, scheme=_SCHEME, permutations=params.permutations(),
+                hashfunc=functools.partial(shingle_hash, hash_seed=params.word_seed))
     m.update_batch([s.encode("utf-8") for s in shingles(text, params.shingle_size)])
     return m
 

@@ -28,6 +28,15 @@ most similar unrelated texts (``benchmarks/bench_locate.py`` reports a sweep):
   is 0.72, but the demo's texts share templates and MiniLM scores other
   people's same-template texts at 0.8-0.9, which would put tens of unrelated
   records per request into review at 100k records.
+
+Provenance. A match is reached from the subject's identifier seeds (``seed``),
+from the text of a seed or of a record reached from one (``second-hop``), or
+only from a sample the requester sent (``sample``). A sample proves nothing
+about whose text it is: anyone can send someone else's post as "mine". So a
+match reached only from a sample goes to review whatever its score
+(``sample_only = review``, the default); ``sample_only = score`` decides it by
+its score like any other (for a controller who verifies the requester's claim
+to the samples before intake). The certificate states which applied.
 """
 
 from __future__ import annotations
@@ -57,6 +66,25 @@ class Method(str, Enum):
         return {"identifier": 3, "minhash": 2, "second-hop": 1, "embedding": 0}[self.value]
 
 
+class Provenance(str, Enum):
+    """Where the query that found a match came from."""
+
+    SEED = "seed"  # the record carries one of the subject's identifiers
+    SECOND_HOP = "second-hop"  # found from the text of a seed (or of a record found from one)
+    SAMPLE = "sample"  # found only from a requester-supplied sample (or a record found from one)
+
+    @property
+    def rank(self) -> int:
+        return {"seed": 2, "second-hop": 1, "sample": 0}[self.value]
+
+
+class SampleOnly(str, Enum):
+    """How a match reached only from a requester's sample is decided."""
+
+    REVIEW = "review"  # at most review, whatever its score (default)
+    SCORE = "score"  # by its score, like a match reached from the subject's identifiers
+
+
 class Metric(str, Enum):
     IDENTIFIER = "identifier"
     JACCARD = "jaccard"
@@ -75,8 +103,14 @@ class Thresholds:
     jaccard_review: float = 0.5
     cosine_erase: float = 1.0
     cosine_review: float = 0.8
+    sample_only: SampleOnly = SampleOnly.REVIEW
 
     def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "sample_only", SampleOnly(self.sample_only))
+        except ValueError:
+            raise ValueError(f"sample_only is one of {', '.join(p.value for p in SampleOnly)}, "
+                             f"got {self.sample_only!r}") from None
         for kind in ("jaccard", "cosine"):
             review, erase = getattr(self, f"{kind}_review"), getattr(self, f"{kind}_erase")
             if not 0.0 < review <= erase <= 1.0:
@@ -84,19 +118,21 @@ class Thresholds:
                     f"need 0 < {kind}_review <= {kind}_erase <= 1, got {review} and {erase}; "
                     f"set {kind}_erase = {kind}_review to turn review off")
 
-    def decide(self, metric: Metric, score: float) -> Decision:
+    def decide(self, metric: Metric, score: float, provenance: Provenance = Provenance.SEED) -> Decision:
         if metric is Metric.IDENTIFIER:
             return Decision.ERASE
         erase, review = ((self.jaccard_erase, self.jaccard_review) if metric is Metric.JACCARD
                          else (self.cosine_erase, self.cosine_review))
         if score >= erase:
+            if provenance is Provenance.SAMPLE and self.sample_only is SampleOnly.REVIEW:
+                return Decision.REVIEW
             return Decision.ERASE
         return Decision.REVIEW if score >= review else Decision.KEEP
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "sample_only": self.sample_only.value}
 
-    def with_changes(self, **changes: float) -> Thresholds:
+    def with_changes(self, **changes: float | str) -> Thresholds:
         return replace(self, **changes)
 
 
@@ -126,18 +162,21 @@ class Match:
     decision: Decision
     hop: int
     query: str
+    provenance: Provenance = Provenance.SEED
 
     @property
     def key(self) -> tuple[int, str]:
         return (self.shard, self.record_id)
 
     def outranks(self, other: Match) -> bool:
-        """Stronger decision, then surer evidence (identifier, verified Jaccard, cosine), earlier hop, higher score."""
-        return ((self.decision.rank, self.metric.rank, self.method.rank, -self.hop, self.score)
-                > (other.decision.rank, other.metric.rank, other.method.rank, -other.hop, other.score))
+        """Stronger decision, then provenance (the subject's identifiers before a requester's sample),
+        surer evidence (identifier, verified Jaccard, cosine), earlier hop, higher score."""
+        return ((self.decision.rank, self.provenance.rank, self.metric.rank, self.method.rank, -self.hop, self.score)
+                > (other.decision.rank, other.provenance.rank, other.metric.rank, other.method.rank, -other.hop,
+                   other.score))
 
     def to_dict(self) -> dict:
         return {"shard": self.shard, "shard_version": self.shard_version, "slice": self.slice,
                 "record_id": self.record_id, "method": self.method.value, "metric": self.metric.value,
                 "score": round(float(self.score), 6), "decision": self.decision.value, "hop": self.hop,
-                "query": self.query}
+                "query": self.query, "provenance": self.provenance.value}

@@ -6,7 +6,9 @@ artefacts live in the directory ``P.dedup/``:
 * ``manifest.json``: shard, version, row count, MinHash/LSH parameters, the
   embedder spec and vector index layout, and the size of every file below;
 * ``records.parquet``: row -> record_id, slice, vector id (FAISS id);
-* ``signatures.npy``: uint32 (n, num_perm) MinHash signatures;
+* ``signatures.npy``: uint32 (n, num_perm) MinHash signatures (the service builds
+  them under the dataset's keyed parameters; the manifest holds only the key's
+  fingerprint, and :meth:`ShardIndex.load` takes the key back with ``minhash=``);
 * ``band_keys.npy``, ``band_rows.npy``: the sorted LSH band table;
 * ``vectors.faiss``: the embeddings in a FAISS index (absent without an embedder).
 
@@ -34,7 +36,7 @@ import pyarrow.parquet as pq
 
 from dedup.embeddings import Embedder, check_embedder, embedder_spec
 from dedup.lsh import DEFAULT_THRESHOLD, BandIndex, LSHParams, choose_params
-from dedup.minhash import MinHashParams, minhash_signatures
+from dedup.minhash import MinHashKeyMismatch, MinHashParams, minhash_signatures
 from dedup.vector_index import VectorIndex, VectorIndexParams
 
 FORMAT_VERSION = 1
@@ -124,7 +126,8 @@ class ShardIndex:
             raise FileExistsError(f"{final} exists; shard versions are immutable: save the index of a new "
                                   "version, or pass overwrite=True to replace a rebuilt one")
         final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=final.name + ".", suffix=".tmp", dir=final.parent))
+        # The writer's PID in the temporary names lets a sweep tell a killed writer's leftovers (shards.files).
+        tmp = Path(tempfile.mkdtemp(prefix=f"{final.name}.tmp-{os.getpid()}.", dir=final.parent))
         try:
             files = {}
             files["records.parquet"] = _write(tmp / "records.parquet", lambda f: pq.write_table(pa.table({
@@ -148,21 +151,32 @@ class ShardIndex:
             _write(tmp / _MANIFEST, lambda f: f.write(json.dumps(manifest, indent=2, sort_keys=True).encode()))
             _fsync_dir(tmp)
             if final.exists():  # overwrite=True: move the old one aside first
-                trash = Path(tempfile.mkdtemp(prefix=final.name + ".", suffix=".old", dir=final.parent))
+                trash = Path(tempfile.mkdtemp(prefix=f"{final.name}.old-{os.getpid()}.", dir=final.parent))
                 os.replace(final, trash / "old")
                 os.replace(tmp, final)
-                shutil.rmtree(trash, ignore_errors=True)
+                shutil.rmtree(trash)  # the old index names erased records too: a failure must be seen
             else:
                 os.replace(tmp, final)
             _fsync_dir(final.parent)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+        except BaseException as exc:
+            try:
+                shutil.rmtree(tmp)
+            except FileNotFoundError:
+                pass
+            except OSError as cleanup:  # keep the original error; say what is left for the sweep
+                exc.add_note(f"the temporary index {tmp} could not be removed ({cleanup}); `erasure gc` removes it")
             raise
         return final
 
     @classmethod
-    def load(cls, shard_version_path: str | Path, *, mmap: bool = False) -> ShardIndex:
-        """Read ``<shard_version_path>.dedup/``; ``mmap`` maps the signatures instead of reading them."""
+    def load(cls, shard_version_path: str | Path, *, mmap: bool = False,
+             minhash: MinHashParams | None = None) -> ShardIndex:
+        """Read ``<shard_version_path>.dedup/``; ``mmap`` maps the signatures instead of reading them.
+
+        ``minhash``: the parameters (with their key, if keyed) the caller queries
+        with; :class:`~dedup.minhash.MinHashKeyMismatch` if the index was built
+        under others (rebuild it). Without it, keyed parameters come back without
+        their key (stored signatures usable, new ones not computable)."""
         base = artefact_dir(shard_version_path)
         try:
             manifest = json.loads((base / _MANIFEST).read_text(encoding="utf-8"))
@@ -171,6 +185,10 @@ class ShardIndex:
         if manifest.get("format") != FORMAT_VERSION:
             raise ValueError(f"{base} has index format {manifest.get('format')}, this version reads "
                              f"{FORMAT_VERSION}: rebuild the index")
+        stored = MinHashParams.from_dict(manifest["minhash"])
+        if minhash is not None and stored != minhash:
+            raise MinHashKeyMismatch(f"{base} was built under MinHash parameters {stored} (key id {stored.key_id}), "
+                                     f"not {minhash}: rebuild the index")
         for name, size in manifest["files"].items():
             actual = (base / name).stat().st_size
             if actual != size:
@@ -189,7 +207,7 @@ class ShardIndex:
         if len(signatures) != len(record_ids) or (vectors is not None and vectors.ntotal != len(record_ids)):
             raise ValueError(f"{base}: the signatures, vectors and records disagree in length; rebuild the index")
         return cls(int(manifest["shard"]), int(manifest["version"]), record_ids, slices, vector_ids,
-                   int(manifest["next_vector_id"]), signatures, MinHashParams.from_dict(manifest["minhash"]),
+                   int(manifest["next_vector_id"]), signatures, minhash if minhash is not None else stored,
                    bands, manifest["embedder"], vectors)
 
 

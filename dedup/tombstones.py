@@ -10,6 +10,19 @@ permutations). Without the erased text there is no exact check, so the default
 ``min_jaccard`` of 0.7 sits about three standard errors below the erase
 threshold: a re-ingested copy at J >= 0.8 is flagged, and the caller decides
 with the estimate.
+
+Tombstones are kept only under **keyed** MinHash parameters
+(:meth:`dedup.minhash.MinHashParams.keyed`): with seeded permutations anyone
+holding the file could hash a guessed text and confirm that it was erased.
+Under a key, only the key holder can screen; the file stores the key's
+fingerprint, never the key. What stays visible without the key: how many
+tombstones there are and how similar they are to each other (equal entries),
+not what any of them said.
+
+File format 2 (``.npz``): ``signatures``, ``keys``, ``meta`` (format, keyed
+MinHash parameters). Format 1 files were unkeyed; they are refused
+(:class:`UnkeyedTombstones`), never read as if they were keyed: their signatures
+cannot be re-keyed because the erased texts are gone.
 """
 
 from __future__ import annotations
@@ -23,10 +36,33 @@ from pathlib import Path
 import numpy as np
 
 from dedup.lsh import DEFAULT_MAX_MISS, BandIndex, choose_params
-from dedup.minhash import MinHashParams, estimate_jaccard, is_empty_signature, minhash_signatures
+from dedup.minhash import (
+    MinHashKeyMismatch,
+    MinHashParams,
+    estimate_jaccard,
+    is_empty_signature,
+    minhash_signatures,
+)
 
 DEFAULT_SCREEN_JACCARD = 0.7
-_FORMAT = 1
+_FORMAT = 2
+_UNKEYED_FORMAT = 1
+
+
+class UnkeyedTombstones(ValueError):
+    """A tombstone file of format 1: seeded (unkeyed) signatures, which confirm guessed texts."""
+
+    def __init__(self, path: str | Path, count: int) -> None:
+        self.path, self.count = Path(path), count
+        super().__init__(f"{path} holds {count} unkeyed tombstones (format {_UNKEYED_FORMAT}): anyone with the file "
+                         "can confirm a guessed erased text. They cannot be re-keyed (the texts are gone); "
+                         "drop them explicitly to continue")
+
+
+def _require_keyed(minhash: MinHashParams) -> None:
+    if not minhash.is_keyed:
+        raise ValueError("tombstones are kept only under keyed MinHash parameters (MinHashParams.keyed(key)): "
+                         "seeded signatures would confirm a guessed erased text to anyone holding the file")
 
 
 @dataclass(frozen=True)
@@ -48,8 +84,12 @@ class TombstoneSet:
     signatures: np.ndarray  # uint32 (m, num_perm)
     keys: tuple[str, ...]
 
+    def __post_init__(self) -> None:
+        _require_keyed(self.minhash)
+
     @classmethod
-    def empty(cls, minhash: MinHashParams = MinHashParams()) -> TombstoneSet:
+    def empty(cls, minhash: MinHashParams) -> TombstoneSet:
+        """No tombstones yet, under the keyed parameters ``minhash``."""
         return cls(minhash, np.zeros((0, minhash.num_perm), dtype=np.uint32), ())
 
     def __len__(self) -> int:
@@ -112,10 +152,22 @@ class TombstoneSet:
         return buffer.getvalue()
 
     @classmethod
-    def load(cls, path: str | Path) -> TombstoneSet:
+    def load(cls, path: str | Path, minhash: MinHashParams) -> TombstoneSet:
+        """The file's tombstones, screened under ``minhash`` (keyed, holding the key the file was written under).
+
+        :class:`UnkeyedTombstones` for a format 1 file; :class:`MinHashKeyMismatch`
+        when the file was written under another key."""
+        _require_keyed(minhash)
         with np.load(path, allow_pickle=False) as data:
             meta = json.loads(str(data["meta"]))
+            if meta.get("format") == _UNKEYED_FORMAT:
+                raise UnkeyedTombstones(path, int(data["keys"].size))
             if meta.get("format") != _FORMAT:
                 raise ValueError(f"{path} has tombstone format {meta.get('format')}, this version reads {_FORMAT}")
+            stored = MinHashParams.from_dict(meta["minhash"])
+            if stored != minhash:
+                raise MinHashKeyMismatch(f"{path} was written under MinHash key {stored.key_id} ({stored.num_perm} "
+                                         f"permutations), not {minhash.key_id} ({minhash.num_perm}): "
+                                         "restore the original secret key")
             keys = tuple(data["keys"].tolist()) if data["keys"].size else ()
-            return cls(MinHashParams.from_dict(meta["minhash"]), np.array(data["signatures"], dtype=np.uint32), keys)
+            return cls(minhash, np.array(data["signatures"], dtype=np.uint32), keys)

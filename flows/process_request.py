@@ -1,9 +1,13 @@
 """``process_erasure_request``: one request from receipt to completion.
 
-    locate -> record matches -> human review of borderline matches -> erase
+    locate in every dataset -> record matches -> human review of borderline matches
+           -> erase in every dataset
            -> retrain now (or leave it to the scheduled ``retrain_pending``)
-           -> verify the new ensemble's training manifest -> membership probe
-           -> complete -> certify
+           -> verify each new ensemble's training manifest -> membership probe
+           -> complete -> certify (a section per dataset)
+
+A request is processed against every dataset, or the datasets it named at
+intake, or the one ``dataset`` an operator names.
 
 Verification checks the manifest, then runs the membership-inference probe
 (``pipeline/membership.py``) before completing; a completed request then gets its
@@ -17,10 +21,13 @@ point finishes with the same result: nothing is erased twice, no shard version
 is lost, no request stays stuck.
 
 Review. Borderline matches (policy decision ``review``) need a person. The flow
-pauses (``pause_flow_run``) for a typed input: decisions ``[{match_ref,
-decision}]``, or none at all when the decisions were recorded through the API
-(``POST .../review`` or ``erasure request review``) — resuming then re-reads
-them. The timeout policy (``on_review_timeout``): ``leave`` (default) ends this
+pauses (``pause_flow_run``) for a typed input: none at all when the decisions
+were recorded through the API (``POST .../review-decisions`` or ``erasure
+request review``) — resuming then re-reads them; or decisions ``[{match_ref,
+decision}]`` with the ``ticket`` the API issued for exactly them (``POST
+.../review-tickets``, review scope): the ticket names the reviewer the API
+authenticated. Decisions without a valid ticket are not applied: the refusal is
+logged (``review.resume_refused``) and the run pauses again. The timeout policy (``on_review_timeout``): ``leave`` (default) ends this
 run with the request ``awaiting_review``, and a later run continues once the
 decisions exist; ``keep`` / ``erase`` decide what no reviewer did; ``fail``
 fails the request. ``review_timeout_s <= 0`` applies the policy without pausing.
@@ -58,11 +65,13 @@ class ReviewDecisionIn(BaseModel):
 
 
 class ReviewDecisionsInput(RunInput):
-    """What resumes a paused review: decisions, or none when they were recorded through the API."""
+    """What resumes a paused review: none when the decisions were recorded through the
+    API; else the decisions with the API's review ticket for exactly them. There is no
+    reviewer field (the ticket names the reviewer) and no note (Prefect keeps run inputs:
+    a note goes through the API, into the request's notes)."""
 
-    decisions: list[ReviewDecisionIn] = Field(default_factory=list)
-    reviewer: str = "prefect"
-    note: str | None = None
+    decisions: list[ReviewDecisionIn] = Field(default_factory=list, max_length=10_000)
+    ticket: str | None = Field(default=None, max_length=4_000)
 
 
 # ---------------------------------------------------------------- tasks
@@ -74,17 +83,29 @@ def start_processing(request_id: str) -> str:
     return processing.start_processing(request_id)
 
 
+@task(name="datasets-to-process", result_serializer="json", **RETRY)
+def datasets_to_process(request_id: str, dataset: str | None) -> list[str]:
+    """``dataset``, else the datasets the request named, else every dataset (names)."""
+    return processing.datasets_to_process(request_id, dataset)
+
+
 @task(name="locate-and-record", result_serializer="json", **RETRY)
 def locate_and_record(request_id: str, dataset: str) -> dict:
-    """Locate the subject's records and store the matches, in one transaction with
-    the next state: awaiting_review (borderline matches), erasing, or completed."""
+    """Locate the subject's records in one dataset and store the matches."""
     return processing.locate_and_record(request_id, dataset)
 
 
+@task(name="decide-after-locating", result_serializer="json", **RETRY)
+def decide_after_locating(request_id: str) -> dict:
+    """Every dataset searched: awaiting_review (borderline matches), erasing, or completed."""
+    return processing.decide_after_locating(request_id)
+
+
 @task(name="apply-review", result_serializer="json", **RETRY)
-def apply_review(request_id: str, decisions: list[dict], reviewer: str, note: str | None) -> dict:
-    """Record decisions given with a resume (if any), then move on if every match is decided."""
-    return processing.apply_review(request_id, decisions, reviewer, note)
+def apply_review(request_id: str, decisions: list[dict], ticket: str | None) -> dict:
+    """Record decisions given with a resume (only with a valid review ticket), then move
+    on if every match is decided."""
+    return processing.apply_review(request_id, decisions, ticket)
 
 
 @task(name="review-timeout", result_serializer="json", **RETRY)
@@ -94,33 +115,41 @@ def apply_review_timeout(request_id: str, policy: str) -> str:
 
 @task(name="erase-records", result_serializer="json", **RETRY)
 def erase_records(request_id: str, dataset: str) -> dict:
-    """New shard versions without the records (one per affected shard, each under the
-    shard's lock), then awaiting_retrain (or verifying when no model saw the shards)."""
+    """New shard versions of one dataset without the records (one per affected shard,
+    each under the shard's lock)."""
     return processing.erase_records(request_id, dataset)
 
 
+@task(name="finish-erasing", result_serializer="json", **RETRY)
+def finish_erasing(request_id: str) -> dict:
+    """Every dataset erased: awaiting_retrain (or verifying when no model saw the shards)."""
+    return processing.finish_erasing(request_id)
+
+
 @task(name="shards-awaiting-retraining", result_serializer="json", **RETRY)
-def shards_awaiting_retraining(request_id: str) -> list[int]:
-    return processing.shards_awaiting_retraining(request_id)
+def shards_awaiting_retraining(request_id: str, dataset: str) -> list[int]:
+    return processing.shards_awaiting_retraining(request_id, dataset)
 
 
 @task(name="verify-and-complete", result_serializer="json", **RETRY)
-def verify_and_complete(request_id: str, dataset: str) -> dict:
-    """Once every retraining it waits for is done: verify the ensemble in service
-    was trained on none of the erased records, measure membership before and after
-    (outside any transaction), then complete (samples are purged). Each step is
+def verify_and_complete(request_id: str) -> dict:
+    """Once every retraining it waits for is done: verify each dataset's ensemble in
+    service was trained on none of the erased records, measure membership before and
+    after (outside any transaction), then complete (samples are purged). Each step is
     idempotent, so a rerun after a crash between any two does the rest."""
-    result = processing.verify_and_complete(request_id, dataset)
-    if result["membership"]:
-        publish_probe_artifact(request_id, result["membership"])
+    result = processing.verify_and_complete(request_id)
+    for summaries in (result["membership"] or {}).values():
+        publish_probe_artifact(request_id, summaries)
     return result
 
 
 @task(name="certify", result_serializer="json", **RETRY)
-def certify(request_id: str, dataset: str | None) -> dict | None:
-    """Issue the signed certificate of a completed request (once; a rerun returns the
-    stored one); None while the request is not completed."""
-    return processing.certify(request_id, dataset)
+def certify(request_id: str) -> dict | None:
+    """Issue the signed certificate of a completed request, a section per dataset (once;
+    a rerun returns the stored one); None while the request is not completed."""
+    from flows.prefect_records import request_run_records
+
+    return processing.certify(request_id, prefect_records=request_run_records)  # the residue check reads Prefect too
 
 
 def publish_probe_artifact(request_id: str, summaries: list[dict]) -> None:
@@ -159,36 +188,43 @@ def publish_artifact(summary: dict) -> None:
 @flow(name="process-erasure-request")
 def process_erasure_request(
     request_id: str,
-    dataset: str,
+    dataset: str | None = None,
     retrain: Literal["now", "scheduled"] = "now",
     review_timeout_s: int = 3600,
     on_review_timeout: Literal["leave", "keep", "erase", "fail"] = "leave",
     review_poll_s: int = 10,
 ) -> dict:
-    """locate -> review -> erase -> retrain -> verify -> complete -> certify; a rerun resumes."""
+    """locate -> review -> erase -> retrain -> verify -> complete -> certify, in every dataset
+    (``dataset``: only that one); a rerun resumes."""
     state = start_processing(request_id)
     if state in CLOSED_STATES or state == S.FAILED:
-        certify(request_id, dataset)  # a completed request whose certificate a crash left unissued gets it now
+        certify(request_id)  # a completed request whose certificate a crash left unissued gets it now
         return processing.request_summary(request_id)
-    located = locate_and_record(request_id, dataset)
+    datasets = datasets_to_process(request_id, dataset)
+    for name in datasets:
+        locate_and_record(request_id, name)
+    located = decide_after_locating(request_id)
     crash_point("after:locate")
     if located["state"] == S.AWAITING_REVIEW:
         if not wait_for_review(request_id, review_timeout_s, on_review_timeout, review_poll_s):
             summary = processing.request_summary(request_id)
             publish_artifact(summary)
             return summary
-    erase_records(request_id, dataset)
+    for name in datasets:
+        erase_records(request_id, name)
+    finish_erasing(request_id)
     crash_point("after:erase")
     if processing.request_state(request_id) in (S.AWAITING_RETRAIN, S.RETRAINING):
         if retrain == "scheduled":
             summary = processing.request_summary(request_id)
             publish_artifact(summary)
             return summary
-        dispatch_retraining(dataset, shards_awaiting_retraining(request_id))
+        for name in datasets:
+            dispatch_retraining(name, shards_awaiting_retraining(request_id, name))
         crash_point("after:retrain")
-    verify_and_complete(request_id, dataset)
+    verify_and_complete(request_id)
     crash_point("after:verify")
-    certify(request_id, dataset)
+    certify(request_id)
     summary = processing.request_summary(request_id)
     publish_artifact(summary)
     return summary
@@ -198,7 +234,7 @@ def wait_for_review(request_id: str, timeout_s: int, policy: str, poll_s: int) -
     """Pause until every borderline match is decided; False when the run ends waiting."""
     attempt = 0
     while True:
-        review = apply_review(request_id, [], "", None)
+        review = apply_review(request_id, [], None)
         if review["state"] != S.AWAITING_REVIEW:
             return review["state"] not in (S.FAILED,)
         if timeout_s <= 0:
@@ -211,14 +247,15 @@ def wait_for_review(request_id: str, timeout_s: int, policy: str, poll_s: int) -
             break
         decisions = [d.model_dump() for d in answer.decisions] if answer is not None else []
         if decisions:
-            apply_review(request_id, decisions, answer.reviewer, answer.note)
+            # refused without a valid ticket: nothing applied; the loop pauses again
+            apply_review(request_id, decisions, answer.ticket)
     if policy == "leave":
         return False
     return apply_review_timeout(request_id, policy) not in (S.AWAITING_REVIEW, S.FAILED)
 
 
 @task(name="waiting-requests", result_serializer="json", **RETRY)
-def _waiting_requests(dataset: str | None) -> list[tuple[str, str]]:
+def _waiting_requests(dataset: str | None) -> list[str]:
     return processing.waiting_requests(dataset)
 
 
@@ -226,9 +263,9 @@ def finish_waiting_requests(dataset: str | None = None) -> list[dict]:
     """Verify, complete and certify every request whose retraining is done (used by
     ``retrain_pending``), and finish those a crash left verifying or uncertified."""
     finished = []
-    for request_id, name in _waiting_requests(dataset):
-        result = verify_and_complete(request_id, name)
-        certify(request_id, name)
+    for request_id in _waiting_requests(dataset):
+        result = verify_and_complete(request_id)
+        certify(request_id)
         if result["state"] in (S.COMPLETED, S.FAILED):
             summary = processing.request_summary(request_id)
             publish_artifact(summary)

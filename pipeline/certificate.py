@@ -18,6 +18,17 @@ certificate saw. What still holds the erased records on disk (superseded shard
 versions and checkpoints, until ``purge_superseded_files`` deletes them) is
 counted, not hidden.
 
+A request is processed against every dataset (or those it named), so the
+certificate has a section per dataset searched (``datasets``): what was found
+there, erased, retrained (with the exactness of each shard's retraining) and
+measured. Exactness is stated only from recorded facts: a shard is ``exact``
+when its retraining job recorded that it ran in the runtime recorded in the
+checkpoints it restored (device kind, torch version, CPU threads,
+deterministic mode) under the same model config, and the training manifest of
+the ensemble in service was verified when the certificate was issued. A
+retraining allowed on another runtime is certified as such (the model never
+saw the records; it is not bitwise comparable with a from-scratch run).
+
 One certificate per request (``certify_request`` returns the stored one on a
 rerun). ``verify_certificate`` needs no database and no settings: it checks
 the signature and the key id. With only the embedded public key it proves the
@@ -40,15 +51,16 @@ from sqlalchemy import Engine, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from db.audit import Certificate, append_event, canonical_json, chain_head
+from db.audit import AuditEvent, Certificate, append_event, canonical_json, chain_head
 from db.models import Dataset, Record, ShardVersion, utcnow
 from db.requests import ErasureRequest
 from db.session import unit_of_work
 from db.settings import Settings
-from db.training import Checkpoint, EnsembleMemberRow, RequestMatch
+from db.audit import MembershipProbe
+from db.training import JOB_DONE, Checkpoint, EnsembleMemberRow, EnsembleVersionRow, RequestMatch, ShardRetrainJob
 from pipeline.signing import ALGORITHM, SigningKey, key_id, load_or_create_signing_key, load_public_key, signature_valid
 
-CERTIFICATE_FORMAT = "erasure-certificate/1"
+CERTIFICATE_FORMAT = "erasure-certificate/2"  # /2: a section per dataset; exactness per shard
 ACTOR = "flow:certify"
 RECORD_IDS_DIGEST = "sha256 of the sorted erased record ids joined by '\\n' (UTF-8); the ids are not listed"
 
@@ -86,12 +98,16 @@ def stored_certificate(session: Session, request_id: str) -> IssuedCertificate |
     return IssuedCertificate.from_row(row) if row is not None else None
 
 
-def certify_request(settings: Settings, engine: Engine, request_id: str, dataset: str | None = None
-                    ) -> IssuedCertificate | None:
+def certify_request(settings: Settings, engine: Engine, request_id: str, *,
+                    prefect_records=None) -> IssuedCertificate | None:  # noqa: ANN001
     """Issue the request's certificate once it is completed; the stored one if it exists;
-    None while the request is not completed."""
+    None while the request is not completed. ``prefect_records``: the reader of Prefect's
+    records for the residue check (``flows.prefect_records``; None: Prefect not checked)."""
     from pipeline.lifecycle import RequestState, get_request
+    from pipeline.residue import residue_for_certificate
 
+    # The residue check, outside the transaction: it reads files, may ask Prefect, records an event.
+    residue = residue_for_certificate(settings, engine, request_id, prefect_records=prefect_records)
     try:
         with unit_of_work(engine) as session:
             request = get_request(session, request_id, for_update=True)
@@ -99,7 +115,8 @@ def certify_request(settings: Settings, engine: Engine, request_id: str, dataset
             if existing is not None or request.state != RequestState.COMPLETED:
                 return existing
             key = load_or_create_signing_key(settings)
-            body = build_certificate(settings, session, request, dataset)
+            body = build_certificate(settings, session, request)
+            body["residue"] = residue  # what the residue check found (pipeline/residue.py)
             body["audit_chain_head"] = audit_chain_head(session)
             document = canonical_json(sign_certificate(body, key))
             digest = hashlib.sha256(document.encode("utf-8")).hexdigest()
@@ -137,23 +154,23 @@ def _iso(moment: datetime | None) -> str | None:
     return moment.isoformat() if moment is not None else None
 
 
-def _dataset_of(session: Session, request_id: str, name: str | None) -> Dataset | None:
-    from pipeline.erasure import dataset_or_fail
+def searched_datasets(session: Session, request_id: str) -> list[Dataset]:
+    """The datasets the request was processed against: those its locate step searched
+    (``dataset.searched`` events) and those it has matches in, by name."""
+    ids = set(session.scalars(select(RequestMatch.dataset_id).where(RequestMatch.request_id == str(request_id))))
+    for details in session.scalars(select(AuditEvent.details).where(
+            AuditEvent.request_id == str(request_id), AuditEvent.kind == "dataset.searched")):
+        ids.add(int(json.loads(details)["dataset_id"]))
+    return sorted((session.get(Dataset, i) for i in ids), key=lambda d: d.name)
 
-    if name is not None:
-        return dataset_or_fail(session, name)
-    ids = sorted(set(session.scalars(select(RequestMatch.dataset_id).where(RequestMatch.request_id == request_id))))
-    if len(ids) > 1:
-        raise ValueError(f"request {request_id} has matches in {len(ids)} datasets; name the dataset to certify")
-    return session.get(Dataset, ids[0]) if ids else None
 
-
-def build_certificate(settings: Settings, session: Session, request: ErasureRequest, dataset_name: str | None) -> dict:
-    """The certificate body of a completed request (without the audit head)."""
-    dataset = _dataset_of(session, request.id, dataset_name)
-    matches = [m for m in _matches(session, request.id) if dataset is None or m.dataset_id == dataset.id]
-    erased = [m for m in matches if m.erased_in_shard_version is not None]
-    erased_ids = sorted({m.record_id for m in erased})
+def build_certificate(settings: Settings, session: Session, request: ErasureRequest) -> dict:
+    """The certificate body of a completed request (without the audit head): the request,
+    the subject, a section per dataset, and the scope over all of them."""
+    all_matches = _matches(session, request.id)
+    sections = [_dataset_section(settings, session, request, dataset,
+                                 [m for m in all_matches if m.dataset_id == dataset.id])
+                for dataset in searched_datasets(session, request.id)]
     return {
         "format": CERTIFICATE_FORMAT,
         "issued_at": utcnow().isoformat(),
@@ -170,16 +187,33 @@ def build_certificate(settings: Settings, session: Session, request: ErasureRequ
             "samples_received": request.sample_count,
             "samples_purged_at": _iso(request.samples_purged_at),
         },
-        "dataset": None if dataset is None else {
-            "name": dataset.name, "shards": dataset.n_shards, "slices": dataset.n_slices,
-            "embedder": dataset.embedder, "identifier_key_id": dataset.key_id},
+        "datasets_requested": json.loads(request.datasets) if request.datasets else "every dataset",
+        "datasets": sections,
+        "erasure": {"records_erased": sum(s["erasure"]["records_erased"] for s in sections),
+                    "datasets": len(sections),
+                    "shards_retrained": sum(len(s["retraining"]) for s in sections),
+                    "exactness": _exactness_counts(sections)},
+        "scope": _scope(sections),
+    }
+
+
+def _dataset_section(settings: Settings, session: Session, request: ErasureRequest, dataset: Dataset,
+                     matches: list[RequestMatch]) -> dict:
+    """One dataset's part: found, erased, retrained (exactness per shard), ensemble, verified, retained."""
+    erased = [m for m in matches if m.erased_in_shard_version is not None]
+    erased_ids = sorted({m.record_id for m in erased})
+    verification = _verification_section(settings, session, request.id, dataset)
+    manifest = verification.get("training_manifest")
+    manifest_passed = manifest is not None and manifest.get("passed") is True
+    return {
+        "dataset": {"name": dataset.name, "shards": dataset.n_shards, "slices": dataset.n_slices,
+                    "embedder": dataset.embedder, "identifier_key_id": dataset.key_id},
         "locate": _locate_section(session, request, dataset, matches),
         "erasure": _erasure_section(session, dataset, erased, erased_ids),
-        "retraining": _retraining_section(session, request.id),
+        "retraining": _retraining_section(session, request.id, dataset, manifest_passed),
         "ensemble": _ensemble_section(session, dataset, request.id),
-        "verification": _verification_section(settings, session, request.id, dataset),
+        "verification": verification,
         "retained": _retained_section(settings, session, request.id, dataset, erased),
-        "scope": _scope(session, request.id, dataset, matches, erased_ids),
     }
 
 
@@ -202,12 +236,16 @@ def _locate_section(session: Session, request: ErasureRequest, dataset: Dataset 
     reviewed = {d.match_ref for d in request.review_decisions}
     borderline = [m for m in matches if m.decision == "review"]
     return {
-        "thresholds": _thresholds(dataset),
+        "thresholds": {**_thresholds(dataset), "sample_only": request.sample_only_policy or "review"},
         "thresholds_source": "dedup.policy defaults for the dataset's embedder: identifier matches are erased; "
                              "jaccard >= jaccard_erase erase, >= jaccard_review review; cosine >= cosine_erase "
                              "erase, >= cosine_review review; below: kept, not recorded",
         "matches": len(matches),
         "by_method": per_method_counts(matches),
+        # How matches reached only from a requester's sample were decided (dedup.policy.SampleOnly):
+        # "review" (whatever their score) unless ERASURE_SAMPLE_ONLY_MATCHES=score.
+        "sample_only_policy": request.sample_only_policy or "review",
+        "sample_only_matches": sum(m.provenance == "sample" for m in matches),
         "review": {
             "borderline": len(borderline),
             "decided_by_reviewer": sum(m.match_ref in reviewed for m in borderline),
@@ -250,15 +288,72 @@ def _erasure_section(session: Session, dataset: Dataset | None, erased: list[Req
     }
 
 
-def _retraining_section(session: Session, request_id: str) -> list[dict]:
+EXACT = "exact"
+DIFFERENT_RUNTIME = "different_runtime"
+NO_SUB_MODEL = "no_sub_model"
+NOT_ESTABLISHED = "not_established"
+EXACTNESS_STATEMENTS = {
+    EXACT: "retrained without the records from the checkpoint before their earliest slice, in the runtime "
+           "recorded in its checkpoints (device kind, torch version, CPU threads, deterministic mode) and under "
+           "the same model config; by SISA it is bitwise the sub-model trained from scratch without them, and "
+           "the training manifest of the ensemble in service was verified",
+    DIFFERENT_RUNTIME: "retrained without the records on a different runtime: the model never saw them; "
+                       "not bitwise comparable",
+    NO_SUB_MODEL: "no trainable record remained in the shard (or it had no sub-model): no sub-model of it is "
+                  "in service",
+}
+
+
+def shard_exactness(job: ShardRetrainJob, manifest_passed: bool) -> tuple[str, str]:
+    """(status, statement) of one shard's retraining, from what its job recorded only."""
+    if job.status != JOB_DONE:
+        return NOT_ESTABLISHED, f"the retraining is {job.status}, not done"
+    if job.outcome in ("emptied", "untrained"):
+        return NO_SUB_MODEL, EXACTNESS_STATEMENTS[NO_SUB_MODEL]
+    if job.runtime_matches is None or job.config_matches is None:
+        return NOT_ESTABLISHED, ("the runtime of this retraining was not recorded (it ran before runtimes were "
+                                 "recorded per job): exactness is not claimed")
+    if not manifest_passed:
+        return NOT_ESTABLISHED, "the training manifest of the ensemble in service was not verified"
+    if not job.config_matches:
+        return NOT_ESTABLISHED, ("a checkpoint of the retrained chain records another model config: "
+                                 "exactness is not claimed")
+    if not job.runtime_matches:
+        return DIFFERENT_RUNTIME, EXACTNESS_STATEMENTS[DIFFERENT_RUNTIME]
+    return EXACT, EXACTNESS_STATEMENTS[EXACT]
+
+
+def _runtime(recorded: str | None) -> dict | None:
+    return json.loads(recorded) if recorded else None
+
+
+def _retraining_section(session: Session, request_id: str, dataset: Dataset, manifest_passed: bool) -> list[dict]:
     from pipeline.erasure import request_jobs
 
-    return [{"job_id": j.id, "shard": j.shard, "status": j.status, "trained_on_shard_version": j.target_shard_version,
-             "restored_checkpoint_after_slice": j.restored_slice,
-             "retrained_from_slice": None if j.restored_slice is None else j.restored_slice + 1,
-             "samples_processed": j.samples_processed, "full_shard_samples": j.full_training_samples,
-             "device": j.device, "ensemble_version": j.ensemble_version_id,
-             "finished_at": _iso(j.finished_at)} for j in request_jobs(session, request_id)]
+    rows = []
+    for j in request_jobs(session, request_id):
+        if j.dataset_id != dataset.id:
+            continue
+        status, statement = shard_exactness(j, manifest_passed)
+        rows.append({
+            "job_id": j.id, "shard": j.shard, "status": j.status, "outcome": j.outcome,
+            "trained_on_shard_version": j.target_shard_version,
+            "restored_checkpoint_after_slice": j.restored_slice,
+            "retrained_from_slice": None if j.restored_slice is None else j.restored_slice + 1,
+            "samples_processed": j.samples_processed, "full_shard_samples": j.full_training_samples,
+            "device": j.device, "runtime": _runtime(j.runtime), "recorded_runtime": _runtime(j.recorded_runtime),
+            "runtime_matches": j.runtime_matches, "config_matches": j.config_matches,
+            "exactness": {"status": status, "statement": statement},
+            "ensemble_version": j.ensemble_version_id, "finished_at": _iso(j.finished_at)})
+    return rows
+
+
+def _exactness_counts(sections: list[dict]) -> dict[str, int]:
+    counts = {EXACT: 0, DIFFERENT_RUNTIME: 0, NO_SUB_MODEL: 0, NOT_ESTABLISHED: 0}
+    for section in sections:
+        for job in section["retraining"]:
+            counts[job["exactness"]["status"]] += 1
+    return counts
 
 
 def _ensemble_section(session: Session, dataset: Dataset | None, request_id: str) -> dict:
@@ -279,13 +374,30 @@ def _verification_section(settings: Settings, session: Session, request_id: str,
         manifest = {**verify_request(settings, session, request_id, dataset.name).to_dict(),
                     "method": "no erased record id is in the seen_ids of any member checkpoint of the ensemble "
                               "in service, checked when this certificate was issued"}
-    probes = [probe_summary(r) for r in probe_rows(session, request_id)]
+    probes = [probe_summary(r) for r in probe_rows(session, request_id) if _probe_in(session, r, dataset)]
     return {
         "training_manifest": manifest,
         "membership_probe": probes or {"status": "not run",
                                        "reason": "no probe is stored for this request (it runs after retraining "
                                                  "when records were erased)"},
     }
+
+
+def _probe_in(session: Session, row: MembershipProbe, dataset: Dataset | None) -> bool:
+    """Whether a stored probe measured ``dataset``: by its dataset id where the row has one, else
+    by the dataset whose ensemble versions include the version it measured."""
+    if dataset is None:
+        return True
+    own = getattr(row, "dataset_id", None)
+    if own is not None:
+        return own == dataset.id
+    if row.ensemble_version_id is not None:
+        return session.scalar(select(EnsembleVersionRow.id).where(
+            EnsembleVersionRow.dataset_id == dataset.id,
+            EnsembleVersionRow.version_id == row.ensemble_version_id).limit(1)) is not None
+    erased_in = set(session.scalars(select(RequestMatch.dataset_id).where(
+        RequestMatch.request_id == row.request_id, RequestMatch.erased_in_shard_version.is_not(None))))
+    return erased_in == {dataset.id}
 
 
 def _retained_section(settings: Settings, session: Session, request_id: str, dataset: Dataset | None,
@@ -351,39 +463,72 @@ def _retained_section(settings: Settings, session: Session, request_id: str, dat
             "ensemble_versions_using_them": in_ensembles},
         "tombstones": sum(key.startswith(f"{request_id}/") for key in tombstones.keys) if tombstones else 0,
         "statement": where + (" The erased records' MinHash signatures are kept as tombstones to screen "
-                              "re-ingested data; they are not the text."),
+                              "re-ingested data; they are not the text, and they are keyed with the dataset's "
+                              "secret key, so they confirm no guessed text to anyone without it."),
     }
 
 
-def _scope(session: Session, request_id: str, dataset: Dataset | None, matches: list[RequestMatch],
-           erased_ids: list[str]) -> dict:
-    t = _thresholds(dataset)
-    borderline = [m for m in matches if m.decision == "review"]
+def _back_end_statement(sections: list[dict], erased: int) -> str:
+    """What the removal did, claiming exactness only for the shards whose jobs recorded it."""
+    counts = _exactness_counts(sections)
+    retrained = sum(counts.values())
+    names = ", ".join(s["dataset"]["name"] for s in sections) or "none"
+    text = (f"{erased} record(s) found for the subject and decided 'erase' were removed from the training data of "
+            f"{len(sections)} dataset(s) searched ({names}): new shard versions without them. ")
+    if not retrained:
+        return text + "No trained sub-model had seen them, so none was retrained."
+    text += f"Of the {retrained} sub-model retraining(s): "
+    parts = []
+    if counts[EXACT]:
+        parts.append(f"{counts[EXACT]} exact (retrained from the checkpoint before the earliest slice that held "
+                     "them, in the recorded runtime and config: by SISA bitwise the sub-model trained without them)")
+    if counts[DIFFERENT_RUNTIME]:
+        parts.append(f"{counts[DIFFERENT_RUNTIME]} retrained without the records on a different runtime: the model "
+                     "never saw them; not bitwise comparable")
+    if counts[NO_SUB_MODEL]:
+        parts.append(f"{counts[NO_SUB_MODEL]} left no sub-model (no trainable record remained)")
+    if counts[NOT_ESTABLISHED]:
+        parts.append(f"{counts[NOT_ESTABLISHED]} without recorded runtime facts or verified manifest: exactness is "
+                     "not claimed")
+    return text + "; ".join(parts) + (". The training manifest check of each dataset's ensemble in service is in "
+                                      "its section.")
+
+
+def _scope(sections: list[dict]) -> dict:
+    from pipeline.membership import forgetting_sentence
+
+    erased = sum(s["erasure"]["records_erased"] for s in sections)
+    review = [s["locate"]["review"] for s in sections]
+    thresholds = "; ".join(
+        f"{s['dataset']['name']}: MinHash verified Jaccard >= {s['locate']['thresholds']['jaccard_erase']} erased, "
+        f">= {s['locate']['thresholds']['jaccard_review']} to review, embedding cosine >= "
+        f"{s['locate']['thresholds']['cosine_review']} to review, >= {s['locate']['thresholds']['cosine_erase']} "
+        "erased" for s in sections)
     return {
         "back_end_removal": {
-            "status": "done" if erased_ids else "nothing to remove",
-            "statement": (f"{len(erased_ids)} record(s) found for the subject and decided 'erase' were removed from "
-                          "the training data (new shard versions without them), and each sub-model that had "
-                          "trained on them was retrained from the checkpoint before the earliest slice that held "
-                          "them: by SISA this is exactly the sub-model trained without them. The training manifest "
-                          "check confirms no model in service lists them."),
+            "status": "done" if erased else "nothing to remove",
+            "statement": _back_end_statement(sections, erased),
         },
         "near_copies_and_paraphrases": {
             "status": "searched at the thresholds stated",
-            "statement": (f"Copies without the subject's identifiers were searched by MinHash (verified Jaccard >= "
-                          f"{t['jaccard_erase']} erased, >= {t['jaccard_review']} to review) and by embedding "
-                          f"neighbours (cosine >= {t['cosine_review']} to review, >= {t['cosine_erase']} erased), "
-                          f"one hop from the subject's records; {len(borderline)} borderline match(es) went to "
-                          f"review ({sum(m.final_decision == 'erase' for m in borderline)} erased, "
-                          f"{sum(m.final_decision == 'keep' for m in borderline)} kept). Copies below these "
-                          "thresholds, and data never ingested into this pipeline, were not found and not removed."),
+            "statement": (f"Copies without the subject's identifiers were searched in every dataset listed "
+                          f"({thresholds or 'none'}), one hop from the subject's records; "
+                          f"{sum(r['borderline'] for r in review)} borderline match(es) went to review "
+                          f"({sum(r['erased'] for r in review)} erased, {sum(r['kept'] for r in review)} kept). "
+                          "Copies below these thresholds, and data never ingested into this pipeline, were not "
+                          "found and not removed."),
         },
         "output_suppression": {
             "status": "measured, not guaranteed",
-            "statement": ("What was measured: a membership-inference probe (the loss of the sub-model that held "
-                          "each erased record against records it never saw) before and after retraining, and the "
-                          "POST /v1/screen endpoint screens new text against the erased records' tombstones. "
-                          "Nothing else: no control stops a model from producing output that resembles the "
+            "statement": ("What was measured: a reference-calibrated membership-inference probe (each erased "
+                          "record's confidence under its shard's sub-model, calibrated on the sub-models that never "
+                          "saw it, against other people's records that sub-model never saw; its power measured on "
+                          "records still in training) before and after retraining, and the POST /v1/screen endpoint "
+                          "screens new text against the erased records' tombstones. "
+                          + "".join(f"{s['dataset']['name']}: {line} " if len(sections) > 1 else f"{line} "
+                                    for s in sections
+                                    if (line := forgetting_sentence(s["verification"]["membership_probe"])))
+                          + "Nothing else: no control stops a model from producing output that resembles the "
                           "subject's data."),
         },
         "latent_information_and_downstream_use": {

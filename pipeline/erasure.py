@@ -109,6 +109,7 @@ def record_matches(session: Session, request_id: str, dataset_id: int, matches) 
     existing = {(m.shard, m.record_id) for m in request_matches(session, request_id, dataset_id)}
     counts = {ERASE: 0, REVIEW: 0}
     by_method: dict[str, int] = {}
+    sample_only = 0
     for match in matches:
         decision = match.decision.value
         if decision == KEEP or (match.shard, match.record_id) in existing:
@@ -118,15 +119,17 @@ def record_matches(session: Session, request_id: str, dataset_id: int, matches) 
             shard=match.shard, shard_version=match.shard_version, slice=match.slice, record_id=match.record_id,
             method=match.method.value, metric=match.metric.value, score=float(match.score), decision=decision,
             hop=match.hop, query=match.query[:300], final_decision=ERASE if decision == ERASE else None,
-            found_at=utcnow(),
+            provenance=match.provenance.value, found_at=utcnow(),
         ))
+        sample_only += match.provenance.value == "sample"
         existing.add((match.shard, match.record_id))
         counts[decision] += 1
         by_method[match.method.value] = by_method.get(match.method.value, 0) + 1
     session.flush()
     if counts[ERASE] or counts[REVIEW]:
         append_event(session, "matches.recorded", {"dataset_id": dataset_id, "erase": counts[ERASE],
-                                                   "review": counts[REVIEW], "by_method": by_method},
+                                                   "review": counts[REVIEW], "by_method": by_method,
+                                                   "sample_only": sample_only},
                      actor="flow:locate", request_id=str(request_id))
     return counts
 
@@ -231,15 +234,28 @@ def erase_from_shard(settings: Settings, engine: Engine, request_id: str, datase
 
 
 def _write_or_adopt(store: ShardStore, dataset: str, shard: int, base: ShardVersion, remove: list[str]) -> ShardVersionRef:
-    """The shard version ``base`` minus ``remove``: an unrecorded next version left by
-    a killed run is adopted when it holds exactly that, else a new one is written."""
-    stray = store.path_of(dataset, shard, base.version + 1)
-    if stray.exists():
-        base_ids = pq.read_table(base.path, columns=["record_id"])["record_id"].to_pylist()
-        stray_ids = pq.read_table(stray, columns=["record_id"])["record_id"].to_pylist()
-        removed = set(remove)
-        if stray_ids == [rid for rid in base_ids if rid not in removed]:
-            return ShardVersionRef(dataset, shard, base.version + 1, stray, _sha256(stray), len(stray_ids))
+    """The shard version ``base`` minus ``remove``, under the shard's lock.
+
+    Version files above the recorded ``base`` are unrecorded. The next one, left by
+    a killed run of this step, is adopted when it holds exactly that. Any other
+    whose writer is gone is deleted with its locate indexes: it holds records (the
+    erased ones too, if an ingest wrote it from an older version) that no row names,
+    and kept it would hold them forever. One whose writer still runs (an ingest
+    that records its versions after writing them all) is left: that ingest finds
+    the shard changed and rolls its file back; we take the next free number."""
+    from pipeline.locate import remove_index
+
+    removed = set(remove)
+    for stray in store.version_files_after(dataset, shard, base.version):
+        if stray == store.path_of(dataset, shard, base.version + 1):
+            base_ids = pq.read_table(base.path, columns=["record_id"])["record_id"].to_pylist()
+            stray_ids = pq.read_table(stray, columns=["record_id"])["record_id"].to_pylist()
+            if stray_ids == [rid for rid in base_ids if rid not in removed]:
+                return ShardVersionRef(dataset, shard, base.version + 1, stray, _sha256(stray), len(stray_ids))
+        if store.writer_may_be_in_flight(stray):
+            continue
+        remove_index(stray)
+        store.remove_stray_version(stray)
     return store.write_without(dataset, shard, remove, base_version=base.version)
 
 
@@ -265,10 +281,11 @@ def update_indexes_and_tombstones(
     """
     from dedup.shard_index import artefact_dir
     from dedup.tombstones import TombstoneSet
-    from pipeline.locate import dataset_embedder, load_index, load_tombstones, tombstone_path
+    from pipeline.locate import dataset_embedder, dataset_minhash, load_index, load_tombstones, tombstone_path
 
     embedder = dataset_embedder(dataset.embedder, dataset.feature_dim)
-    base_index = load_index(base.path, shard, base.version, embedder)
+    # Keyed MinHash parameters: the tombstones confirm nothing to whoever lacks the secret key.
+    base_index = load_index(base.path, shard, base.version, embedder, dataset_minhash(settings, dataset.name))
     new_index, removed = base_index.without(removed_ids, new.version)
     if not artefact_dir(new.path).is_dir():
         new_index.save(new.path)
@@ -332,8 +349,10 @@ def retraining_done(session: Session, request_id: str) -> bool:
     return all(job.status == JOB_DONE for job in request_jobs(session, request_id))
 
 
-def erased_record_ids(session: Session, request_id: str) -> list[str]:
-    return sorted({m.record_id for m in request_matches(session, request_id) if m.erased_in_shard_version is not None})
+def erased_record_ids(session: Session, request_id: str, dataset_id: int | None = None) -> list[str]:
+    """The request's erased record ids (of one dataset when given: ids are unique only within a dataset)."""
+    return sorted({m.record_id for m in request_matches(session, request_id, dataset_id)
+                   if m.erased_in_shard_version is not None})
 
 
 @dataclass(frozen=True)
@@ -355,7 +374,7 @@ def verify_request(settings: Settings, session: Session, request_id: str, datase
     from shards.ensemble import training_ids
 
     dataset = dataset_or_fail(session, dataset_name)
-    erased = erased_record_ids(session, request_id)
+    erased = erased_record_ids(session, request_id, dataset.id)
     version = current_ensemble(session, dataset.id)
     if version is None:
         return Verification(True, None, len(erased), 0)
@@ -400,6 +419,68 @@ class PurgeReport:
                 "kept_in_service": self.kept_in_service, "deferred_shards": self.deferred_shards}
 
 
+# Requests whose erasure is under way: their membership probe still reads the superseded
+# files. Any other state (failed, completed, denied, or not yet erasing) does not hold the
+# files back: a failed request that is reopened probes what is left (a purged file reads as
+# "not found"), so a failed sibling cannot keep erased records on disk forever.
+PROBE_PENDING_STATES = ("erasing", "awaiting_retrain", "retraining", "verifying")
+
+
+def shard_purge_blocked_by(session: Session, dataset_id: int, shard: int, request_id: str | None) -> str | None:
+    """The id of another request whose erasure from the shard is under way (it needs the old files), or None."""
+    query = select(RequestMatch.request_id).join(ErasureRequest, ErasureRequest.id == RequestMatch.request_id).where(
+        RequestMatch.dataset_id == dataset_id, RequestMatch.shard == shard,
+        RequestMatch.erased_in_shard_version.is_not(None), ErasureRequest.state.in_(PROBE_PENDING_STATES))
+    if request_id is not None:
+        query = query.where(RequestMatch.request_id != str(request_id))
+    return session.scalar(query.limit(1))
+
+
+def purge_shard_files(session: Session, dataset_id: int, shard: int, now: datetime) -> tuple[list[dict], list[str], list[str]]:
+    """Delete every file of one shard that still holds an erased record: superseded shard
+    versions (Parquet file and locate index) and the sub-model checkpoints trained on such
+    a version from the record's slice on; their rows are marked purged. Returns
+    (versions purged, checkpoint keys purged, checkpoints kept because they serve).
+    A deletion error raises (the caller's transaction rolls back; a rerun retries)."""
+    from pipeline.locate import remove_index
+    from pipeline.training import current_ensemble_row
+
+    held = list(session.scalars(select(Record).where(
+        Record.dataset_id == dataset_id, Record.shard == shard, Record.erased_in_shard_version.is_not(None))))
+
+    def held_by(version: int, from_slice: int | None = None) -> bool:
+        return any(r.first_shard_version <= version < r.erased_in_shard_version
+                   and (from_slice is None or r.slice <= from_slice) for r in held)
+
+    purged_versions: list[dict] = []
+    purged_checkpoints: list[str] = []
+    in_service: list[str] = []
+    for version in session.scalars(select(ShardVersion).where(
+            ShardVersion.dataset_id == dataset_id, ShardVersion.shard == shard,
+            ShardVersion.files_purged_at.is_(None)).order_by(ShardVersion.version)):
+        if held_by(version.version):
+            remove_index(version.path)
+            Path(version.path).unlink(missing_ok=True)
+            version.files_purged_at = now
+            purged_versions.append({"shard": shard, "version": version.version})
+    current = current_ensemble_row(session, dataset_id)
+    serving = set() if current is None else set(session.scalars(
+        select(EnsembleMemberRow.checkpoint_key).where(EnsembleMemberRow.ensemble_id == current.id)))
+    for checkpoint in session.scalars(select(Checkpoint).where(
+            Checkpoint.dataset_id == dataset_id, Checkpoint.shard == shard,
+            Checkpoint.file_purged_at.is_(None)).order_by(Checkpoint.key)):
+        if not held_by(checkpoint.shard_version, checkpoint.slice):
+            continue
+        if checkpoint.key in serving:  # verification would have failed; never delete what serves
+            in_service.append(checkpoint.key)
+            continue
+        Path(checkpoint.path).unlink(missing_ok=True)
+        checkpoint.file_purged_at = now
+        purged_checkpoints.append(checkpoint.key)
+    session.flush()
+    return purged_versions, purged_checkpoints, in_service
+
+
 def purge_superseded_files(settings: Settings, session: Session, request_id: str) -> PurgeReport:
     """Delete the files that still hold erased records, once the request is
     retrained and verified: in each shard it erased from, every superseded shard
@@ -411,13 +492,9 @@ def purge_superseded_files(settings: Settings, session: Session, request_id: str
     r.erased_in_shard_version; a checkpoint after slice c of version v saw r iff
     also c >= r.slice. Nothing deleted is needed again: the ensemble in service and
     later retraining start from versions without the records. A shard where
-    another request's erasure is not yet verified keeps its old files (that
-    request's membership probe reads them); that request's completion purges
-    them, for every erased record of the shard. Idempotent."""
-    from pipeline.lifecycle import CLOSED_STATES
-    from pipeline.locate import remove_index
-    from pipeline.training import current_ensemble_row
-
+    another request's erasure is under way (``PROBE_PENDING_STATES``) keeps its old
+    files (that request's membership probe reads them); that request's completion,
+    or the next ``erasure gc``, purges them for every erased record of the shard. Idempotent."""
     touched = sorted({(m.dataset_id, m.shard) for m in request_matches(session, request_id)
                       if m.erased_in_shard_version is not None})
     now = utcnow()
@@ -425,45 +502,14 @@ def purge_superseded_files(settings: Settings, session: Session, request_id: str
     purged_checkpoints: list[str] = []
     in_service: list[str] = []
     deferred: list[int] = []
-    closed = [str(state) for state in CLOSED_STATES]
     for dataset_id, shard in touched:
-        others_open = session.scalar(
-            select(RequestMatch.id).join(ErasureRequest, ErasureRequest.id == RequestMatch.request_id).where(
-                RequestMatch.dataset_id == dataset_id, RequestMatch.shard == shard,
-                RequestMatch.erased_in_shard_version.is_not(None), RequestMatch.request_id != str(request_id),
-                ErasureRequest.state.not_in(closed)).limit(1))
-        if others_open is not None:
+        if shard_purge_blocked_by(session, dataset_id, shard, request_id) is not None:
             deferred.append(shard)
             continue
-        held = list(session.scalars(select(Record).where(
-            Record.dataset_id == dataset_id, Record.shard == shard, Record.erased_in_shard_version.is_not(None))))
-
-        def held_by(version: int, from_slice: int | None = None) -> bool:
-            return any(r.first_shard_version <= version < r.erased_in_shard_version
-                       and (from_slice is None or r.slice <= from_slice) for r in held)
-
-        for version in session.scalars(select(ShardVersion).where(
-                ShardVersion.dataset_id == dataset_id, ShardVersion.shard == shard,
-                ShardVersion.files_purged_at.is_(None))):
-            if held_by(version.version):
-                remove_index(version.path)
-                Path(version.path).unlink(missing_ok=True)
-                version.files_purged_at = now
-                purged_versions.append({"shard": shard, "version": version.version})
-        current = current_ensemble_row(session, dataset_id)
-        serving = set() if current is None else set(session.scalars(
-            select(EnsembleMemberRow.checkpoint_key).where(EnsembleMemberRow.ensemble_id == current.id)))
-        for checkpoint in session.scalars(select(Checkpoint).where(
-                Checkpoint.dataset_id == dataset_id, Checkpoint.shard == shard, Checkpoint.file_purged_at.is_(None))):
-            if not held_by(checkpoint.shard_version, checkpoint.slice):
-                continue
-            if checkpoint.key in serving:  # verification would have failed; never delete what serves
-                in_service.append(checkpoint.key)
-                continue
-            Path(checkpoint.path).unlink(missing_ok=True)
-            checkpoint.file_purged_at = now
-            purged_checkpoints.append(checkpoint.key)
-    session.flush()
+        versions, checkpoints, serving = purge_shard_files(session, dataset_id, shard, now)
+        purged_versions += versions
+        purged_checkpoints += checkpoints
+        in_service += serving
     report = PurgeReport(purged_versions, purged_checkpoints, in_service, deferred)
     if purged_versions or purged_checkpoints or deferred:
         append_event(session, "files.purged", report.to_dict(), actor="flow:verify", request_id=str(request_id))

@@ -3,7 +3,8 @@ records into shards and slices, write new shard versions, record lineage.
 
 Order of effects (why: nothing is half-ingested):
   1. validate every row (pass 1) — on any error nothing has been written;
-  2. spill accepted rows per shard into temporary Arrow files (pass 2);
+  2. place the new rows (by subject: ``pipeline.placement``, or by record id) and
+     spill them per shard into temporary Arrow files (pass 2);
   3. write each affected shard's next version (old rows + new rows);
   4. one database transaction records the source file, records, keyed
      identifier hashes and shard versions; if it fails the new shard version
@@ -39,11 +40,14 @@ from db.audit import append_event
 from db.locks import lock_shard
 from db.session import unit_of_work
 from db.settings import Settings
-from dedup.identifiers import key_id, keyed_hash
+from dedup.identifiers import content_hmac, key_id, keyed_hash
 from pipeline.database import open_database
-from pipeline.locate import build_and_save_index, dataset_embedder, load_tombstones, remove_index
+from pipeline.locate import build_and_save_index, dataset_embedder, dataset_minhash, load_tombstones, remove_index
+from pipeline.rekey import rekey_live_records
+from pipeline.placement import NewRecord, place_batch_by_subject, resolve_placement, subject_options
 from pipeline.progress import Reporter, SilentReporter
-from shards.assign import place_record, validate_layout
+from shards.assign import Placement, place_record, validate_layout
+from shards.placement import DEFAULT_LINKING_KINDS, DEFAULT_MAX_RECORDS_PER_IDENTIFIER
 from shards.sources import (
     CleanRow,
     FieldMap,
@@ -64,7 +68,7 @@ _SPILL_SCHEMA = pa.schema(
         ("order_key", pa.int64()),
         ("text", pa.string()),
         ("label", pa.int64()),
-        ("content_sha256", pa.string()),
+        ("content_hmac", pa.string()),
         ("row_number", pa.int64()),
         ("identifiers", pa.list_(pa.struct([("kind", pa.string()), ("keyed_hash", pa.string())]))),
     ]
@@ -90,6 +94,10 @@ class IngestOptions:
     seed: int = 0
     fmt: str | None = None
     embedder: str = "hashing"  # "minilm" for paraphrase search by meaning (slower)
+    # "subject" | "record"; None: the dataset's, or for a new one "subject" when there are identifier fields
+    placement: str | None = None
+    linking_kinds: tuple[str, ...] = DEFAULT_LINKING_KINDS  # identifier kinds that link records to one subject
+    max_records_per_identifier: int = DEFAULT_MAX_RECORDS_PER_IDENTIFIER  # above: the value links nothing
 
 
 @dataclass
@@ -110,6 +118,8 @@ class IngestSummary:
     seconds: float
     timings: dict[str, float] = field(default_factory=dict)
     screened: list[dict] = field(default_factory=list)  # records refused by the tombstone screen
+    placement: str = "record"
+    placement_report: dict = field(default_factory=dict)  # subject placement: subjects, copies joined, hubs
 
     def to_json(self) -> dict:
         data = asdict(self)
@@ -124,7 +134,7 @@ def _identifier_hashes(row: CleanRow, key: bytes) -> list[tuple[str, str]]:
 
 
 def _validate(
-    path: Path, fmt: str, fields: FieldMap, existing: dict[str, str], key: bytes, reporter: Reporter
+    path: Path, fmt: str, fields: FieldMap, existing: dict[str, str | None], key: bytes, reporter: Reporter
 ) -> tuple[int, int]:
     """Pass 1: every row checked; returns (rows, rows already ingested unchanged)."""
     report = ValidationReport()
@@ -147,9 +157,11 @@ def _validate(
             except ValueError as exc:
                 report.add(number, f"bad identifier: {exc}")
                 continue
-            earlier = existing.get(row.record_id)
-            if earlier is not None:
-                if earlier != row.content_sha256:
+            if row.record_id in existing:
+                earlier = existing[row.record_id]
+                # None: a record erased before content digests were keyed (migration 0006); its
+                # text is gone, so the id is skipped without comparing (an erased id never comes back).
+                if earlier is not None and earlier != content_hmac(key, row.text):
                     report.add(
                         number,
                         f"id {row.record_id!r} was ingested earlier with a different text; "
@@ -164,17 +176,32 @@ def _validate(
     return rows, unchanged
 
 
+def _new_records(path: Path, fmt: str, fields: FieldMap, existing: dict[str, str | None],
+                 key: bytes) -> list[NewRecord]:
+    """The validated file's new records (id, keyed identifier hashes, text), for subject placement."""
+    report = ValidationReport()
+    out = []
+    for number, raw in read_rows(path, fmt):
+        row = clean_row(number, raw, fields, fmt, report)
+        if row is None:
+            raise SourceError(f"{path} changed while it was being ingested (row {number}); run ingest again")
+        if row.record_id not in existing:
+            out.append(NewRecord(row.record_id, tuple(_identifier_hashes(row, key)), row.text))
+    return out
+
+
 def _spill(
     path: Path,
     fmt: str,
     options: IngestOptions,
-    existing: dict[str, str],
+    existing: dict[str, str | None],
     key: bytes,
     spill_dir: Path,
     total: int,
     reporter: Reporter,
+    places: dict[str, Placement] | None = None,
 ) -> dict[int, Path]:
-    """Pass 2: accepted new rows, placed and hashed, into one Arrow file per shard."""
+    """Pass 2: accepted new rows, placed (``places``, else by record id) and hashed, into one Arrow file per shard."""
     buffers: dict[int, list[dict]] = {}
     writers: dict[int, ipc.RecordBatchFileWriter] = {}
     paths: dict[int, Path] = {}
@@ -196,7 +223,8 @@ def _spill(
                     raise SourceError(f"{path} changed while it was being ingested (row {number}); run ingest again")
                 if row.record_id in existing:
                     continue
-                place = place_record(row.record_id, options.seed, options.n_shards, options.n_slices)
+                place = (places[row.record_id] if places is not None
+                         else place_record(row.record_id, options.seed, options.n_shards, options.n_slices))
                 buffers.setdefault(place.shard, []).append(
                     {
                         "record_id": row.record_id,
@@ -204,7 +232,7 @@ def _spill(
                         "order_key": place.order_key,
                         "text": row.text,
                         "label": row.label,
-                        "content_sha256": row.content_sha256,
+                        "content_hmac": content_hmac(key, row.text),
                         "row_number": row.row,
                         "identifiers": [{"kind": k, "keyed_hash": h} for k, h in _identifier_hashes(row, key)],
                     }
@@ -245,13 +273,15 @@ def ingest_source_file(
 
     with unit_of_work(engine) as session:
         dataset = get_dataset(session, options.dataset)
-        existing: dict[str, str] = {}
+        placement = resolve_placement(options.placement, dataset, bool(options.fields.identifier_fields))
+        existing: dict[str, str | None] = {}
         recorded_versions: dict[int, int] = {}
         if dataset is not None:
             # Fail fast on a layout conflict, before reading a big file.
             ensure_dataset(
                 session, name=options.dataset, seed=options.seed, n_shards=options.n_shards,
                 n_slices=options.n_slices, feature_dim=embedder.dim, embedder=embedder_name, key_id=key_id(key),
+                placement=placement,
             )
             done = find_source_file(session, dataset.id, sha)
             if done is not None:
@@ -264,6 +294,8 @@ def ingest_source_file(
                     new_per_shard={}, shard_versions={s: v.version for s, v in sorted(versions.items())},
                     seconds=round(time.perf_counter() - started, 3),
                 )
+            # Live records from before keyed digests get their HMAC now that the key is at hand.
+            rekey_live_records(session, dataset, key)
             existing = record_contents(session, dataset.id)
             recorded_versions = {s: v.version for s, v in latest_shard_versions(session, dataset.id).items()}
 
@@ -271,15 +303,25 @@ def ingest_source_file(
     rows, unchanged = _validate(path, fmt, options.fields, existing, key, reporter)
     timings["validate_s"] = time.perf_counter() - t
 
+    tombstones = load_tombstones(settings, options.dataset)  # an unkeyed file fails here, before any write
+    minhash = dataset_minhash(settings, options.dataset)
     spill_dir = settings.home / "tmp" / f"ingest-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     spill_dir.mkdir(parents=True, exist_ok=True)
     written: list[ShardVersionRef] = []
     new_per_shard: dict[int, int] = {}
     screened: dict[str, dict] = {}  # record id -> why it was not ingested (no text kept)
-    tombstones = load_tombstones(settings, options.dataset)
     try:
         t = time.perf_counter()
-        spills = _spill(path, fmt, options, existing, key, spill_dir, rows, reporter)
+        places, placement_report = None, {}
+        if placement == "subject":
+            batch = _new_records(path, fmt, options.fields, existing, key)
+            with unit_of_work(engine) as session:
+                placed = place_batch_by_subject(
+                    settings, session, options.dataset, batch, options.n_shards, options.n_slices, options.seed,
+                    subject_options(options.linking_kinds, options.max_records_per_identifier))
+            places, placement_report = placed.places, placed.report()
+            timings["subjects_s"] = time.perf_counter() - t
+        spills = _spill(path, fmt, options, existing, key, spill_dir, rows, reporter, places)
         if file_sha256(path) != sha:
             raise SourceError(f"{path} changed while it was being ingested; run ingest again")
         timings["place_s"] = time.perf_counter() - t
@@ -321,7 +363,7 @@ def ingest_source_file(
                     table = sort_training_order(pa.concat_tables([old, table]))
                 ref = store.write_version(options.dataset, shard, table)
                 written.append(ref)
-                build_and_save_index(ref, embedder, table)
+                build_and_save_index(ref, embedder, minhash, table)
                 step.advance()
         timings["write_shards_s"] = time.perf_counter() - t
 
@@ -330,6 +372,7 @@ def ingest_source_file(
             dataset = ensure_dataset(
                 session, name=options.dataset, seed=options.seed, n_shards=options.n_shards,
                 n_slices=options.n_slices, feature_dim=embedder.dim, embedder=embedder_name, key_id=key_id(key),
+                placement=placement,
             )
             source = add_source_file(
                 session, dataset_id=dataset.id, path=str(path.resolve()), sha256=sha, fmt=fmt,
@@ -367,18 +410,32 @@ def ingest_source_file(
             append_event(session, "dataset.ingested", {
                 "dataset": options.dataset, "source_file_id": source.id, "source_sha256": sha, "rows": rows,
                 "new_records": sum(new_per_shard.values()), "skipped_existing": unchanged,
-                "screened_out": len(screened), "tombstones_hit": sorted({w["tombstone"] for w in screened.values()}),
+                "screened_out": len(screened),
+                # the requests whose tombstones were hit (a key is "<request id>/<shard>/<record id>")
+                "tombstones_hit": sorted({w["tombstone"].split("/", 1)[0] for w in screened.values()}),
                 "shard_versions": [{"shard": r.shard, "version": r.version, "sha256": r.sha256, "rows": r.row_count}
                                    for r in written],
+                "placement": placement,
+                # subject placement: counts, and the keyed hashes of identifier values that linked too much
+                **({"placement_report": placement_report} if placement_report else {}),
             }, actor="flow:ingest")
         timings["lineage_s"] = time.perf_counter() - t
-    except BaseException:
+    except BaseException as exc:
         for ref in written:
-            remove_index(ref.path)
-            store.remove_version_file(ref)
+            try:
+                remove_index(ref.path)
+                store.remove_version_file(ref)
+            except OSError as cleanup:  # keep the original error; say what is left for the sweep
+                exc.add_note(f"shard version {ref.path} could not be rolled back ({cleanup}); `erasure gc` removes it")
+        try:
+            shutil.rmtree(spill_dir)
+        except FileNotFoundError:
+            pass
+        except OSError as cleanup:
+            exc.add_note(f"the spill folder {spill_dir} could not be removed ({cleanup}); `erasure gc` removes it")
         raise
-    finally:
-        shutil.rmtree(spill_dir, ignore_errors=True)
+    # The spill files hold the ingested texts: a failure to delete them is an error, not a detail.
+    shutil.rmtree(spill_dir)
 
     return IngestSummary(
         dataset=options.dataset, source_file=str(path), sha256=sha, status="ingested", rows=rows,
@@ -388,15 +445,16 @@ def ingest_source_file(
         seconds=round(time.perf_counter() - started, 3),
         timings={k: round(v, 3) for k, v in timings.items()},
         screened=[{"record_id": rid, **why} for rid, why in sorted(screened.items())],
+        placement=placement, placement_report=placement_report,
     )
 
 
 def _record_rows(spill: pa.Table, dataset_id: int, ref: ShardVersionRef, source_id: int):
-    for rid, slc, sha, number in zip(
+    for rid, slc, digest, number in zip(
         spill["record_id"].to_pylist(), spill["slice"].to_pylist(),
-        spill["content_sha256"].to_pylist(), spill["row_number"].to_pylist(),
+        spill["content_hmac"].to_pylist(), spill["row_number"].to_pylist(),
     ):
-        yield (dataset_id, rid, ref.shard, slc, sha, source_id, number, ref.version)
+        yield (dataset_id, rid, ref.shard, slc, digest, source_id, number, ref.version)
 
 
 def _identifier_rows(spill: pa.Table, dataset_id: int):

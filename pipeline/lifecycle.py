@@ -20,11 +20,17 @@ the receipt again, never chained from an already-clipped date.
 
 Identifiers are kept only as keyed hashes; sample texts only in
 ``request_samples``, deleted when the request closes (completed or denied).
-Every change appends to the request's timeline (``request_events``).
+Every change appends to the request's timeline (``request_events``) and to the
+hash-chained audit log, both with codes and counts only. Text a person types
+(an extension reason, a denial's reasoning, a reviewer's note, an operator's
+reason, the match references a review names) is a ``RequestNote``: the audit
+event keeps its id and keyed hash (``note_hmac``), and ``purge_notes`` deletes
+the notes of requests closed longer than their retention period.
 """
 
 from __future__ import annotations
 
+import base64
 import calendar
 import hashlib
 import hmac
@@ -41,8 +47,16 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, object_session
 
 from db.models import utcnow
-from db.audit import append_event
-from db.requests import ErasureRequest, RequestEvent, RequestIdentifier, RequestSample, ReviewDecision
+from db.audit import ACTOR, append_event, note_hmac
+from db.requests import (
+    ErasureRequest,
+    NoteKind,
+    RequestEvent,
+    RequestIdentifier,
+    RequestNote,
+    RequestSample,
+    ReviewDecision,
+)
 from db.session import unit_of_work
 # IDENTIFIER_KINDS is also read from here by api/ (which does not import dedup/).
 from dedup.identifiers import IDENTIFIER_KINDS, keyed_hash, normalize_identifier
@@ -54,6 +68,9 @@ MAX_SAMPLE_CHARS = 20_000
 MAX_IDEMPOTENCY_KEY_CHARS = 200
 MAX_EXTENSION_MONTHS = 2
 MAX_REASON_CHARS = 4_000
+# How long a closed request's notes are kept before ``purge_notes`` deletes them
+# (the time within which the handling of the request may be questioned).
+DEFAULT_NOTES_RETENTION = timedelta(days=365)
 
 
 class RequestState(StrEnum):
@@ -136,6 +153,27 @@ class ReviewVerdict(StrEnum):
     KEEP = "keep"
 
 
+class TransitionCode(StrEnum):
+    """Why a request changed state: what the audit log keeps instead of a sentence."""
+
+    UNSPECIFIED = "unspecified"
+    OPERATOR = "operator"  # a person's reason: kept as a request note
+    PROCESSING_STARTED = "processing_started"
+    MATCHES_TO_REVIEW = "matches_to_review"
+    MATCHES_DECIDED = "matches_decided"
+    NOTHING_FOUND = "nothing_found"
+    REVIEW_COMPLETE = "review_complete"
+    REVIEW_TIMEOUT_DECIDED = "review_timeout_decided"
+    REVIEW_TIMEOUT_FAILED = "review_timeout_failed"
+    RECORDS_ERASED = "records_erased"
+    RETRAINING_STARTED = "retraining_started"
+    RETRAINED_BY_ANOTHER_RUN = "retrained_by_another_run"
+    RETRAINED = "retrained"
+    RETRAINING_REFUSED = "retraining_refused"  # the worker's runtime differs from the recorded one
+    MANIFEST_CHECK_FAILED = "manifest_check_failed"
+    VERIFIED_AND_PURGED = "verified_and_purged"
+
+
 # ---------------------------------------------------------------- errors
 
 
@@ -213,14 +251,15 @@ class RequestStatus:
     due_at: datetime
     overdue: bool
     extension_months: int
-    extension_reason: str | None
+    extension_reason: str | None  # from the request's notes; None once they are purged
     denial_ground: str | None
-    denial_detail: str | None
+    denial_detail: str | None  # from the request's notes; None once they are purged
     submitted_by: str
     identifier_kinds: dict[str, int]
     sample_count: int
     samples_purged_at: datetime | None
     closed_at: datetime | None
+    notes_purged_at: datetime | None
     review_decisions: tuple[ReviewDecisionView, ...]
     history: tuple[EventView, ...]
 
@@ -288,14 +327,14 @@ def check_idempotency_key(key: str) -> str:
     return key
 
 
-def _fingerprint(key: bytes, hashed: list[tuple[str, str]], samples: Sequence[str]) -> str:
+def _fingerprint(key: bytes, hashed: list[tuple[str, str]], samples: Sequence[str],
+                 datasets: list[str] | None = None) -> str:
     """HMAC of the normalised submission: equal for equal content whatever the
     identifiers' order or spelling, and useless without the key."""
-    canonical = json.dumps(
-        {"identifiers": sorted(f"{k}:{h}" for k, h in hashed), "samples": list(samples)},
-        ensure_ascii=False,
-        separators=(",", ":"),
-    )
+    body: dict = {"identifiers": sorted(f"{k}:{h}" for k, h in hashed), "samples": list(samples)}
+    if datasets is not None:  # only when named: fingerprints of requests covering every dataset are unchanged
+        body["datasets"] = datasets
+    canonical = json.dumps(body, ensure_ascii=False, separators=(",", ":"))
     return hmac.new(key, b"erasure-request-body:" + canonical.encode(), hashlib.sha256).hexdigest()
 
 
@@ -307,38 +346,79 @@ def submit_request(
     identifiers: Sequence[tuple[str, object]],
     samples: Sequence[str],
     actor: str,
+    token_id: int | None = None,
+    datasets: Sequence[str] | None = None,
     now: datetime | None = None,
 ) -> Submission:
     """Store a new request, committed when this returns; idempotent by key.
 
-    The same key with the same (normalised) body returns the first request
-    (``replayed``); with another body it raises IdempotencyConflict. Two
-    concurrent first submissions of one key race on the unique constraint: the
-    loser's insert fails and it returns the winner's request.
+    The same key with the same (normalised) body, from the same API token,
+    returns the first request (``replayed``); with another body, or from
+    another token, it raises IdempotencyConflict (a token never learns of
+    another's request). Two concurrent first submissions of one key race on the
+    unique constraint: the loser's insert fails and it returns the winner's request.
+    ``token_id``: the submitting API token (None from the CLI). ``datasets``: the names of
+    the datasets the request covers (each must exist); None: every dataset.
     """
     check_idempotency_key(idempotency_key)
+    _check_actor(actor, "actor")
     hashed = hash_identifiers(key, list(identifiers))
     samples = list(samples)
     _check_samples(samples)
     if not hashed and not samples:
         raise InvalidRequest("give at least one identifier or one sample", "samples")
-    fingerprint = _fingerprint(key, hashed, samples)
+    named = _check_datasets(datasets)
+    fingerprint = _fingerprint(key, hashed, samples, named)
     try:
         # Insert first: a replay is rare, and the unique key catches it (one round trip fewer).
         with unit_of_work(engine) as session:
+            if named is not None:
+                _check_datasets_exist(session, named)
             received_at = (now or utcnow()).astimezone(timezone.utc)  # calendar months count in UTC
             request = _new_request(idempotency_key, fingerprint, hashed, samples, actor, received_at)
+            request.submitted_by_token_id = token_id
+            request.datasets = json.dumps(named) if named is not None else None
             session.add(request)
             session.flush()
             _audit(session, request, "submitted", None, RequestState.RECEIVED, actor, received_at,
-                   request.events[0].reason)
+                   {"identifiers": len(hashed), "samples": len(samples), "due_at": request.due_at.isoformat()})
             return Submission(request.id, request.received_at, request.original_due_at, replayed=False)
     except IntegrityError:
         with unit_of_work(engine) as session:
             existing = _by_idempotency_key(session, idempotency_key)
             if existing is None:
                 raise
-            return _replay(existing, fingerprint)
+            return _replay(existing, fingerprint, token_id)
+
+
+MAX_DATASETS = 100
+
+
+def _check_datasets(datasets: Sequence[str] | None) -> list[str] | None:
+    """The named datasets, sorted and unique; None (every dataset) when not given."""
+    if datasets is None:
+        return None
+    names = sorted(set(datasets))
+    if not names:
+        raise InvalidRequest("name at least one dataset, or leave datasets out to cover every dataset", "datasets")
+    if len(names) > MAX_DATASETS:
+        raise InvalidRequest(f"name at most {MAX_DATASETS} datasets", "datasets")
+    for name in names:
+        if not isinstance(name, str) or not 1 <= len(name) <= 200 or not name[0].isalnum() \
+                or not all(c.isalnum() or c in "_.-" for c in name) or not name.isascii():
+            raise InvalidRequest("a dataset name is 1-200 ASCII letters, digits, '_', '.' or '-', starting with a "
+                                 "letter or digit", "datasets")
+    return names
+
+
+def _check_datasets_exist(session: Session, names: list[str]) -> None:
+    from db.models import Dataset
+
+    known = set(session.scalars(select(Dataset.name).where(Dataset.name.in_(names))))
+    missing = [name for name in names if name not in known]
+    if missing:
+        raise InvalidRequest(f"no dataset named {', '.join(repr(n) for n in missing)}; name ingested datasets "
+                             "(or leave datasets out to cover every dataset)", "datasets")
 
 
 def _by_idempotency_key(session: Session, idempotency_key: str) -> ErasureRequest | None:
@@ -347,7 +427,9 @@ def _by_idempotency_key(session: Session, idempotency_key: str) -> ErasureReques
     ).one_or_none()
 
 
-def _replay(existing: ErasureRequest, fingerprint: str) -> Submission:
+def _replay(existing: ErasureRequest, fingerprint: str, token_id: int | None) -> Submission:
+    if existing.submitted_by_token_id != token_id:
+        raise IdempotencyConflict("this Idempotency-Key was used before by another client; use a new key (e.g. a UUID)")
     if not hmac.compare_digest(existing.body_fingerprint, fingerprint):
         raise IdempotencyConflict(
             "this Idempotency-Key was used before with a different body; "
@@ -395,11 +477,23 @@ def get_request(session: Session, request_id: str, *, for_update: bool = False) 
     return request
 
 
-def describe_request(session: Session, request_id: str, now: datetime | None = None) -> RequestStatus:
-    return _status(get_request(session, request_id), now or utcnow())
+def describe_request(session: Session, request_id: str, now: datetime | None = None, *,
+                     token_id: int | None = None) -> RequestStatus:
+    """The request's status; with ``token_id`` only a request that token submitted
+    (any other is RequestNotFound, as if it did not exist)."""
+    request = get_request(session, request_id)
+    if token_id is not None and request.submitted_by_token_id != token_id:
+        raise RequestNotFound(f"no erasure request with id {request_id}")
+    return _status(request, now or utcnow())
+
+
+def _latest_note(request: ErasureRequest, kind: NoteKind) -> str | None:
+    texts = [n.text for n in request.notes if n.kind == kind]
+    return texts[-1] if texts else None
 
 
 def _status(request: ErasureRequest, now: datetime) -> RequestStatus:
+    notes = {n.id: n.text for n in request.notes}
     return RequestStatus(
         id=request.id,
         state=request.state,
@@ -408,16 +502,18 @@ def _status(request: ErasureRequest, now: datetime) -> RequestStatus:
         due_at=request.due_at,
         overdue=request.state not in CLOSED_STATES and request.due_at < now,
         extension_months=request.extension_months,
-        extension_reason=request.extension_reason,
+        extension_reason=_latest_note(request, NoteKind.EXTENSION_REASON),
         denial_ground=request.denial_ground,
-        denial_detail=request.denial_detail,
+        denial_detail=_latest_note(request, NoteKind.DENIAL_DETAIL),
         submitted_by=request.submitted_by,
         identifier_kinds=dict(sorted(Counter(i.kind for i in request.identifiers).items())),
         sample_count=request.sample_count,
         samples_purged_at=request.samples_purged_at,
         closed_at=request.closed_at,
+        notes_purged_at=request.notes_purged_at,
         review_decisions=tuple(
-            ReviewDecisionView(d.match_ref, d.decision, d.reviewer, d.note, d.decided_at) for d in request.review_decisions
+            ReviewDecisionView(d.match_ref, d.decision, d.reviewer, notes.get(d.note_id), d.decided_at)
+            for d in request.review_decisions
         ),
         history=tuple(
             EventView(e.at, e.actor, e.action, e.from_state, e.to_state, e.reason) for e in request.events
@@ -462,28 +558,51 @@ def requests_due_within(session: Session, window: timedelta, now: datetime | Non
 # ---------------------------------------------------------------- state changes
 
 
+def _check_actor(actor: str, field: str) -> str:
+    """Who acts is a principal (token:NAME, cli:USER, flow:STEP), never a sentence or a typed name."""
+    if not isinstance(actor, str) or not ACTOR.fullmatch(actor):
+        raise InvalidRequest("an actor is a principal such as token:NAME or cli:USER: up to 200 letters, digits "
+                             "and _.:@/+- without spaces", field)
+    return actor
+
+
+def _add_note(session: Session, request: ErasureRequest, kind: NoteKind, text: str, key: bytes | None,
+              now: datetime) -> tuple[RequestNote, dict]:
+    """Store a person's text as a note; the reference (id, kind, keyed hash) the audit event keeps."""
+    if not key:
+        raise ValueError("text a person typed is kept as a request note whose keyed hash goes to the audit log: "
+                         "pass key= (the service's secret key)")
+    note = RequestNote(request_id=request.id, kind=kind.value, text=text, created_at=now)
+    session.add(note)
+    session.flush()
+    return note, {"id": note.id, "kind": kind.value, "hmac": note_hmac(key, text)}
+
+
 def _record(
     request: ErasureRequest, action: str, from_state: str | None, to_state: str, actor: str, now: datetime,
-    reason: str | None = None,
+    reason: str | None = None, details: dict | None = None,
 ) -> None:
+    """A line of the request's timeline (``reason``: a sentence made of codes and counts)
+    and the same change on the audit log (``details``: fields of ``request.<action>``)."""
     request.events.append(
         RequestEvent(at=now, actor=actor, action=action, from_state=from_state, to_state=str(to_state), reason=reason)
     )
     request.updated_at = now
     session = object_session(request)
     if session is not None:  # a new request is logged by ``submit_request`` once it is in the session
-        _audit(session, request, action, from_state, to_state, actor, now, reason)
+        _audit(session, request, action, from_state, to_state, actor, now, details or {})
 
 
 def _audit(session: Session, request: ErasureRequest, action: str, from_state: str | None, to_state: str,
-           actor: str, now: datetime, reason: str | None) -> None:
-    """The same change on the hash-chained audit log (ids, states and the reason only)."""
+           actor: str, now: datetime, details: dict) -> None:
+    """The same change on the hash-chained audit log: states, codes, counts and note references."""
     append_event(session, f"request.{action}", {"from_state": None if from_state is None else str(from_state),
-                                                 "to_state": str(to_state), "reason": reason},
+                                                 "to_state": str(to_state), **details},
                  actor=actor, request_id=request.id, at=now)
 
 
-def _move(request: ErasureRequest, to_state: RequestState, actor: str, action: str, reason: str | None, now: datetime) -> None:
+def _check_move(request: ErasureRequest, to_state: RequestState) -> RequestState:
+    """The current state, if ``ALLOWED_TRANSITIONS`` permits the move (else IllegalTransition)."""
     current = RequestState(request.state)
     allowed = ALLOWED_TRANSITIONS[current]
     if to_state not in allowed:
@@ -491,8 +610,14 @@ def _move(request: ErasureRequest, to_state: RequestState, actor: str, action: s
         raise IllegalTransition(
             f"request {request.id} cannot go from {current} to {to_state} (allowed from {current}: {options})"
         )
+    return current
+
+
+def _move(request: ErasureRequest, to_state: RequestState, actor: str, action: str, reason: str | None, now: datetime,
+          details: dict) -> None:
+    current = _check_move(request, to_state)
     request.state = to_state.value
-    _record(request, action, current, to_state, actor, now, reason)
+    _record(request, action, current, to_state, actor, now, reason, details)
     if to_state in CLOSED_STATES:
         request.closed_at = now
         _purge(request, actor, now)
@@ -507,6 +632,18 @@ def _clean_reason(reason: str | None, field: str, what: str) -> str:
     return text
 
 
+def _sentence(code: TransitionCode, counts: dict[str, int], note: RequestNote | None) -> str | None:
+    """The timeline's reason: the code and counts, pointing at a note (never its text)."""
+    if code is TransitionCode.UNSPECIFIED and not counts and note is None:
+        return None
+    text = code.value.replace("_", " ")
+    if counts:
+        text += " (" + ", ".join(f"{name.replace('_', ' ')} {n}" for name, n in sorted(counts.items())) + ")"
+    if note is not None:
+        text += f"; reason in note {note.id}"
+    return text
+
+
 def transition(
     session: Session,
     request_id: str,
@@ -514,10 +651,16 @@ def transition(
     *,
     actor: str,
     reason: str | None = None,
+    code: TransitionCode | str | None = None,
+    counts: dict[str, int] | None = None,
+    key: bytes | None = None,
     now: datetime | None = None,
 ) -> ErasureRequest:
     """Move a request to ``to_state`` if ``ALLOWED_TRANSITIONS`` permits it; the
-    change is recorded in its timeline. Denial goes through ``deny_request``."""
+    change is recorded in its timeline and on the audit log as ``code`` and
+    ``counts``. ``reason`` is a person's text: it becomes a request note (``key``
+    needed for its keyed hash) and the code ``operator``. A move to failed or
+    back to received needs a reason or a code. Denial goes through ``deny_request``."""
     try:
         target = RequestState(to_state)
     except ValueError:
@@ -526,10 +669,25 @@ def transition(
         ) from None
     if target is RequestState.DENIED:
         raise InvalidRequest("a denial needs an Art. 17(3) ground: use deny_request", "state")
-    if target in _REASON_REQUIRED:
+    try:
+        code = TransitionCode(code) if code is not None else (
+            TransitionCode.OPERATOR if reason is not None else TransitionCode.UNSPECIFIED)
+    except ValueError:
+        raise InvalidRequest(f"unknown transition code {code!r}; codes: {', '.join(TransitionCode)}", "code") from None
+    if reason is not None or (target in _REASON_REQUIRED
+                              and code in (TransitionCode.UNSPECIFIED, TransitionCode.OPERATOR)):
         reason = _clean_reason(reason, "reason", f"a move to {target}")
+    _check_actor(actor, "actor")
+    counts = dict(counts or {})
+    moment = now or utcnow()
     request = get_request(session, request_id, for_update=True)
-    _move(request, target, actor, "transition", reason, now or utcnow())
+    _check_move(request, target)  # before a note is written
+    details: dict = {"code": code.value, "counts": counts}
+    note = None
+    if reason is not None:
+        note, ref = _add_note(session, request, NoteKind.TRANSITION_REASON, reason, key, moment)
+        details["notes"] = [ref]
+    _move(request, target, actor, "transition", _sentence(code, counts, note), moment, details)
     session.flush()
     return request
 
@@ -541,13 +699,16 @@ def extend_deadline(
     months: int,
     reason: str | None,
     actor: str,
+    key: bytes | None = None,
     now: datetime | None = None,
 ) -> RequestStatus:
     """Extend the deadline by ``months`` (Art. 12(3)): a reason is required, the
     total extension is at most two months, and it must be decided within the
-    first month and before the request closes."""
+    first month and before the request closes. The reason is a request note
+    (``key``: the service's secret, for its keyed hash on the audit log)."""
     now = now or utcnow()
     reason = _clean_reason(reason, "reason", "an extension")
+    _check_actor(actor, "actor")
     if isinstance(months, bool) or not isinstance(months, int) or not 1 <= months <= MAX_EXTENSION_MONTHS:
         raise InvalidRequest(f"months must be 1 or {MAX_EXTENSION_MONTHS}", "months")
     request = get_request(session, request_id, for_update=True)
@@ -564,11 +725,12 @@ def extend_deadline(
             f"the first month of request {request.id} ended at {request.original_due_at.isoformat()}; "
             "Art. 12(3) requires an extension to be decided and told to the data subject within it"
         )
+    note, ref = _add_note(session, request, NoteKind.EXTENSION_REASON, reason, key, now)
     request.extension_months = total
     request.due_at = due_date(request.received_at, total)
-    request.extension_reason = reason
     _record(request, "extended", request.state, request.state, actor, now,
-            f"+{months} month(s), due {request.due_at.isoformat()}: {reason}")
+            f"+{months} month(s), due {request.due_at.isoformat()}; reason in note {note.id}",
+            {"months": months, "extension_months": total, "due_at": request.due_at.isoformat(), "notes": [ref]})
     session.flush()
     return _status(request, now)
 
@@ -580,9 +742,11 @@ def deny_request(
     ground: DenialGround | str,
     detail: str | None,
     actor: str,
+    key: bytes | None = None,
     now: datetime | None = None,
 ) -> RequestStatus:
-    """Refuse the erasure under an Art. 17(3) ground, with the reasoning."""
+    """Refuse the erasure under an Art. 17(3) ground, with the reasoning (a request
+    note; ``key``: the service's secret, for its keyed hash on the audit log)."""
     now = now or utcnow()
     try:
         ground = DenialGround(ground)
@@ -591,10 +755,13 @@ def deny_request(
             f"unknown Art. 17(3) ground {ground!r}; grounds: {', '.join(DenialGround)}", "ground"
         ) from None
     detail = _clean_reason(detail, "detail", "a denial")
+    _check_actor(actor, "actor")
     request = get_request(session, request_id, for_update=True)
-    _move(request, RequestState.DENIED, actor, "denied", f"Art. 17(3) {ground}: {detail}", now)
+    _check_move(request, RequestState.DENIED)  # before a note is written
+    note, ref = _add_note(session, request, NoteKind.DENIAL_DETAIL, detail, key, now)
+    _move(request, RequestState.DENIED, actor, "denied", f"Art. 17(3) {ground}; reasoning in note {note.id}", now,
+          {"ground": ground.value, "notes": [ref]})
     request.denial_ground = ground.value
-    request.denial_detail = detail
     session.flush()
     return _status(request, now)
 
@@ -605,40 +772,134 @@ def record_review_decisions(
     decisions: Sequence[ReviewInput],
     *,
     reviewer: str,
+    key: bytes | None = None,
     now: datetime | None = None,
 ) -> RequestStatus:
     """Record decisions (erase/keep) on matches named by ``match_ref``; a new
-    decision on the same match replaces the earlier one (the timeline keeps both)."""
+    decision on the same match replaces the earlier one (the timeline keeps both).
+    ``reviewer`` is the verified principal (token:NAME, cli:USER). The match
+    references (they embed record ids) and any reviewer's note are request notes;
+    the audit log counts the decisions and keeps the notes' keyed hashes (``key``)."""
     now = now or utcnow()
     if not decisions:
         raise InvalidRequest("give at least one decision", "decisions")
+    _check_actor(reviewer, "reviewer")
     for index, item in enumerate(decisions):
         if not item.match_ref or not item.match_ref.strip() or len(item.match_ref) > 200:
             raise InvalidRequest("a match reference is 1 to 200 characters", f"decisions.{index}.match_ref")
         if item.decision not in set(ReviewVerdict):
             raise InvalidRequest("a decision is 'erase' or 'keep'", f"decisions.{index}.decision")
+        if item.note is not None and len(item.note) > MAX_REASON_CHARS:
+            raise InvalidRequest(f"a note is at most {MAX_REASON_CHARS} characters", f"decisions.{index}.note")
     request = get_request(session, request_id, for_update=True)
     if request.state not in REVIEWABLE_STATES:
         raise RequestConflict(
             f"request {request.id} is {request.state}; review decisions are taken while it is "
             + " or ".join(sorted(REVIEWABLE_STATES))
         )
+    refs_note, refs_ref = _add_note(session, request, NoteKind.REVIEW_REFS,
+                                    json.dumps([[item.match_ref, item.decision] for item in decisions],
+                                               ensure_ascii=False), key, now)
+    note_refs = [refs_ref]
+    note_ids: dict[str, int] = {}
+    for text in dict.fromkeys(item.note.strip() for item in decisions if item.note and item.note.strip()):
+        note, ref = _add_note(session, request, NoteKind.REVIEW_NOTE, text, key, now)
+        note_ids[text] = note.id
+        note_refs.append(ref)
     existing = {d.match_ref: d for d in request.review_decisions}
     for item in decisions:
+        note_id = note_ids.get(item.note.strip()) if item.note and item.note.strip() else None
         row = existing.get(item.match_ref)
         if row is None:
             row = ReviewDecision(match_ref=item.match_ref, decision=item.decision, reviewer=reviewer,
-                                 note=item.note, decided_at=now)
+                                 note_id=note_id, decided_at=now)
             request.review_decisions.append(row)
             existing[item.match_ref] = row
         else:
-            row.decision, row.reviewer, row.note, row.decided_at = item.decision, reviewer, item.note, now
+            row.decision, row.reviewer, row.note_id, row.decided_at = item.decision, reviewer, note_id, now
     counts = Counter(item.decision for item in decisions)
     summary = ", ".join(f"{counts[v]} {v}" for v in ReviewVerdict if counts[v])
-    refs = ", ".join(item.match_ref for item in decisions[:20]) + (" ..." if len(decisions) > 20 else "")
-    _record(request, "review", request.state, request.state, reviewer, now, f"{summary}: {refs}")
+    _record(request, "review", request.state, request.state, reviewer, now,
+            f"{summary}; match references in note {refs_note.id}",
+            {"erase": counts[ReviewVerdict.ERASE], "keep": counts[ReviewVerdict.KEEP], "notes": note_refs[:1000]})
     session.flush()
     return _status(request, now)
+
+
+# ---------------------------------------------------------------- review tickets
+#
+# A paused flow run can be resumed by anyone who can reach Prefect, with any input.
+# Decisions given with a resume are applied only with a ticket that the API issued
+# to a reviewer it authenticated (POST .../review-tickets): an HMAC, under the
+# service's secret, of the request, the reviewer, the exact decisions and note,
+# and an expiry. Resuming without decisions re-reads those recorded through the API.
+
+REVIEW_TICKET_TTL = timedelta(hours=24)
+_TICKET_PREFIX = "rt1"
+
+
+class ReviewTicketError(RequestError):
+    """A resume's decisions without a valid ticket; ``problem`` is a code for the audit log."""
+
+    def __init__(self, message: str, problem: str) -> None:
+        super().__init__(message)
+        self.problem = problem
+
+
+def _decisions_digest(decisions: Sequence[tuple[str, str]], note: str | None) -> str:
+    canonical = json.dumps({"decisions": sorted([str(r), str(d)] for r, d in decisions), "note": note or None},
+                           ensure_ascii=False, separators=(",", ":"), sort_keys=True)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def _ticket_mac(key: bytes, payload: bytes) -> str:
+    return hmac.new(key, b"erasure-review-ticket:" + payload, hashlib.sha256).hexdigest()
+
+
+def issue_review_ticket(key: bytes, request_id: str, reviewer: str, decisions: Sequence[tuple[str, str]],
+                        note: str | None = None, *, now: datetime | None = None,
+                        ttl: timedelta = REVIEW_TICKET_TTL) -> tuple[str, datetime]:
+    """A ticket for resuming the paused review of ``request_id`` with exactly these
+    (match_ref, decision) pairs and note, on behalf of ``reviewer``; and its expiry."""
+    _check_actor(reviewer, "reviewer")
+    if not decisions:
+        raise InvalidRequest("give at least one decision", "decisions")
+    for index, (_, decision) in enumerate(decisions):
+        if decision not in set(ReviewVerdict):
+            raise InvalidRequest("a decision is 'erase' or 'keep'", f"decisions.{index}.decision")
+    expires = (now or utcnow()) + ttl
+    payload = json.dumps({"request_id": str(request_id), "reviewer": reviewer,
+                          "decisions_sha256": _decisions_digest(decisions, note),
+                          "expires_at": expires.isoformat()}, separators=(",", ":"), sort_keys=True).encode()
+    body = base64.urlsafe_b64encode(payload).decode("ascii").rstrip("=")
+    return f"{_TICKET_PREFIX}.{body}.{_ticket_mac(key, payload)}", expires
+
+
+def verify_review_ticket(key: bytes, ticket: str | None, request_id: str, decisions: Sequence[tuple[str, str]],
+                         note: str | None = None, *, now: datetime | None = None) -> str:
+    """The reviewer a valid ticket names; ReviewTicketError when it is missing, forged,
+    expired, for another request, or for other decisions."""
+    if not ticket:
+        raise ReviewTicketError("decisions given with a resume need a review ticket from the API "
+                                "(POST /v1/erasure-requests/{id}/review-tickets)", "missing_ticket")
+    try:
+        prefix, body, mac = ticket.split(".")
+        payload = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
+        if prefix != _TICKET_PREFIX:
+            raise ValueError(prefix)
+    except ValueError:
+        raise ReviewTicketError("the review ticket is malformed", "malformed") from None
+    if not hmac.compare_digest(_ticket_mac(key, payload), mac):
+        raise ReviewTicketError("the review ticket was not issued by this service", "bad_signature")
+    claims = json.loads(payload)
+    if claims["request_id"] != str(request_id):
+        raise ReviewTicketError("the review ticket is for another request", "other_request")
+    if datetime.fromisoformat(claims["expires_at"]) < (now or utcnow()):
+        raise ReviewTicketError("the review ticket has expired; ask the API for another", "expired")
+    if not hmac.compare_digest(claims["decisions_sha256"], _decisions_digest(decisions, note)):
+        raise ReviewTicketError("the decisions differ from those the review ticket was issued for",
+                                "decisions_differ")
+    return claims["reviewer"]
 
 
 def review_verdicts(session: Session, request_id: str) -> dict[str, str]:
@@ -652,7 +913,8 @@ def _purge(request: ErasureRequest, actor: str, now: datetime) -> int:
     count = len(request.samples)
     request.samples.clear()  # delete-orphan: the rows are deleted at flush
     request.samples_purged_at = now
-    _record(request, "samples_purged", request.state, request.state, actor, now, f"{count} sample(s) deleted")
+    _record(request, "samples_purged", request.state, request.state, actor, now, f"{count} sample(s) deleted",
+            {"samples": count})
     return count
 
 
@@ -663,3 +925,66 @@ def purge_samples(session: Session, request_id: str, *, actor: str = "system", n
     session.flush()
     return count
 
+
+# ---------------------------------------------------------------- notes
+
+
+@dataclass(frozen=True)
+class NotesPurge:
+    """What ``purge_notes`` deleted: per request, how many notes."""
+
+    older_than_days: float
+    requests: tuple[dict, ...]  # {"request_id", "notes", "by_kind"}
+
+    @property
+    def notes(self) -> int:
+        return sum(r["notes"] for r in self.requests)
+
+    def to_dict(self) -> dict:
+        return {"older_than_days": self.older_than_days, "requests_purged": len(self.requests),
+                "notes_deleted": self.notes, "requests": list(self.requests)}
+
+
+def purge_notes(
+    session: Session,
+    *,
+    older_than: timedelta = DEFAULT_NOTES_RETENTION,
+    actor: str = "system",
+    now: datetime | None = None,
+) -> NotesPurge:
+    """Delete the notes of every request closed at least ``older_than`` ago (its
+    retention period ended); an open or failed request keeps them. Each purge
+    is logged (counts by kind); the audit chain is untouched and still verifies,
+    its events keep only the notes' ids and keyed hashes. Idempotent."""
+    if older_than < timedelta(0):
+        raise InvalidRequest("--older-than is a duration of 0 or more", "older_than")
+    _check_actor(actor, "actor")
+    now = now or utcnow()
+    closed = [state.value for state in CLOSED_STATES]
+    due = list(session.scalars(
+        select(ErasureRequest)
+        .where(ErasureRequest.state.in_(closed), ErasureRequest.closed_at <= now - older_than,
+               ErasureRequest.id.in_(select(RequestNote.request_id)))
+        .order_by(ErasureRequest.closed_at, ErasureRequest.id)
+        .with_for_update()
+    ))
+    purged = []
+    for request in due:
+        by_kind = dict(sorted(Counter(n.kind for n in request.notes).items()))
+        count = len(request.notes)
+        for decision in request.review_decisions:
+            decision.note_id = None
+        request.notes.clear()  # delete-orphan: the rows are deleted at flush
+        request.notes_purged_at = now
+        session.flush()
+        append_event(session, "request.notes_purged", {"notes_deleted": count, "by_kind": by_kind}, actor=actor,
+                     request_id=request.id, at=now)
+        purged.append({"request_id": request.id, "notes": count, "by_kind": by_kind})
+    return NotesPurge(older_than.total_seconds() / 86400, tuple(purged))
+
+
+def purge_expired_notes(engine: Engine, *, older_than: timedelta = DEFAULT_NOTES_RETENTION,
+                        actor: str = "flow:purge-notes") -> NotesPurge:
+    """``purge_notes`` in its own transaction: for the scheduled flows."""
+    with unit_of_work(engine) as session:
+        return purge_notes(session, older_than=older_than, actor=actor)

@@ -7,6 +7,8 @@ A dry run (``erasure locate``) and a stored request use the same path.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
@@ -21,9 +23,10 @@ from db.settings import Settings
 from dedup.embeddings import Embedder, get_embedder
 from dedup.identifiers import keyed_hash
 from dedup.locate import LocateRequest, LocateResult, SeedRecord, embedder_for, locate_matches
+from dedup.minhash import MinHashKeyMismatch, MinHashParams
 from dedup.policy import Thresholds
 from dedup.shard_index import ShardIndex, artefact_dir, build_shard_index, texts_from_parquet
-from dedup.tombstones import TombstoneSet
+from dedup.tombstones import TombstoneSet, UnkeyedTombstones
 from shards.files import sha256_file
 from shards.store import ShardVersionRef
 
@@ -33,7 +36,18 @@ def dataset_embedder(name: str, dim: int) -> Embedder:
     return get_embedder(name, dim=dim) if name == "hashing" else get_embedder(name)
 
 
-def build_and_save_index(ref: ShardVersionRef, embedder: Embedder, table=None) -> ShardIndex:
+def dataset_minhash(settings: Settings, dataset: str) -> MinHashParams:
+    """The dataset's keyed MinHash parameters, used by its shard indexes, tombstones and screening.
+
+    Key: HMAC-SHA256(secret key, "minhash:" dataset name), so that each dataset's
+    signatures are comparable only with its own and nobody without the secret key
+    can compute the signature of a guessed text."""
+    secret = settings.secret_key_bytes()
+    return MinHashParams.keyed(hmac.new(secret, b"minhash:" + dataset.encode("utf-8"), hashlib.sha256).digest())
+
+
+def build_and_save_index(ref: ShardVersionRef, embedder: Embedder, minhash: MinHashParams, table=None, *,
+                         overwrite: bool = False) -> ShardIndex:
     """Indexes of one shard version, from its file (features are the stored embeddings)."""
     table = table if table is not None else pq.read_table(ref.path)
     features = table["features"].combine_chunks()
@@ -45,31 +59,54 @@ def build_and_save_index(ref: ShardVersionRef, embedder: Embedder, table=None) -
         table["text"].to_pylist(),
         table["slice"].to_numpy(),
         embedder=embedder,
+        minhash=minhash,
         vectors=vectors if vectors is not None else None,
     )
-    index.save(ref.path)
+    index.save(ref.path, overwrite=overwrite)
     return index
 
 
 def remove_index(shard_version_path: str | Path) -> None:
-    shutil.rmtree(artefact_dir(shard_version_path), ignore_errors=True)
+    """Delete a shard version's locate indexes; an index already gone is fine, any
+    other failure raises (the indexes name erased records: a purge must not pass silently)."""
+    try:
+        shutil.rmtree(artefact_dir(shard_version_path))
+    except FileNotFoundError:
+        pass
 
 
-def load_index(path: str | Path, shard: int, version: int, embedder: Embedder) -> ShardIndex:
-    """The saved index of a shard version; rebuilt (and saved) if a crash left none."""
+def load_index(path: str | Path, shard: int, version: int, embedder: Embedder, minhash: MinHashParams) -> ShardIndex:
+    """The saved index of a shard version; rebuilt (and saved) if a crash left none, or if it was
+    built under other MinHash parameters (an index from before keyed signatures: the upgrade)."""
+    stale = False
     if artefact_dir(path).is_dir():
-        return ShardIndex.load(path)
+        try:
+            return ShardIndex.load(path, minhash=minhash)
+        except MinHashKeyMismatch:
+            stale = True
     ref = ShardVersionRef("", shard, version, Path(path), sha256_file(path), 0)
-    return build_and_save_index(ref, embedder)
+    return build_and_save_index(ref, embedder, minhash, overwrite=stale)
 
 
 def tombstone_path(settings: Settings, dataset: str) -> Path:
     return settings.home / "tombstones" / f"{dataset}.npz"
 
 
+class UnkeyedTombstoneFile(RuntimeError):
+    """The dataset's tombstone file predates keyed signatures; the operator must drop it explicitly."""
+
+
 def load_tombstones(settings: Settings, dataset: str) -> TombstoneSet | None:
+    """The dataset's tombstones under its keyed MinHash parameters; None if nothing was erased yet."""
     path = tombstone_path(settings, dataset)
-    return TombstoneSet.load(path) if path.exists() else None
+    if not path.exists():
+        return None
+    try:
+        return TombstoneSet.load(path, dataset_minhash(settings, dataset))
+    except UnkeyedTombstones as exc:
+        raise UnkeyedTombstoneFile(
+            f"{exc}: run `erasure db rekey --dataset {dataset} --drop-unkeyed-tombstones` "
+            "(later re-ingests of those erased texts are then no longer screened out)") from None
 
 
 def seeds_for_hashes(session: Session, dataset_id: int, hashes: Iterable[tuple[str, str]]) -> list[SeedRecord]:
@@ -93,11 +130,13 @@ def seeds_for_hashes(session: Session, dataset_id: int, hashes: Iterable[tuple[s
     return seeds
 
 
-def current_indexes(session: Session, dataset: Dataset) -> tuple[dict[int, ShardIndex], dict[int, str], Embedder]:
+def current_indexes(settings: Settings, session: Session,
+                    dataset: Dataset) -> tuple[dict[int, ShardIndex], dict[int, str], Embedder]:
     """The saved indexes of the dataset's latest shard versions, their files, and its embedder."""
     embedder = dataset_embedder(dataset.embedder, dataset.feature_dim)
+    minhash = dataset_minhash(settings, dataset.name)
     versions = latest_shard_versions(session, dataset.id)
-    indexes = {s: load_index(v.path, s, v.version, embedder) for s, v in versions.items()}
+    indexes = {s: load_index(v.path, s, v.version, embedder, minhash) for s, v in versions.items()}
     return indexes, {s: v.path for s, v in versions.items()}, embedder
 
 
@@ -111,12 +150,15 @@ def locate_in_dataset(
     thresholds: Thresholds | None = None,
     hops: int = 1,
     report_keep: bool = False,
+    sample_only: str | None = None,
 ) -> LocateResult:
-    """Every match of a subject (given as keyed identifier hashes and samples) in the current data."""
+    """Every match of a subject (given as keyed identifier hashes and samples) in the current data.
+    ``sample_only``: how matches reached only from a sample are decided (default: the settings',
+    ``ERASURE_SAMPLE_ONLY_MATCHES``, review unless set)."""
     dataset = get_dataset(session, dataset_name)
     if dataset is None:
         raise LookupError(f"no dataset named {dataset_name!r}; ingest a file first")
-    indexes, paths, embedder = current_indexes(session, dataset)
+    indexes, paths, embedder = current_indexes(settings, session, dataset)
     seeds = seeds_for_hashes(session, dataset.id, identifier_hashes)
     return locate_matches(
         LocateRequest(samples=samples),
@@ -127,6 +169,7 @@ def locate_in_dataset(
         thresholds=thresholds,
         hops=hops,
         report_keep=report_keep,
+        sample_only=sample_only or settings.sample_only_matches,
     )
 
 

@@ -1,37 +1,54 @@
 """The membership-inference probe of an erasure request: does the model still
-treat the erased records as training data?
+treat the erased records as training data, and could the test have noticed?
 
-Members and held-out records. Under SISA a record of shard s was seen by
-sub-model s only. So each erased record is scored by the sub-model of its own
-shard (the one that held it), and the held-out records of that sub-model are a
-seeded random sample of records of the *other* shards that the request did not
-match: records it never saw, drawn from the same placement hash, so from the
-same distribution as the shard's own data. Per shard, 20 held-out records per
-erased record (at least 20, at most 1000), so the pooled AUC weighs each
-sub-model as the erased records do; the same sample serves both versions.
+A raw loss says how *typical* a text is as much as whether a model trained on
+it: one person's posts can be easy, and then they have low losses under every
+model. So the probe is reference-calibrated (offline LiRA / RMIA style). Under
+SISA a record of shard s was seen by sub-model s only; every other sub-model
+is a reference that never saw it. A record's score under the sub-model probing
+it is its logit-scaled confidence there minus its mean under the reference
+sub-models whose training sets (``seen_ids``) do not contain it
+(``shards.membership.calibrated_scores``): how much more the probed model
+trusts the record than models that never saw it. Each sub-model's confidences
+are first centred per label on its median over the sampled records of other
+people it never saw (``centre_per_label``), so one sub-model's bias toward a
+label cannot pass for membership (a control record, whose own shard's
+sub-model saw it, has one reference fewer than an erased record).
 
-Score: the per-record cross-entropy loss of that sub-model (``metric``
-``cross_entropy_loss``); AUC = P(loss of an erased record < loss of a held-out
-record) + ties/2, with a bootstrap interval (``shards.membership``).
+Who is compared with whom, per version (``before``: the ensemble in service
+before the request's retraining; ``after``: the one in service now):
 
-Versions. ``before``: the ensemble in service before the request's retraining
-(the parent of the first version its retraining jobs published); its members
-for the erased records' shards were trained on the old shard versions.
-``after``: the ensemble in service now. The erased records' features are read
-by record id from the old shard version files, so the probe runs before
-``pipeline.erasure.purge_superseded_files`` deletes them (once they are gone, it
-stores rows without an AUC, saying why); only ids, labels and feature vectors
-are read, never the text.
+* erased: each erased record, scored by the sub-model of the shard it was
+  erased from (features read by id from the old shard version file, so the
+  probe runs before ``pipeline.erasure.purge_superseded_files``);
+* control: other people's records with the same label in the other shards'
+  current versions, scored by the *same* sub-model (which never saw them), a
+  seeded sample of up to ``PER_STRATUM`` per (sub-model, label). Left out: every
+  record the request matched (the subject's other records, copies kept on
+  review) and every record that shares a near-duplicate group with an erased
+  record or with a record of another shard (its membership is ambiguous);
+* members: records still in the probed sub-model's training set (same shard,
+  same label, not matched), sampled the same way.
 
-What it measures, honestly: the strongest in-house signal of the loss attack
-(the sub-model that held the record; the ensemble averages it with sub-models
-that never saw it). An AUC near 0.5 after retraining says the retrained
-sub-models treat the erased records like unseen records of other shards; the
-erased records are one person's and need not look like a random sample, so the
-AUC can sit away from 0.5 for reasons other than memorisation.
+Pairs are compared only within a stratum (the probing sub-model and the label),
+never across pooled losses. ``auc``: erased vs control. ``power``: members vs
+control, the same statistic on records whose membership is known; a probe
+whose power is near 0.5 cannot tell members from non-members at all, and the
+stored sentence says so instead of reading a reassuring AUC. After an exact
+retraining the erased records are non-members of every sub-model, so the
+question is whether they still look like members: AUC near 0.5 says they look
+like records the models never saw.
 
-The result is two rows of ``membership_probes`` (details: counts, quantiles and
-the method; no record ids, no text), an audit event, a PNG under
+Groups. Sixteen copies of three texts are three observations. Records are
+grouped by near-duplicate text (MinHash estimate of word-shingle Jaccard at or
+above ``GROUP_JACCARD``, computed in memory and never stored) and, for the
+erased records, by the locate's own links (a copy and the record whose text
+found it); the interval is a cluster bootstrap over these groups and the
+number of distinct erased texts is reported.
+
+The result is two rows of ``membership_probes`` (details: counts, quantiles,
+the method and one plain sentence built from the numbers; no record ids, no
+text), an audit event (numbers only), a PNG under
 ``$ERASURE_HOME/reports/<request id>/membership.png`` and a Prefect artifact.
 Idempotent: with both rows stored it does nothing.
 """
@@ -42,6 +59,7 @@ import base64
 import hashlib
 import json
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,24 +75,46 @@ from db.models import ShardVersion, utcnow
 from db.session import unit_of_work
 from db.settings import Settings
 from db.training import EnsembleVersionRow
+from dedup.lsh import BandIndex, choose_params
+from dedup.minhash import MinHashParams, minhash_signatures
 from pipeline.erasure import dataset_or_fail, request_jobs, request_matches
 from pipeline.lifecycle import get_request
 from pipeline.training import checkpoint_store, current_ensemble_row
 from shards.ensemble import EnsembleVersion
 from shards.files import write_atomically
-from shards.membership import AucEstimate, ScorePanel, cross_entropy_losses, estimate_auc, render_membership_png, summarize
+from shards.membership import (
+    AucEstimate,
+    ScorePanel,
+    calibrated_scores,
+    centre_per_label,
+    estimate_auc,
+    group_labels,
+    logit_confidences,
+    render_membership_png,
+    summarize,
+)
 from shards.training import load_submodel
 
-METRIC = "cross_entropy_loss"
+METRIC = "reference_calibrated_logit"
 ROLES = ("before", "after")
-HELDOUT_PER_ERASED = 20
-HELDOUT_PER_SHARD = (20, 1000)
+PER_STRATUM = 500
+GROUP_JACCARD = 0.35
 ACTOR = "flow:membership-probe"
+SCORE = ("phi = log(p / (1 - p)) of the record's true label under the probing sub-model, minus its mean phi under "
+         "the reference sub-models (the other shards' sub-models whose training set did not contain the record); "
+         "each sub-model's phi centred per label on its median over the other people's records it never saw")
 SCORER = "the sub-model of each erased record's own shard in this ensemble version"
-HELDOUT = (f"records of the other shards (never seen by that sub-model) not matched by the request: a seeded "
-           f"sample of {HELDOUT_PER_ERASED} per erased record, {HELDOUT_PER_SHARD[0]}-{HELDOUT_PER_SHARD[1]} "
-           "per shard")
-DIRECTION = "AUC = P(loss of an erased record < loss of a held-out record) + ties/2; 0.5 = no signal"
+CONTROL = (f"other people's records with the same label in the other shards, never seen by the probing sub-model, "
+           f"scored by that sub-model: a seeded sample of up to {PER_STRATUM} per (sub-model, label); the request's "
+           "matches, and records sharing a near-duplicate group with an erased record or with a record of another "
+           "shard, left out")
+POWER = ("records still in the probing sub-model's training set (same shard and label, not matched, sampled the same "
+         "way) against the same control: whether the test can tell members from non-members at all")
+DIRECTION = ("AUC = P(score of an erased record > score of a control record), pairs within the same sub-model and "
+             "label only, ties counted half; 0.5 = no signal")
+GROUPING = (f"near-duplicate texts (MinHash-estimated word-shingle Jaccard >= {GROUP_JACCARD}, in memory) and the "
+            "locate's copy links; the interval resamples these groups")
+WIDE_INTERVAL = 0.3  # an interval wider than this is called wide in the sentence
 
 
 # ---------------------------------------------------------------- versions
@@ -120,6 +160,7 @@ class ProbeInputs:
     matched: frozenset[str]
     latest_files: dict[int, str]
     versions: dict[str, tuple[str | None, EnsembleVersion | None]]  # role -> (version id, manifest)
+    links: tuple[tuple[str, str], ...] = ()  # (erased record id, the locate query that found it as a copy)
 
     @property
     def erased_count(self) -> int:
@@ -146,34 +187,34 @@ def _inputs(session: Session, request_id: str, dataset: str) -> ProbeInputs:
         matched=frozenset(m.record_id for m in matches),
         latest_files={s: v.path for s, v in latest_shard_versions(session, ds.id).items()},
         versions=versions,
+        links=tuple(sorted((m.record_id, m.query) for m in matches
+                           if m.erased_in_shard_version is not None and m.method != "identifier")),
     )
 
 
 @dataclass
 class _Rows:
-    """Labels and features of some records of one shard (no text)."""
+    """Ids, labels, features and texts of some labelled records of one shard file."""
 
+    ids: list[str]
     labels: np.ndarray
     features: np.ndarray
+    texts: list[str]
     unlabeled: int = 0
     not_found: int = 0
 
 
-def _read_records(path: str, ids: tuple[str, ...] | list[str], dim: int) -> _Rows:
+def _read_records(path: str, ids: Sequence[str], dim: int) -> _Rows:
     if not Path(path).exists():  # purged (``purge_superseded_files``): nothing left to read
-        return _Rows(np.zeros(0, np.int64), np.zeros((0, dim), np.float32), 0, len(ids))
-    table = pq.read_table(path, columns=["record_id", "label", "features"], filters=[("record_id", "in", list(ids))])
+        return _Rows([], np.zeros(0, np.int64), np.zeros((0, dim), np.float32), [], 0, len(ids))
+    table = pq.read_table(path, columns=["record_id", "label", "features", "text"],
+                          filters=[("record_id", "in", list(ids))])
     not_found = len(set(ids) - set(table["record_id"].to_pylist()))
     labelled = table.filter(pc.is_valid(table["label"]))
     flat = labelled["features"].combine_chunks().flatten().to_numpy(zero_copy_only=False)
-    return _Rows(labelled["label"].to_numpy().astype(np.int64),
-                 np.asarray(flat, dtype=np.float32).reshape(labelled.num_rows, dim),
+    return _Rows(labelled["record_id"].to_pylist(), labelled["label"].to_numpy().astype(np.int64),
+                 np.asarray(flat, dtype=np.float32).reshape(labelled.num_rows, dim), labelled["text"].to_pylist(),
                  table.num_rows - labelled.num_rows, not_found)
-
-
-def _concat(parts: list[_Rows]) -> _Rows:
-    return _Rows(np.concatenate([p.labels for p in parts]), np.concatenate([p.features for p in parts]),
-                 sum(p.unlabeled for p in parts), sum(p.not_found for p in parts))
 
 
 def _seed(request_id: str, *parts: object) -> int:
@@ -181,34 +222,138 @@ def _seed(request_id: str, *parts: object) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
+def _pick(items: list, size: int, seed: int) -> list:
+    if len(items) <= size:
+        return list(items)
+    chosen = np.random.default_rng(seed).choice(len(items), size=size, replace=False)
+    return [items[i] for i in sorted(chosen)]
+
+
+def near_duplicate_pairs(texts: Sequence[str], threshold: float = GROUP_JACCARD) -> list[tuple[int, int]]:
+    """Pairs (i, j), i < j, whose word-shingle Jaccard similarity, estimated from
+    MinHash signatures (LSH candidates), is at least ``threshold``."""
+    if len(texts) < 2:
+        return []
+    params = MinHashParams()
+    signatures = minhash_signatures(list(texts), params)
+    index = BandIndex.build(signatures, choose_params(threshold, params.num_perm, max_miss=1e-3))
+    pairs = []
+    for i, candidates in enumerate(index.candidates(signatures)):
+        later = candidates[candidates > i]
+        if len(later):
+            agree = (signatures[later] == signatures[i]).mean(axis=1)
+            pairs += [(i, int(j)) for j in later[agree >= threshold]]
+    return pairs
+
+
+Stratum = tuple[int, int]  # (shard of the probing sub-model, label)
+
+
 @dataclass
 class _Sample:
-    shard: int
-    erased: _Rows
-    heldout: _Rows
+    """The records the probe scores (no text kept) and who is compared with whom."""
+
+    ids: list[str]
+    shard: np.ndarray  # the shard each record is (erased: was) in
+    labels: np.ndarray
+    features: np.ndarray
+    erased: np.ndarray  # bool
+    group: np.ndarray  # near-duplicate group of each record
+    controls: dict[Stratum, list[int]]
+    members: dict[Stratum, list[int]]
+    excluded: dict[str, int]
+    unlabeled: int
+    not_found: int
+
+    def erased_in(self, stratum: Stratum) -> list[int]:
+        return [i for i in np.flatnonzero(self.erased).tolist()
+                if (int(self.shard[i]), int(self.labels[i])) == stratum]
+
+    @property
+    def strata(self) -> list[Stratum]:
+        return sorted({(int(self.shard[i]), int(self.labels[i])) for i in np.flatnonzero(self.erased)})
 
 
-def _samples(inputs: ProbeInputs, request_id: str) -> list[_Sample]:
-    """Per erased shard: the erased records (old version) and a seeded held-out sample of other shards."""
-    candidates: dict[int, list[str]] = {}
+def _sample(inputs: ProbeInputs, request_id: str) -> _Sample:
+    """The erased records (old versions), and per (shard, label) of theirs a seeded
+    control sample of the other shards and a member sample of the same shard."""
+    dim = inputs.feature_dim
+    parts: list[tuple[int, _Rows]] = [(shard, _read_records(path, ids, dim))
+                                      for shard, files in inputs.erased.items() for path, ids in sorted(files.items())]
+    strata = sorted({(shard, int(label)) for shard, rows in parts for label in rows.labels})
+    pool: dict[Stratum, list[str]] = defaultdict(list)  # (shard, label) -> unmatched labelled record ids
     for shard, path in sorted(inputs.latest_files.items()):
         table = pq.read_table(path, columns=["record_id", "label"])
-        ids = table.filter(pc.is_valid(table["label"]))["record_id"].to_pylist()
-        candidates[shard] = sorted(rid for rid in ids if rid not in inputs.matched)
-    samples = []
-    for shard, files in inputs.erased.items():
-        erased = _concat([_read_records(path, ids, inputs.feature_dim) for path, ids in sorted(files.items())])
-        pool = [(other, rid) for other in sorted(candidates) if other != shard for rid in candidates[other]]
-        want = HELDOUT_PER_ERASED * sum(len(ids) for ids in files.values())
-        size = min(len(pool), max(HELDOUT_PER_SHARD[0], min(HELDOUT_PER_SHARD[1], want)))
-        picked = np.random.default_rng(_seed(request_id, shard)).choice(len(pool), size=size, replace=False)
-        by_shard: dict[int, list[str]] = defaultdict(list)
-        for i in sorted(picked):
-            by_shard[pool[i][0]].append(pool[i][1])
-        parts = [_read_records(inputs.latest_files[o], ids, inputs.feature_dim) for o, ids in sorted(by_shard.items())]
-        heldout = _concat(parts) if parts else _Rows(np.zeros(0, np.int64), np.zeros((0, inputs.feature_dim), np.float32))
-        samples.append(_Sample(shard, erased, heldout))
-    return samples
+        table = table.filter(pc.is_valid(table["label"]))
+        for rid, label in zip(table["record_id"].to_pylist(), table["label"].to_pylist()):
+            if rid not in inputs.matched:
+                pool[(shard, int(label))].append(rid)
+    picked_controls, picked_members = {}, {}
+    for s, label in strata:
+        others = [(t, rid) for t in sorted(inputs.latest_files) if t != s for rid in sorted(pool.get((t, label), ()))]
+        picked_controls[(s, label)] = _pick(others, PER_STRATUM, _seed(request_id, "control", s, label))
+        own = [(s, rid) for rid in sorted(pool.get((s, label), ()))]
+        picked_members[(s, label)] = _pick(own, PER_STRATUM, _seed(request_id, "member", s, label))
+    wanted: dict[int, set[str]] = defaultdict(set)
+    for picked in (picked_controls, picked_members):
+        for chosen in picked.values():
+            for t, rid in chosen:
+                wanted[t].add(rid)
+    parts_erased = len(parts)
+    parts += [(t, _read_records(inputs.latest_files[t], sorted(ids), dim)) for t, ids in sorted(wanted.items())]
+
+    ids = [rid for _, rows in parts for rid in rows.ids]
+    shard = (np.concatenate([np.full(len(rows.ids), s, np.int64) for s, rows in parts]) if parts
+             else np.zeros(0, np.int64))
+    erased = np.concatenate([np.full(len(rows.ids), k < parts_erased) for k, (_, rows) in enumerate(parts)]) \
+        if parts else np.zeros(0, bool)
+    texts = [text for _, rows in parts for text in rows.texts]
+    position = {(int(shard[i]), rid): i for i, rid in enumerate(ids)}
+
+    pairs = near_duplicate_pairs(texts)
+    erased_at = {ids[i]: i for i in np.flatnonzero(erased).tolist()}
+    anchors: dict[str, int] = {}
+    for rid, query in inputs.links:  # a copy and the erased record (or the sample) whose text found it
+        i = erased_at.get(rid)
+        if i is None:
+            continue
+        if query.startswith("record:") and "/" in query:
+            j = erased_at.get(query.split("/", 1)[1])
+            if j is not None:
+                pairs.append((i, j))
+        elif query.startswith("sample:"):
+            pairs.append((anchors.setdefault(query, i), i))
+    group = group_labels(len(ids), pairs)
+    del texts  # grouping is all the text was read for
+
+    subject_groups = set(group[erased].tolist())
+    shards_of_group: dict[int, set[int]] = defaultdict(set)
+    for i in np.flatnonzero(~erased).tolist():
+        shards_of_group[int(group[i])].add(int(shard[i]))
+    excluded = {"copies_of_erased": 0, "near_copies_across_shards": 0}
+    reasons: dict[int, str] = {}
+    for i in np.flatnonzero(~erased).tolist():
+        if int(group[i]) in subject_groups:
+            reasons[i] = "copies_of_erased"
+        elif len(shards_of_group[int(group[i])]) > 1:
+            reasons[i] = "near_copies_across_shards"
+    for reason in reasons.values():
+        excluded[reason] += 1
+
+    def keep(picked: dict[Stratum, list[tuple[int, str]]]) -> dict[Stratum, list[int]]:
+        out = {}
+        for stratum, chosen in picked.items():
+            out[stratum] = [i for i in (position.get(key) for key in chosen) if i is not None and i not in reasons]
+        return out
+
+    return _Sample(
+        ids=ids, shard=shard,
+        labels=np.concatenate([rows.labels for _, rows in parts]) if parts else np.zeros(0, np.int64),
+        features=np.concatenate([rows.features for _, rows in parts]) if parts else np.zeros((0, dim), np.float32),
+        erased=erased, group=group, controls=keep(picked_controls), members=keep(picked_members), excluded=excluded,
+        unlabeled=sum(rows.unlabeled for _, rows in parts[:parts_erased]),
+        not_found=sum(rows.not_found for _, rows in parts[:parts_erased]),
+    )
 
 
 # ---------------------------------------------------------------- measuring
@@ -219,53 +364,192 @@ class RoleResult:
     role: str
     version_id: str | None
     estimate: AucEstimate
-    erased_losses: np.ndarray
-    heldout_losses: np.ndarray
+    power: AucEstimate
+    erased_scores: np.ndarray
+    control_scores: np.ndarray
+    member_scores: np.ndarray
     details: dict = field(default_factory=dict)
 
 
-def _measure(settings: Settings, inputs: ProbeInputs, samples: list[_Sample], role: str, seed: int) -> RoleResult:
+def _no_auc(estimate: AucEstimate, reason: str) -> AucEstimate:
+    return AucEstimate(None, None, None, estimate.members, estimate.nonmembers, estimate.confidence,
+                       estimate.resamples, estimate.seed, reason=reason, member_groups=estimate.member_groups,
+                       nonmember_groups=estimate.nonmember_groups, strata=estimate.strata)
+
+
+def _measure(settings: Settings, inputs: ProbeInputs, sample: _Sample, role: str, seed: int) -> RoleResult:
     version_id, version = inputs.versions[role]
     store = checkpoint_store(settings, inputs.dataset)
-    members = {m.shard_id: m.checkpoint for m in version.members} if version is not None else {}
-    erased_losses, heldout_losses, shards = [], [], []
-    no_model = 0
-    for sample in samples:
-        ref = members.get(str(sample.shard))
+    refs = {m.shard_id: m.checkpoint for m in version.members} if version is not None else {}
+    phi: dict[int, np.ndarray] = {}
+    seen: dict[int, frozenset[str]] = {}
+    for shard_id, ref in sorted(refs.items()):
         if ref is None or not store.exists(ref.key):  # no sub-model, or its checkpoint was purged
-            no_model += len(sample.erased.labels)
             continue
         model, _ = load_submodel(store, ref)
-        seen = set(store.load(ref)["seen_ids"])
-        erased_ids = [rid for ids in inputs.erased[sample.shard].values() for rid in ids]
-        erased_losses.append(cross_entropy_losses(model, sample.erased.features, sample.erased.labels))
-        heldout_losses.append(cross_entropy_losses(model, sample.heldout.features, sample.heldout.labels))
-        shards.append({"shard": sample.shard, "erased_scored": len(sample.erased.labels),
-                       "heldout": len(sample.heldout.labels), "erased_seen_by_scorer": sum(r in seen for r in erased_ids)})
-    erased = np.concatenate(erased_losses) if erased_losses else np.zeros(0)
-    heldout = np.concatenate(heldout_losses) if heldout_losses else np.zeros(0)
-    estimate = estimate_auc(erased, heldout, higher_is_member=False, seed=seed)
+        seen[int(shard_id)] = frozenset(store.load(ref)["seen_ids"])
+        phi[int(shard_id)] = logit_confidences(model, sample.features, sample.labels)
+    models = sorted(phi)
+    unseen = np.stack([np.fromiter((rid not in seen[t] for rid in sample.ids), dtype=bool, count=len(sample.ids))
+                       for t in models], axis=1) if models else np.zeros((len(sample.ids), 0), bool)
+    # each model's phi centred per label on the other people's records it never saw (its "population")
+    centred = centre_per_label(np.stack([phi[t] for t in models], axis=1) if models
+                               else np.zeros((len(sample.ids), 0)), sample.labels, unseen & ~sample.erased[:, None])
+    # reference[i, k]: record i's centred phi under model k, NaN where model k saw record i
+    reference = np.where(unseen, centred, np.nan)
+
+    scores: dict[str, list[float]] = {"erased": [], "control": [], "member": []}
+    groups: dict[str, list[int]] = {"erased": [], "control": [], "member": []}
+    strata: dict[str, list[str]] = {"erased": [], "control": [], "member": []}
+    counts = {"no_sub_model": 0, "no_reference": 0, "control_seen_by_scorer": 0, "member_not_seen_by_scorer": 0}
+    per_shard: dict[int, dict[str, int]] = defaultdict(lambda: {"erased_scored": 0, "control": 0, "members": 0,
+                                                                 "erased_seen_by_scorer": 0})
+    for stratum in sample.strata:
+        s = stratum[0]
+        kinds = {"erased": sample.erased_in(stratum), "control": sample.controls.get(stratum, []),
+                 "member": sample.members.get(stratum, [])}
+        if s not in phi:
+            counts["no_sub_model"] += len(kinds["erased"])
+            continue
+        column = models.index(s)
+        for kind, rows in kinds.items():
+            rows = np.asarray(rows, dtype=np.int64)
+            in_scorer = np.fromiter((sample.ids[i] in seen[s] for i in rows), dtype=bool, count=len(rows))
+            if kind == "erased":
+                per_shard[s]["erased_seen_by_scorer"] += int(in_scorer.sum())
+            elif kind == "control":
+                counts["control_seen_by_scorer"] += int(in_scorer.sum())
+                rows = rows[~in_scorer]
+            else:
+                counts["member_not_seen_by_scorer"] += int((~in_scorer).sum())
+                rows = rows[in_scorer]
+            others = reference[rows].copy()
+            others[:, column] = np.nan  # the probing model is never its own reference
+            calibrated = calibrated_scores(centred[rows, column], others)
+            ok = np.isfinite(calibrated)
+            if kind == "erased":
+                counts["no_reference"] += int((~ok).sum())
+            scores[kind] += calibrated[ok].tolist()
+            groups[kind] += sample.group[rows[ok]].tolist()
+            strata[kind] += [f"{s}:{stratum[1]}"] * int(ok.sum())
+            per_shard[s][{"erased": "erased_scored", "control": "control", "member": "members"}[kind]] += int(ok.sum())
+
+    def estimate(kind: str) -> AucEstimate:
+        return estimate_auc(scores[kind], scores["control"], seed=seed, member_groups=groups[kind],
+                            nonmember_groups=groups["control"], member_strata=strata[kind],
+                            nonmember_strata=strata["control"])
+
+    est, power = estimate("erased"), estimate("member")
     if version is None:
         reason = ("no ensemble version before the request's retraining: the erased records' shards were never "
                   "trained" if role == "before" else "no ensemble version in service")
-        estimate = AucEstimate(None, None, None, 0, 0, estimate.confidence, estimate.resamples, seed, reason=reason)
+        est, power = _no_auc(est, reason), _no_auc(power, reason)
     elif not inputs.erased_count:
-        estimate = AucEstimate(None, None, None, 0, len(heldout), estimate.confidence, estimate.resamples, seed,
-                               reason="the request erased no records")
-    elif estimate.auc is None and (no_model or any(s.erased.not_found for s in samples)):
-        estimate = AucEstimate(None, None, None, len(erased), len(heldout), estimate.confidence, estimate.resamples,
-                               seed, reason="the superseded shard versions or checkpoints that held the erased "
-                                            "records are gone (purged?) or the shards have no sub-model: "
-                                            "nothing left to score")
+        est = _no_auc(est, "the request erased no records")
+    elif est.auc is None and (counts["no_sub_model"] or sample.not_found):
+        est = _no_auc(est, "the superseded shard versions or checkpoints that held the erased records are gone "
+                           "(purged?) or the shards have no sub-model: nothing left to score")
+    elif est.auc is None and len(models) < 3:
+        est = _no_auc(est, f"{len(models)} sub-model(s): a reference-calibrated probe needs at least 3 (the probing "
+                           "one, and for a control record of another shard one more that saw neither)")
+    arrays = {kind: np.asarray(values) for kind, values in scores.items()}
     details = {
-        "metric": METRIC, "direction": DIRECTION, "scorer": SCORER, "heldout": HELDOUT,
-        "estimate": estimate.to_dict(), "erased_loss": summarize(erased), "heldout_loss": summarize(heldout),
-        "shards": shards,
-        "erased_seen_by_scorer": sum(s["erased_seen_by_scorer"] for s in shards),
-        "unscored": {"no_sub_model": no_model, "unlabeled": sum(s.erased.unlabeled for s in samples),
-                     "not_found": sum(s.erased.not_found for s in samples)},
+        "metric": METRIC, "score": SCORE, "direction": DIRECTION, "scorer": SCORER, "heldout": CONTROL,
+        "power_method": POWER, "grouping": GROUPING,
+        "estimate": est.to_dict(), "power": power.to_dict(),
+        "groups": {"erased": len(set(groups["erased"])), "control": len(set(groups["control"])),
+                   "members": len(set(groups["member"]))},
+        "erased_score": summarize(arrays["erased"]), "heldout_score": summarize(arrays["control"]),
+        "member_score": summarize(arrays["member"]),
+        "sub_models": len(models), "strata": len(sample.strata),
+        "shards": [{"shard": s, **row} for s, row in sorted(per_shard.items())],
+        "erased_seen_by_scorer": sum(row["erased_seen_by_scorer"] for row in per_shard.values()),
+        "excluded_from_control_and_members": dict(sample.excluded),
+        "dropped": {k: v for k, v in counts.items() if k not in ("no_sub_model",)},
+        "unscored": {"no_sub_model": counts["no_sub_model"], "no_reference": counts["no_reference"],
+                     "unlabeled": sample.unlabeled, "not_found": sample.not_found},
     }
-    return RoleResult(role, version_id, estimate, erased, heldout, details)
+    details["sentence"] = probe_sentence(role, details["estimate"], details["power"], details["groups"]["erased"])
+    return RoleResult(role, version_id, est, power, arrays["erased"], arrays["control"], arrays["member"], details)
+
+
+# ---------------------------------------------------------------- the sentence
+
+
+def _figure(estimate: dict, inline: bool = False) -> str:
+    """``AUC 0.47, 95 % CI 0.30–0.64`` (inside parentheses) or ``AUC 0.47 (95 % CI 0.30–0.64)`` (inline)."""
+    text = f"AUC {estimate['auc']:.2f}"
+    if estimate.get("ci_low") is not None and estimate.get("ci_high") is not None:
+        confidence = estimate.get("confidence") or 0.95
+        interval = f"{confidence * 100:.0f} % CI {estimate['ci_low']:.2f}–{estimate['ci_high']:.2f}"
+        text += f" ({interval})" if inline else f", {interval}"
+    return text
+
+
+def _texts(groups: int | None, estimate: dict) -> str:
+    if groups is None:
+        return _figure(estimate)
+    wide = (estimate.get("ci_low") is not None and estimate.get("ci_high") is not None
+            and estimate["ci_high"] - estimate["ci_low"] > WIDE_INTERVAL)
+    return (f"{_figure(estimate)}; {groups} distinct text{'' if groups == 1 else 's'}"
+            + (", so the interval is wide" if wide else ""))
+
+
+def _shown(value: float | None) -> float | None:
+    """A figure as the sentence prints it: the verdicts compare what the reader sees."""
+    return None if value is None else round(value, 2)
+
+
+def _power_is_useless(power: dict | None) -> bool:
+    return (power is None or power.get("auc") is None or power.get("ci_low") is None
+            or _shown(power["ci_low"]) <= 0.5)
+
+
+def probe_sentence(role: str, estimate: dict, power: dict | None, groups: int | None) -> str:
+    """One plain sentence from a probe's numbers: what the test shows, and whether
+    it could have shown anything. The power (members vs non-members on records
+    still in training) is what an erased record would score if it were still
+    remembered like training data; only an interval that excludes it rules that out."""
+    if role == "before":
+        if estimate.get("auc") is None:
+            return f"Before erasure, the membership test could not be run: {estimate.get('reason')}."
+        if estimate.get("ci_low") is not None and _shown(estimate["ci_low"]) > 0.5:
+            sentence = (f"Before erasure, a reference-calibrated membership test told this person's records from "
+                        f"records the models never saw ({_texts(groups, estimate)})")
+        else:
+            sentence = (f"Before erasure, while the models still trained on them, a reference-calibrated membership "
+                        f"test could not tell this person's records from records the models never saw "
+                        f"({_texts(groups, estimate)})")
+        if power is None or power.get("auc") is None:
+            return sentence + "."
+        return sentence + f"; on other records still in training it reached {_figure(power, inline=True)}."
+    if estimate.get("auc") is None:
+        return f"After retraining, the membership test could not be run: {estimate.get('reason')}."
+    if _power_is_useless(power):
+        unmeasured = (power or {}).get("reason") or "no records to measure it on"
+        why = (f"({_figure(power)})" if power is not None and power.get("auc") is not None
+               else f"(its power could not be measured: {unmeasured})")
+        return (f"A reference-calibrated membership test cannot tell records the models still train on from records "
+                f"they never saw {why}, so its reading for this person's erased records after retraining "
+                f"({_texts(groups, estimate)}) says nothing about whether they were forgotten.")
+    low, high = _shown(estimate.get("ci_low")), _shown(estimate.get("ci_high"))
+    if low is not None and low > 0.5:
+        return (f"After retraining, a reference-calibrated membership test still tells this person's erased records "
+                f"from records the models never saw ({_texts(groups, estimate)}), although no sub-model in service "
+                f"trained on them (members vs non-members: {_figure(power)}): look for copies of their texts still "
+                "in training.")
+    if high is not None and high < 0.5:
+        verdict = (f"After retraining, this person's erased records look less like training data than records the "
+                   f"models never saw ({_texts(groups, estimate)})")
+    else:
+        verdict = (f"After retraining, a reference-calibrated membership test tells this person's erased records "
+                   f"from records the models never saw no better than chance ({_texts(groups, estimate)})")
+    if high is not None and high < _shown(power["ci_low"]):
+        return verdict + (f"; the same test tells members from non-members with {_figure(power, inline=True)}, "
+                          "above that interval, so it could have noticed if they were still remembered like "
+                          "training data.")
+    return verdict + (f"; but on records still in training the same test reaches only {_figure(power, inline=True)}, "
+                      "a value that interval does not rule out, so it cannot show whether they are still remembered.")
 
 
 def report_path(settings: Settings, request_id: str) -> Path:
@@ -274,9 +558,10 @@ def report_path(settings: Settings, request_id: str) -> Path:
 
 def _png(results: list[RoleResult]) -> bytes:
     titles = {"before": "before erasure (model that held them)", "after": "after retraining"}
-    panels = [ScorePanel(f"{titles[r.role]}: {(r.version_id or 'none')[:12]}", r.erased_losses, r.heldout_losses,
-                         r.estimate) for r in results]
-    return render_membership_png(panels, "cross-entropy loss of the record's shard sub-model")
+    panels = [ScorePanel(f"{titles[r.role]}: {(r.version_id or 'none')[:12]}", r.erased_scores, r.control_scores,
+                         r.estimate, known_members=r.member_scores, power=r.power) for r in results]
+    return render_membership_png(panels, "calibrated confidence: own sub-model minus references (logit)",
+                                 member_label="this person's erased records", nonmember_label="control (never seen)")
 
 
 # ---------------------------------------------------------------- the probe
@@ -288,14 +573,38 @@ def probe_rows(session: Session, request_id: str) -> list[MembershipProbe]:
 
 
 def probe_summary(row: MembershipProbe) -> dict:
-    """A stored probe as ids, counts and numbers (what the certificate and flows report)."""
+    """A stored probe as ids, counts, numbers and its sentence (what the certificate and flows report)."""
     details = json.loads(row.details)
     estimate = details.get("estimate", {})
+    power = details.get("power")
+    groups = details.get("groups", {})
     return {"role": row.role, "ensemble_version": row.ensemble_version_id, "metric": row.metric, "auc": row.auc,
             "ci_low": row.ci_low, "ci_high": row.ci_high, "confidence": estimate.get("confidence"),
             "ci_method": estimate.get("ci_method"), "erased_count": row.erased_count,
             "heldout_count": row.heldout_count, "erased_seen_by_scorer": details.get("erased_seen_by_scorer"),
+            "groups": groups.get("erased"), "heldout_groups": groups.get("control"),
+            "power": None if power is None else {"auc": power.get("auc"), "ci_low": power.get("ci_low"),
+                                                 "ci_high": power.get("ci_high"), "members": power.get("members"),
+                                                 "reason": power.get("reason")},
+            "sentence": details.get("sentence"),
             "reason": estimate.get("reason"), "note": estimate.get("note")}
+
+
+def forgetting_sentence(summaries: list[dict] | dict | None) -> str | None:
+    """The sentence of the ``after`` probe among stored summaries (None when none is
+    stored: also for the certificate's ``{"status": "not run"}`` placeholder)."""
+    if not isinstance(summaries, list):
+        return None
+    return next((s["sentence"] for s in summaries if s.get("role") == "after" and s.get("sentence")), None)
+
+
+def _event_numbers(result: RoleResult) -> dict:
+    est, power = result.estimate, result.power
+    return {"ensemble_version": result.version_id, "auc": est.auc, "ci_low": est.ci_low, "ci_high": est.ci_high,
+            "erased": len(result.erased_scores), "heldout": len(result.control_scores),
+            "groups": result.details["groups"]["erased"], "heldout_groups": result.details["groups"]["control"],
+            "members": len(result.member_scores), "power_auc": power.auc, "power_ci_low": power.ci_low,
+            "power_ci_high": power.ci_high}
 
 
 def probe_membership(settings: Settings, engine: Engine, request_id: str, dataset: str) -> list[dict]:
@@ -311,8 +620,8 @@ def probe_membership(settings: Settings, engine: Engine, request_id: str, datase
             return [probe_summary(r) for r in stored]
         inputs = _inputs(session, request_id, dataset)
     seed = _seed(request_id, "bootstrap")
-    samples = _samples(inputs, request_id)
-    results = [_measure(settings, inputs, samples, role, seed) for role in ROLES]
+    sample = _sample(inputs, request_id)
+    results = [_measure(settings, inputs, sample, role, seed) for role in ROLES]
     png = _png(results)
     path = write_atomically(report_path(settings, request_id), png)
     with unit_of_work(engine) as session:
@@ -324,32 +633,34 @@ def probe_membership(settings: Settings, engine: Engine, request_id: str, datase
             est = result.estimate
             session.add(MembershipProbe(
                 request_id=str(request_id), role=result.role, ensemble_version_id=result.version_id, metric=METRIC,
-                auc=est.auc, ci_low=est.ci_low, ci_high=est.ci_high, erased_count=len(result.erased_losses),
-                heldout_count=len(result.heldout_losses),
+                auc=est.auc, ci_low=est.ci_low, ci_high=est.ci_high, erased_count=len(result.erased_scores),
+                heldout_count=len(result.control_scores),
                 details=canonical_json({**result.details, "report": str(path.relative_to(settings.home))}),
                 created_at=utcnow()))
         if len(present) < len(ROLES):
             session.flush()
             append_event(session, "membership.probed", {
-                "metric": METRIC, "roles": {r.role: {"ensemble_version": r.version_id, "auc": r.estimate.auc,
-                                                     "ci_low": r.estimate.ci_low, "ci_high": r.estimate.ci_high,
-                                                     "erased": len(r.erased_losses), "heldout": len(r.heldout_losses)}
-                                             for r in results}}, actor=ACTOR, request_id=str(request_id))
+                "metric": METRIC, "roles": {r.role: _event_numbers(r) for r in results}},
+                actor=ACTOR, request_id=str(request_id))
         summaries = [probe_summary(r) for r in probe_rows(session, request_id)]
     return summaries
 
 
 def probe_markdown(request_id: str, summaries: list[dict], png: bytes) -> str:
-    """The probe as markdown (the flow's artifact): the AUCs and the plot as a data: URI."""
+    """The probe as markdown (the flow's artifact): the AUCs, the power, the sentence and the plot."""
     def number(value: float | None) -> str:
         return "n/a" if value is None else f"{value:.3f}"
 
     lines = [f"# Membership probe of erasure request {request_id}", "",
-             f"Metric: {METRIC}; {DIRECTION}.", "",
-             "| version | ensemble | AUC | interval | erased | held out | note |", "|---|---|---:|---|---:|---:|---|"]
-    lines += [f"| {s['role']} | {(s['ensemble_version'] or '')[:12]} | {number(s['auc'])} | "
-              f"[{number(s['ci_low'])}, {number(s['ci_high'])}] | {s['erased_count']} | {s['heldout_count']} | "
-              f"{s['reason'] or s['note'] or ''} |" for s in summaries]
-    lines += ["", f"![loss distributions](data:image/png;base64,{base64.b64encode(png).decode('ascii')})"]
+             f"Metric: {METRIC} ({SCORE}); {DIRECTION}.", "",
+             "| version | ensemble | AUC | interval | erased | texts | control | power AUC | note |",
+             "|---|---|---:|---|---:|---:|---:|---:|---|"]
+    for s in summaries:
+        power = s.get("power") or {}
+        lines.append(f"| {s['role']} | {(s['ensemble_version'] or '')[:12]} | {number(s['auc'])} | "
+                     f"[{number(s['ci_low'])}, {number(s['ci_high'])}] | {s['erased_count']} | "
+                     f"{s.get('groups') if s.get('groups') is not None else 'n/a'} | {s['heldout_count']} | "
+                     f"{number(power.get('auc'))} | {s['reason'] or s['note'] or ''} |")
+    lines += [""] + [f"*{s['role']}*: {s['sentence']}" for s in summaries if s.get("sentence")]
+    lines += ["", f"![calibrated score distributions](data:image/png;base64,{base64.b64encode(png).decode('ascii')})"]
     return "\n".join(lines)
-

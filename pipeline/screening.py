@@ -9,27 +9,40 @@ not see paraphrases.
 
 The screened texts are only turned into signatures in memory: they are never
 stored, logged, or returned.
+
+The answer says "blocked" (``matches_erased_content``) and gives an opaque
+``reference`` for the best matching tombstone, never a request id or record id:
+a screen caller (often a model-serving filter) must not learn whose data was
+erased, nor be able to link an output to a person's request. The reference is
+``scr_`` + HMAC-SHA256(secret key, dataset, tombstone key) (128 bits, hex): nothing
+is stored for it, the same tombstone always gives the same reference, and only
+the key holder can map it back (:func:`resolve_screen_reference`, which the API
+offers to the audit scope alone).
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import re
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from sqlalchemy import Engine
+from sqlalchemy import Engine, select
 
 from db.lineage import get_dataset
+from db.models import Dataset
 from db.session import unit_of_work
 from db.settings import Settings
 from dedup.tombstones import DEFAULT_SCREEN_JACCARD, TombstoneSet
 from pipeline.database import open_database
-from pipeline.locate import tombstone_path
+from pipeline.locate import dataset_minhash, load_tombstones, tombstone_path
 
 MAX_SCREEN_TEXTS = 100
 MAX_SCREEN_TEXT_CHARS = 20_000
-MAX_KEYS_PER_TEXT = 5
+REFERENCE_PATTERN = r"^scr_[0-9a-f]{32}$"
 SCREEN_NOTE = (
     "This is an aid for output filtering based on MinHash estimates of the similarity to erased records; "
     "it is not a guarantee that a text does or does not contain erased content."
@@ -45,7 +58,27 @@ class TextScreen:
     index: int
     matches_erased_content: bool
     best_estimated_jaccard: float | None
-    tombstone_keys: list[str] = field(default_factory=list)
+    reference: str | None = None  # opaque: see resolve_screen_reference
+
+
+@dataclass(frozen=True)
+class ScreenReference:
+    """What a screen reference stands for (audit scope only)."""
+
+    reference: str
+    dataset: str
+    request_id: str
+    shard: int | None
+    record_id: str | None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def screen_reference(secret: bytes, dataset: str, tombstone_key: str) -> str:
+    """The opaque reference a screen answer gives for a tombstone: ``scr_`` + 32 hex digits."""
+    message = b"screen-reference:" + dataset.encode("utf-8") + b"\x00" + tombstone_key.encode("utf-8")
+    return "scr_" + hmac.new(secret, message, hashlib.sha256).hexdigest()[:32]
 
 
 @dataclass(frozen=True)
@@ -57,23 +90,23 @@ class ScreenResult:
 
 
 _cache_lock = threading.Lock()
-_cache: dict[Path, tuple[tuple[int, int, int], TombstoneSet]] = {}
+_cache: dict[Path, tuple[tuple, TombstoneSet]] = {}
 
 
 def _tombstones(settings: Settings, dataset: str) -> TombstoneSet | None:
-    """The dataset's tombstones, cached per file while it is unchanged (the LSH
-    bands built on the set are cached with it)."""
+    """The dataset's tombstones, cached per file while it is unchanged and the key the
+    same (the LSH bands built on the set are cached with it)."""
     path = tombstone_path(settings, dataset)
     try:
         stat = path.stat()
     except FileNotFoundError:
         return None
-    stamp = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+    stamp = (stat.st_mtime_ns, stat.st_size, stat.st_ino, dataset_minhash(settings, dataset).key_id)
     with _cache_lock:
         cached = _cache.get(path)
         if cached is not None and cached[0] == stamp:
             return cached[1]
-    tombstones = TombstoneSet.load(path)  # a file is replaced atomically, never rewritten in place
+    tombstones = load_tombstones(settings, dataset)  # a file is replaced atomically, never rewritten in place
     with _cache_lock:
         _cache[path] = (stamp, tombstones)
     return tombstones
@@ -88,9 +121,9 @@ def screen_texts(
     engine: Engine | None = None,
 ) -> ScreenResult:
     """One result per text, in order: does it match a tombstone of ``dataset``
-    (estimated Jaccard >= ``min_jaccard``), the best estimate and up to five
-    tombstone keys, best first. ``UnknownDataset`` if there is no such dataset;
-    a dataset without tombstones matches nothing."""
+    (estimated Jaccard >= ``min_jaccard``), the best estimate and the opaque
+    reference of the best matching tombstone. ``UnknownDataset`` if there is no
+    such dataset; a dataset without tombstones matches nothing."""
     if isinstance(texts, str):
         raise ValueError("screen_texts takes a sequence of texts; wrap a single text in a list")
     if not 0.0 < min_jaccard < 1.0:
@@ -100,16 +133,38 @@ def screen_texts(
         if get_dataset(session, dataset) is None:
             raise UnknownDataset(f"no dataset named {dataset!r}")
     tombstones = _tombstones(settings, dataset)
-    best: dict[int, float] = {}
-    keys: dict[int, list[str]] = {}
+    best: dict[int, tuple[float, str]] = {}
     if tombstones is not None and len(tombstones) and texts:
-        for hit in tombstones.screen(list(texts), min_jaccard):  # best first per text
-            best[hit.text_index] = max(best.get(hit.text_index, 0.0), float(hit.estimated_jaccard))
-            seen = keys.setdefault(hit.text_index, [])
-            if hit.key not in seen and len(seen) < MAX_KEYS_PER_TEXT:
-                seen.append(hit.key)
+        for hit in tombstones.screen(list(texts), min_jaccard):
+            j = float(hit.estimated_jaccard)
+            # the best match; among equal estimates the smallest key, so the answer does not depend on file order
+            if hit.text_index not in best or (-j, hit.key) < (-best[hit.text_index][0], best[hit.text_index][1]):
+                best[hit.text_index] = (j, hit.key)
+    secret = settings.secret_key_bytes() if best else b""
     results = [
-        TextScreen(i, i in best, round(best[i], 4) if i in best else None, keys.get(i, []))
+        TextScreen(i, True, round(best[i][0], 4), screen_reference(secret, dataset, best[i][1])) if i in best
+        else TextScreen(i, False, None, None)
         for i in range(len(texts))
     ]
     return ScreenResult(dataset, results, len(tombstones) if tombstones is not None else 0)
+
+
+def resolve_screen_reference(settings: Settings, reference: str, *, engine: Engine | None = None) -> ScreenReference:
+    """The dataset, request and (when the tombstone key names them) shard and record behind a
+    screen reference; ``LookupError`` if no tombstone of any dataset has it, ``ValueError`` if
+    it is not shaped like one."""
+    if not isinstance(reference, str) or not re.match(REFERENCE_PATTERN, reference):
+        raise ValueError("a screen reference is 'scr_' followed by 32 lower-case hex digits")
+    engine = engine if engine is not None else open_database(settings)
+    with unit_of_work(engine) as session:
+        names = list(session.scalars(select(Dataset.name).order_by(Dataset.name)))
+    secret = settings.secret_key_bytes()
+    for name in names:
+        tombstones = _tombstones(settings, name)
+        for key in tombstones.keys if tombstones is not None else ():
+            if hmac.compare_digest(screen_reference(secret, name, key), reference):
+                parts = key.split("/", 2)
+                if len(parts) == 3 and parts[1].isdigit():
+                    return ScreenReference(reference, name, parts[0], int(parts[1]), parts[2])
+                return ScreenReference(reference, name, key, None, None)
+    raise LookupError("no tombstone has this screen reference (its erasure may belong to another secret key)")

@@ -5,6 +5,14 @@ Checkpoints live under ``$ERASURE_HOME/checkpoints/<dataset>``, ensemble
 manifests under ``$ERASURE_HOME/ensembles/<dataset>``. Sub-models train one after
 another in the calling process: torch's deterministic switches are process-wide
 (see ``shards.device``), so two trainings must never share a process concurrently.
+
+Publishing re-checks under the shard locks. Training reads each shard's latest
+version without holding its lock (a training takes minutes), so an erasure may
+commit a newer version meanwhile. ``publish_trained_members`` takes every
+shard's lock, then the dataset's, and publishes only if each member was trained
+on its shard's latest version; a stale member is trained again on the latest
+version (outside the locks) and the check repeats. No published ensemble has a
+member that saw a record erased before the publishing transaction.
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ from sqlalchemy.orm import Session
 
 from db.audit import append_event
 from db.lineage import latest_shard_versions
-from db.locks import lock_dataset
+from db.locks import lock_dataset, lock_shard
 from db.models import utcnow
 from db.session import unit_of_work
 from db.settings import Settings
@@ -141,37 +149,87 @@ def train_one_shard(settings: Settings, dataset: str, shard: int, options: dict)
             versions = latest_shard_versions(session, ds.id)
             opts = TrainingOptions(**{**options, "hidden": tuple(options.get("hidden", (64,)))})
             config = train_config(ds.feature_dim, _num_classes(settings, versions, opts), ds.n_slices, opts)
-            version = versions[shard]
-            dataset_id = ds.id
-        store = checkpoint_store(settings, dataset)
-        data = shard_from_parquet(version.path, str(shard), unlabeled="skip")
-        try:
-            result = train_shard(data, config, store)
-        except EmptyShardError:
-            return {"shard": shard, "shard_version": version.version, "checkpoint": None, "trained_slices": []}
-        with unit_of_work(engine) as session:
-            record_checkpoints(session, store, dataset_id, shard, version.version, checkpoint_chain(data, config))
-        return {
-            "shard": shard, "shard_version": version.version, "checkpoint": result.final.key,
-            "trained_slices": list(result.cost.slices_trained), "samples": result.cost.samples_processed,
-            "seconds": round(result.cost.wall_seconds, 3),
-        }
+        return _train_latest(settings, engine, dataset, shard, config)
     finally:
         engine.dispose()
 
 
+def _train_latest(settings: Settings, engine, dataset: str, shard: int, config: TrainConfig) -> dict:  # noqa: ANN001
+    """Train (or resume) the shard's sub-model on its latest version under ``config``; record its checkpoints."""
+    with unit_of_work(engine) as session:
+        ds = dataset_or_fail(session, dataset)
+        version = latest_shard_versions(session, ds.id)[shard]
+        dataset_id = ds.id
+    store = checkpoint_store(settings, dataset)
+    data = shard_from_parquet(version.path, str(shard), unlabeled="skip")
+    try:
+        result = train_shard(data, config, store)
+    except EmptyShardError:
+        return {"shard": shard, "shard_version": version.version, "checkpoint": None, "trained_slices": []}
+    with unit_of_work(engine) as session:
+        record_checkpoints(session, store, dataset_id, shard, version.version, checkpoint_chain(data, config))
+    return {
+        "shard": shard, "shard_version": version.version, "checkpoint": result.final.key,
+        "trained_slices": list(result.cost.slices_trained), "samples": result.cost.samples_processed,
+        "seconds": round(result.cost.wall_seconds, 3),
+    }
+
+
+PUBLISH_ROUNDS = 5  # a shard superseded this many times while publishing: give up, say so
+
+
+class PublishRaceError(RuntimeError):
+    """The shards kept changing while publishing; nothing was published."""
+
+
+def _members_config(store: CheckpointStore, members: list[dict]) -> TrainConfig:
+    """The config the members were trained under (all share it: it is part of their addresses)."""
+    for member in members:
+        if member.get("checkpoint"):
+            return TrainConfig.from_dict(store.load(member["checkpoint"])["config"])
+    raise ValueError("no member has a checkpoint, so there is no training config to retrain a stale shard with; "
+                     "run `erasure train` again")
+
+
 def publish_trained_members(settings: Settings, dataset: str, members: list[dict]) -> dict:
-    """Publish the ensemble of the freshly trained members (under the dataset lock)."""
+    """Publish the ensemble of the freshly trained members, re-checked under the shard locks.
+
+    Each member dict names its ``shard``, the ``shard_version`` it trained on and its final
+    ``checkpoint`` (None for an empty shard), as ``train_one_shard`` returns. Under every
+    shard's lock (then the dataset's), a member whose shard has a newer version (an erasure
+    or ingest committed while it trained) is not published: it is trained again on the latest
+    version, outside the locks, and the check repeats. ``retrained_stale`` lists those shards.
+    """
     engine = open_database(settings)
     store = checkpoint_store(settings, dataset)
+    members = [dict(m) for m in members]
+    retrained: list[int] = []
     try:
-        with unit_of_work(engine) as session:
-            ds = dataset_or_fail(session, dataset)
-            lock_dataset(session, ds.id)
-            refs = [EnsembleMember(str(m["shard"]), store.ref(m["checkpoint"])) for m in members if m["checkpoint"]]
-            version, created = publish_ensemble(settings, session, ds.id, dataset, EnsembleVersion(tuple(refs)),
-                                                created_by="train")
-            return {"ensemble_version": version.version_id, "created": created, "members": len(refs)}
+        for _ in range(PUBLISH_ROUNDS):
+            with unit_of_work(engine) as session:
+                ds = dataset_or_fail(session, dataset)
+                for shard in sorted({int(m["shard"]) for m in members}):  # one order everywhere: no deadlock
+                    lock_shard(session, ds.id, shard)
+                lock_dataset(session, ds.id)
+                latest = latest_shard_versions(session, ds.id)
+                stale = [i for i, m in enumerate(members) if m["shard_version"] != latest[int(m["shard"])].version]
+                if not stale:
+                    refs = [EnsembleMember(str(m["shard"]), store.ref(m["checkpoint"])) for m in members
+                            if m["checkpoint"]]
+                    version, created = publish_ensemble(settings, session, ds.id, dataset,
+                                                        EnsembleVersion(tuple(refs)), created_by="train")
+                    return {"ensemble_version": version.version_id, "created": created, "members": len(refs),
+                            "retrained_stale": sorted(set(retrained))}
+                append_event(session, "ensemble.publish_deferred", {
+                    "dataset": dataset, "stale_shards": sorted(int(members[i]["shard"]) for i in stale),
+                }, actor="flow:train")
+            config = _members_config(store, members)
+            for i in stale:
+                shard = int(members[i]["shard"])
+                members[i] = _train_latest(settings, engine, dataset, shard, config)
+                retrained.append(shard)
+        raise PublishRaceError(f"the shards of {dataset!r} changed {PUBLISH_ROUNDS} times while the ensemble was "
+                               "being published; nothing was published: run `erasure train` again")
     finally:
         engine.dispose()
 

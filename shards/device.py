@@ -73,17 +73,29 @@ class Runtime:
     torch_version: str
     deterministic: bool = True
 
+    @property
+    def device_kind(self) -> str:
+        return torch.device(self.device).type
+
+    def differences(self, other: Runtime) -> tuple[str, ...]:
+        """The recorded fields in which a run here cannot reproduce a run in ``other`` bit for bit:
+        ``device`` (kind), ``torch_version``, ``threads`` (on the CPU) and ``deterministic``."""
+        kind = self.device_kind
+        differ = []
+        if kind != other.device_kind:
+            differ.append("device")
+        if self.torch_version != other.torch_version:
+            differ.append("torch_version")
+        if kind == "cpu" and other.device_kind == "cpu" and self.threads != other.threads:
+            differ.append("threads")
+        if not (self.deterministic and other.deterministic):
+            differ.append("deterministic")
+        return tuple(differ)
+
     def matches(self, other: Runtime) -> bool:
         """True when a run here reproduces a run in ``other`` bit for bit (same device type and build,
         and on the CPU the same thread count)."""
-        kind = torch.device(self.device).type
-        return (
-            kind == torch.device(other.device).type
-            and self.torch_version == other.torch_version
-            and (kind != "cpu" or self.threads == other.threads)
-            and self.deterministic
-            and other.deterministic
-        )
+        return not self.differences(other)
 
     def to_dict(self) -> dict:
         return {

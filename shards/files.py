@@ -4,8 +4,19 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
+import socket
 import tempfile
+import time
 from pathlib import Path
+
+# Every temporary name we write carries its writer's PID (``<name>.tmp-<pid>...``,
+# ``<name>.old-<pid>...``), so a sweep can tell a live writer's file from a killed
+# one's. Older names without a PID are recognised too and judged by age.
+TEMP_MARK = ".tmp-"
+_TEMP_PID = re.compile(r"\.(?:tmp|old)-(\d+)(?:\.|$)")
+_LEGACY_PID_TEMP = re.compile(r"^\..+\.(\d+)\.tmp$")  # db.settings.write_private_file_once before the PID mark
+_LEGACY_TEMP = re.compile(r"\.[A-Za-z0-9_]{8}\.(?:tmp|old)$|\.tmp$")  # tempfile names without a PID
 
 
 def sha256_file(path: Path | str) -> str:
@@ -30,7 +41,7 @@ def write_atomically(path: Path | str, data: bytes) -> Path:
     readers see the old file or the whole new one, never a part."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{TEMP_MARK}{os.getpid()}.", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
@@ -42,3 +53,55 @@ def write_atomically(path: Path | str, data: bytes) -> Path:
         raise
     fsync_dir(path.parent)
     return path
+
+
+def temp_prefix(name: str) -> str:
+    """The prefix of a temporary file or folder for ``name`` written by this process."""
+    return f"{name}{TEMP_MARK}{os.getpid()}."
+
+
+def is_temp_name(name: str) -> bool:
+    """Whether ``name`` is one of our temporary names (current or older scheme)."""
+    return bool(_TEMP_PID.search(name) or _LEGACY_PID_TEMP.match(name) or _LEGACY_TEMP.search(name))
+
+
+def temp_writer_pid(name: str) -> int | None:
+    """The PID in a temporary name; None for names without one."""
+    found = _TEMP_PID.search(name) or _LEGACY_PID_TEMP.match(name)
+    return int(found.group(1)) if found else None
+
+
+def _process_start_time(pid: int) -> float | None:
+    """When process ``pid`` started (epoch seconds), from /proc; None where unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+    except (OSError, StopIteration, ValueError):
+        return None
+    fields = stat.rsplit(")", 1)[1].split()  # the command name may hold spaces
+    return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+
+
+def writer_alive(pid: int, written_at: float) -> bool:
+    """Whether the process ``pid`` that wrote a file at ``written_at`` (mtime) still runs:
+    the PID exists and its process started before the file was written (a PID reused by a
+    later process is not the writer)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # exists, another user's
+    started = _process_start_time(pid)
+    return started is None or started <= written_at + 1.0
+
+
+def writer_identity() -> dict[str, str]:
+    """Who writes a file: host and PID (stored in a shard version's Parquet footer)."""
+    return {"erasure.writer_host": socket.gethostname(), "erasure.writer_pid": str(os.getpid()),
+            "erasure.written_at": f"{time.time():.3f}"}
+
+
+def this_host() -> str:
+    return socket.gethostname()

@@ -9,10 +9,17 @@ in one shard share one retraining from the earliest of their slices; records
 of the last slice, however few, retrain the last slice.
 
 Retraining runs on the device type and CPU thread count recorded in the
-checkpoint it restores, unless told otherwise; elsewhere it still yields a
-correctly unlearned model (trained without the records) but not the bitwise
-equality with a from-scratch run, and ``RetrainResult.environment_matches`` is
-False. To retrain on GPU workers, train on GPU too.
+checkpoint it restores, unless told otherwise. A retraining that would run in
+another runtime (another device kind, torch version or CPU thread count, or
+without deterministic mode: ``Runtime.differences``) is refused with
+``RuntimeMismatchError`` before anything trains, unless ``allow_cross_runtime``:
+then it yields a correctly unlearned model (trained without the records) but
+not the bitwise equality with a from-scratch run, and
+``RetrainResult.environment_matches`` is False. It is True only when every
+checkpoint of the new chain was trained in the recorded runtime, and
+``config_matches`` when each was trained under the config used (the content
+addresses already imply it; this re-reads it). To retrain on GPU workers,
+train on GPU too.
 
 Outcomes of a plan:
   ``retrain``     slices ``slices_to_retrain`` are trained from ``restore_from``;
@@ -31,7 +38,8 @@ training, a speed-up of ``3SR/(2R+1)`` over retraining everything.
 Runnable as a unit of work in its own process or on another machine::
 
     python -m shards.retrain --shard-parquet P --checkpoint-dir D --remove-ids-file F \\
-        (--config C.json | --checkpoint KEY) [--shard-id S] [--device cuda] [--threads N]
+        (--config C.json | --checkpoint KEY) [--shard-id S] [--device cuda] [--threads N] \\
+        [--allow-cross-runtime]
 
 It prints one JSON document (the plan, the new final checkpoint, the cost).
 """
@@ -50,10 +58,11 @@ from typing import Any
 import torch
 
 from shards.checkpoints import CheckpointRef, CheckpointStore
-from shards.device import Runtime, choose_device
+from shards.device import Runtime, resolve_runtime
 from shards.training import (
     CostReport,
     ShardData,
+    SliceSchedule,
     TrainConfig,
     UnknownRecordIdsError,
     check_compatible,
@@ -64,6 +73,26 @@ from shards.training import (
 )
 
 OUTCOMES = ("retrain", "up_to_date", "emptied")
+
+
+class RuntimeMismatchError(ValueError):
+    """A retraining would run in a runtime other than the one recorded in the checkpoints it restores."""
+
+    def __init__(self, shard_id: str, recorded: Runtime, actual: Runtime) -> None:
+        self.shard_id, self.recorded, self.actual = shard_id, recorded, actual
+        self.differences = actual.differences(recorded)
+        super().__init__(
+            f"refusing to retrain shard {shard_id} in another runtime: its checkpoints were trained with "
+            f"{_describe(recorded)}, this run would use {_describe(actual)} (differs in "
+            f"{', '.join(self.differences)}). Retrain where the recorded runtime is available, or allow a "
+            "cross-runtime retraining: the sub-model is then trained without the records but is not bitwise "
+            "comparable with one trained from scratch"
+        )
+
+
+def _describe(runtime: Runtime) -> str:
+    return (f"device {runtime.device}, torch {runtime.torch_version}, {runtime.threads} CPU thread(s), "
+            f"deterministic {'on' if runtime.deterministic else 'off'}")
 
 
 def expected_shard_fraction(num_slices: int, deletions: int = 1) -> float:
@@ -96,6 +125,74 @@ def expected_retrain_fraction(num_shards: int, num_slices: int, deletions: int =
         comb(deletions, m) * p**m * (1 - p) ** (deletions - m) * expected_shard_fraction(num_slices, m)
         for m in range(1, deletions + 1)
     )
+
+
+@dataclass(frozen=True)
+class ShardEstimate:
+    shard: int
+    earliest_slice: int
+    records: int  # records of this shard the request removes
+    samples: int  # samples retraining it processes
+    shard_training_samples: int  # samples of training this shard from scratch (after the removal)
+
+
+@dataclass(frozen=True)
+class RetrainEstimate:
+    """What a removal will cost, before anything is erased: the planner's own sums on per-slice counts."""
+
+    shards: tuple[ShardEstimate, ...]
+    samples: int
+    full_training_samples: int  # training every shard of the ensemble from scratch (after the removal)
+
+    @property
+    def fraction(self) -> float:
+        return self.samples / self.full_training_samples if self.full_training_samples else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"shards_touched": len(self.shards),
+                "earliest_slice": {str(s.shard): s.earliest_slice for s in self.shards},
+                "shards": [{"shard": s.shard, "earliest_slice": s.earliest_slice, "records": s.records,
+                            "samples": s.samples, "shard_training_samples": s.shard_training_samples}
+                           for s in self.shards],
+                "samples": self.samples, "full_training_samples": self.full_training_samples,
+                "fraction": round(self.fraction, 6)}
+
+
+def retrain_estimate(slice_counts: Mapping[int, Iterable[int]], removals: Iterable[tuple[int, int]],
+                     schedule: SliceSchedule) -> RetrainEstimate:
+    """Cost of removing records at ``removals`` ((shard, slice) each) from shards holding ``slice_counts``
+    (shard -> records per slice), retraining each touched shard from its earliest affected slice.
+
+    The same sums as :func:`plan_retrain`: ``schedule.samples`` of the remaining cumulative slice
+    sizes from the earliest affected slice (samples), and from slice 0 summed over every shard
+    (full training). A shard whose records all go is counted as emptied (nothing to retrain)."""
+    R = schedule.num_slices
+    counts = {int(s): [int(c) for c in v] for s, v in slice_counts.items()}
+    for shard, per in counts.items():
+        if len(per) != R or min(per, default=0) < 0:
+            raise ValueError(f"shard {shard}: need {R} non-negative slice counts, got {per}")
+    removed: dict[int, list[int]] = {}
+    for shard, slc in removals:
+        if shard not in counts or not 0 <= slc < R:
+            raise ValueError(f"removal at shard {shard}, slice {slc} is outside the counts given")
+        removed.setdefault(shard, [0] * R)[slc] += 1
+    shards, total, full = [], 0, 0
+    for shard in sorted(counts):
+        remaining = [c - r for c, r in zip(counts[shard], removed.get(shard, [0] * R))]
+        if min(remaining) < 0:
+            raise ValueError(f"shard {shard}: more removals than records in a slice")
+        cumulative, running = [], 0
+        for c in remaining:
+            running += c
+            cumulative.append(running)
+        shard_full = schedule.samples(cumulative) if running else 0
+        full += shard_full
+        if shard in removed:
+            earliest = next(r for r, n in enumerate(removed[shard]) if n)
+            samples = schedule.samples(cumulative, earliest) if running else 0
+            total += samples
+            shards.append(ShardEstimate(shard, earliest, sum(removed[shard]), samples, shard_full))
+    return RetrainEstimate(tuple(shards), total, full)
 
 
 @dataclass(frozen=True)
@@ -146,7 +243,9 @@ class RetrainResult:
 
     ``expected_fraction`` is the paper's expected share of the shard's training
     redone for this many uniform deletions (2/3 + 1/(3R) for one), to set beside
-    ``cost.measured_fraction``.
+    ``cost.measured_fraction``. ``runtime`` is the runtime this run used (or would
+    have used: nothing trains for ``up_to_date``/``emptied``); ``recorded_runtime``
+    the one recorded in the checkpoint restored (None when there was none).
     """
 
     plan: RetrainPlan
@@ -155,6 +254,9 @@ class RetrainResult:
     cost: CostReport
     expected_fraction: float
     environment_matches: bool
+    runtime: Runtime | None = None
+    recorded_runtime: Runtime | None = None
+    config_matches: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -164,6 +266,9 @@ class RetrainResult:
             "cost": self.cost.to_dict(),
             "expected_fraction": self.expected_fraction,
             "environment_matches": self.environment_matches,
+            "config_matches": self.config_matches,
+            "runtime": self.runtime.to_dict() if self.runtime else None,
+            "recorded_runtime": self.recorded_runtime.to_dict() if self.recorded_runtime else None,
         }
 
 
@@ -228,33 +333,59 @@ def retrain_from_slice(
     *,
     device: str | torch.device | None = None,
     threads: int | None = None,
+    allow_cross_runtime: bool = False,
     on_checkpoint: Callable[[CheckpointRef], None] | None = None,
 ) -> RetrainResult:
     """Retrain the shard's sub-model without ``removed_ids`` from the earliest affected slice.
 
     ``device``/``threads`` default to those recorded in the restored checkpoint
     (when that device type is available), which is what keeps the result
-    bitwise equal to training from scratch. Interrupted, it leaves every earlier
-    checkpoint intact; calling it again resumes after the last checkpoint written.
+    bitwise equal to training from scratch. A run that would train in another
+    runtime raises ``RuntimeMismatchError`` before training, unless
+    ``allow_cross_runtime``. Interrupted, it leaves every earlier checkpoint
+    intact; calling it again resumes after the last checkpoint written.
     """
     plan, remaining = _plan(shard, removed_ids, config, store)
     recorded = _recorded_runtime(store, plan.restore_from, shard, config)
-    if device is None and recorded is not None and _available(recorded.device):
-        device = torch.device(recorded.device).type
-    if threads is None and recorded is not None:
-        threads = recorded.threads
+    runtime = retrain_runtime(recorded, device, threads)
     # paper's expectation for this many uniform deletions in one shard, beside the measured cost.measured_fraction
     expected = expected_shard_fraction(config.num_slices, plan.trained_records_removed)
-    if plan.outcome != "retrain":
-        runtime_device = str(choose_device(device))
-        cost = CostReport(shard.shard_id, runtime_device, 0, 0, (), 0.0, plan.full_training_samples)
-        return RetrainResult(plan, plan.restore_from, (), cost, expected, True)
-    start = plan.restore_slice + 1
-    result = train_slices(
-        remaining, config, store, plan.chain_keys, start, device=device, threads=threads, on_checkpoint=on_checkpoint
-    )
-    matches = recorded is None or result.runtime.matches(recorded)
-    return RetrainResult(plan, result.final, result.written, result.cost, expected, matches)
+    if plan.outcome == "emptied":
+        cost = CostReport(shard.shard_id, runtime.device, 0, 0, (), 0.0, plan.full_training_samples)
+        return RetrainResult(plan, None, (), cost, expected, True, runtime, recorded, True)
+    if plan.outcome == "retrain":
+        if recorded is not None and not runtime.matches(recorded) and not allow_cross_runtime:
+            raise RuntimeMismatchError(shard.shard_id, recorded, runtime)
+        result = train_slices(remaining, config, store, plan.chain_keys, plan.restore_slice + 1,
+                              device=runtime.device, threads=runtime.threads, on_checkpoint=on_checkpoint)
+        final, written, cost = result.final, result.written, result.cost
+    else:  # up_to_date: the final checkpoint is stored already (possibly written by another runtime)
+        final, written = plan.restore_from, ()
+        cost = CostReport(shard.shard_id, runtime.device, 0, 0, (), 0.0, plan.full_training_samples)
+    runtime_ok, config_ok = chain_facts(store, plan.chain_keys, recorded or runtime, config)
+    return RetrainResult(plan, final, written, cost, expected, runtime_ok, runtime, recorded, config_ok)
+
+
+def retrain_runtime(recorded: Runtime | None, device: str | torch.device | None = None,
+                    threads: int | None = None) -> Runtime:
+    """The runtime a retraining runs in: ``device``/``threads`` when given, else the recorded
+    device kind (when this machine has it) and thread count, else this machine's defaults."""
+    if device is None and recorded is not None and _available(recorded.device):
+        device = recorded.device_kind
+    if threads is None and recorded is not None:
+        threads = recorded.threads
+    return resolve_runtime(device, threads)
+
+
+def chain_facts(store: CheckpointStore, keys: Iterable[str], reference: Runtime,
+                 config: TrainConfig) -> tuple[bool, bool]:
+    """Whether every checkpoint of the chain was trained in ``reference``'s runtime, and under ``config``."""
+    runtime_ok = config_ok = True
+    for key in keys:
+        payload = store.load(key)
+        runtime_ok = runtime_ok and Runtime.from_dict(payload["runtime"]).matches(reference)
+        config_ok = config_ok and payload["config_digest"] == config.digest
+    return runtime_ok, config_ok
 
 
 def route_removals(shards: Mapping[str, ShardData], removed_ids: Iterable[str]) -> dict[str, tuple[str, ...]]:
@@ -283,6 +414,7 @@ def retrain_shard_files(
     device: str | None = None,
     threads: int | None = None,
     unlabeled: str = "error",
+    allow_cross_runtime: bool = False,
 ) -> RetrainResult:
     """The process-level unit of work: everything it needs is in files.
 
@@ -309,7 +441,8 @@ def retrain_shard_files(
         raise ValueError("--shard-id is needed with --config (the shard id is part of the checkpoint addresses)")
     removed = read_ids_file(remove_ids_file)
     shard = shard_from_parquet(shard_parquet, shard_id, unlabeled=unlabeled)
-    return retrain_from_slice(shard, removed, config, store, device=device, threads=threads)
+    return retrain_from_slice(shard, removed, config, store, device=device, threads=threads,
+                              allow_cross_runtime=allow_cross_runtime)
 
 
 def read_ids_file(path: Path | str) -> list[str]:
@@ -352,6 +485,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: as recorded in the checkpoint)")
     parser.add_argument("--threads", type=int)
     parser.add_argument("--unlabeled", choices=("error", "skip"), default="error")
+    parser.add_argument("--allow-cross-runtime", action="store_true",
+                        help="retrain even where the recorded runtime is not available (not bitwise comparable)")
     args = parser.parse_args(argv)
     try:
         result = retrain_shard_files(
@@ -364,6 +499,7 @@ def main(argv: list[str] | None = None) -> int:
             device=args.device,
             threads=args.threads,
             unlabeled=args.unlabeled,
+            allow_cross_runtime=args.allow_cross_runtime,
         )
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)

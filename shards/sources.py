@@ -67,10 +67,6 @@ class CleanRow:
     label: int | None
     identifiers: tuple[tuple[str, str], ...]  # (kind, raw value); hashed before storage
 
-    @property
-    def content_sha256(self) -> str:
-        return hashlib.sha256(self.text.encode()).hexdigest()
-
 
 def detect_format(path: Path, declared: str | None = None) -> str:
     if declared:

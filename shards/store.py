@@ -7,6 +7,12 @@ a crash at any point leaves every earlier version intact and readable, and no
 version is ever overwritten. Erasure is ``write_without``: a new version that is
 the latest one minus some rows, in the same order.
 
+Each version file names its writer (host, PID, time) in the Parquet footer's
+key-value metadata, so a version file that no database row names can be told
+apart: one whose writer still runs may be in flight (an ingest records its
+versions after writing them all); one whose writer is gone is a leftover of a
+killed process, and ``remove_stray_version`` deletes it.
+
 Rows are in training order (slice, order_key, record_id); see ``shards.assign``.
 """
 
@@ -25,6 +31,7 @@ import pyarrow.parquet as pq
 
 from shards.files import fsync_dir as _fsync_dir
 from shards.files import sha256_file as _sha256
+from shards.files import this_host, writer_alive, writer_identity
 
 _VERSION_FILE = re.compile(r"^v(\d{6})\.parquet$")
 _DATASET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,199}$")
@@ -173,8 +180,11 @@ class ShardStore:
         version = (numbers[-1] if numbers else 0) + 1
         final = directory / f"v{version:06d}.parquet"
         tmp = directory / f".v{version:06d}.parquet.tmp-{os.getpid()}"
+        # the footer names this writer (a table read from an older version carries that one's: replaced)
+        inherited = {k: v for k, v in (table.schema.metadata or {}).items() if not k.startswith(b"erasure.")}
+        schema = table.schema.with_metadata({**inherited, **{k.encode(): v.encode() for k, v in writer_identity().items()}})
         try:
-            with pq.ParquetWriter(tmp, table.schema, compression="zstd") as writer:
+            with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
                 writer.write_table(table, row_group_size=16384)
             with open(tmp, "rb+") as fh:
                 os.fsync(fh.fileno())
@@ -213,3 +223,33 @@ class ShardStore:
     def remove_version_file(self, ref: ShardVersionRef) -> None:
         """Roll back a version that was written but never recorded (ingest failed)."""
         ref.path.unlink(missing_ok=True)
+
+    def version_files_after(self, dataset: str, shard: int, version: int) -> list[Path]:
+        """The version files numbered above ``version`` (above the latest recorded one: unrecorded)."""
+        return [self.path_of(dataset, shard, n) for n in self._version_numbers(dataset, shard) if n > version]
+
+    def version_writer(self, path: Path | str) -> dict[str, str]:
+        """The writer recorded in a version file's footer (host, pid, written_at); {} for older files."""
+        metadata = pq.read_schema(path).metadata or {}
+        return {k.decode(): v.decode() for k, v in metadata.items() if k.startswith(b"erasure.writer")
+                or k == b"erasure.written_at"}
+
+    def writer_may_be_in_flight(self, path: Path | str) -> bool:
+        """Whether the process that wrote ``path`` may still record it: it runs on this
+        host and started before the file was written; a file written on another host is
+        judged in flight (we cannot see its processes) unless it has no writer at all."""
+        writer = self.version_writer(path)
+        if "erasure.writer_pid" not in writer:
+            return False  # written before writers were recorded: no process of that age is still in flight
+        if writer.get("erasure.writer_host") != this_host():
+            return True
+        return writer_alive(int(writer["erasure.writer_pid"]), Path(path).stat().st_mtime)
+
+    def remove_stray_version(self, path: Path | str) -> None:
+        """Delete a version file (and nothing else) that no database row names; the
+        caller holds the shard's lock and has checked its writer is gone."""
+        path = Path(path)
+        if not _VERSION_FILE.match(path.name):
+            raise ValueError(f"{path} is not a shard version file")
+        path.unlink()
+        _fsync_dir(path.parent)

@@ -11,7 +11,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path, Query
 
-from api.deps import ApiError, Caller, SecretKeyDep, SessionDep, require_scope
+from api.deps import ApiError, Caller, EngineDep, SecretKeyDep, SessionDep, SettingsDep, require_scope
 from api.schemas import ErrorOut
 from api.schemas_audit import (
     MAX_WITHIN_DAYS,
@@ -19,6 +19,8 @@ from api.schemas_audit import (
     DueReportOut,
     EnsembleReflectionsOut,
     RequestTimelineOut,
+    ResidueReportOut,
+    ScreenReferenceOut,
     SubjectIn,
     SubjectLineageOut,
 )
@@ -35,6 +37,7 @@ from db.audit_queries import (
     subject_lineage,
 )
 from pipeline.lifecycle import OPEN_STATES
+from pipeline.screening import REFERENCE_PATTERN, ScreenReference, resolve_screen_reference
 
 PREFIX = "/v1/audit"
 _ERRORS = {
@@ -72,6 +75,25 @@ def due(
         return due_requests(session, open_states=OPEN_STATES, within_days=within_days)
 
 
+@router.get("/requests/{request_id}/residue", response_model=ResidueReportOut, responses=_NOT_FOUND,
+            summary="The residue check: files, live shard versions, database and Prefect, without the erased text")
+def residue(
+    request_id: uuid.UUID,
+    caller: AuditCaller,
+    settings: SettingsDep,
+    engine: EngineDep,
+    prefect: Annotated[bool, Query(description="Also read Prefect's records of the request's runs.")] = True,
+) -> dict:
+    from api.cli_audit import prefect_reader
+    from pipeline.lifecycle import RequestNotFound
+    from pipeline.residue import check_residue
+
+    try:
+        return check_residue(settings, engine, str(request_id), prefect_records=prefect_reader() if prefect else None)
+    except RequestNotFound as exc:
+        raise ApiError(404, "not_found", str(exc)) from None
+
+
 @router.get("/requests/{request_id}/timeline", response_model=RequestTimelineOut,
             summary="A request's timeline: audit log and state history", responses=_NOT_FOUND)
 def timeline(request_id: uuid.UUID, caller: AuditCaller, session: SessionDep) -> RequestTimeline:
@@ -86,6 +108,23 @@ def subject(body: SubjectIn, caller: AuditCaller, session: SessionDep, secret_ke
     server's key and not kept."""
     with _answers():
         return subject_lineage(session, body.keyed_hashes(secret_key), dataset=body.dataset)
+
+
+@router.get("/screen-references/{reference}", response_model=ScreenReferenceOut,
+            responses={404: {"model": ErrorOut, "description": "No tombstone has this reference"}},
+            summary="What a /v1/screen reference stands for: the dataset, erasure request and record")
+def screen_reference(
+    reference: Annotated[str, Path(min_length=36, max_length=36, pattern=REFERENCE_PATTERN)],
+    caller: AuditCaller,
+    settings: SettingsDep,
+    engine: EngineDep,
+) -> ScreenReference:
+    """The screen scope only learns "blocked" and this opaque reference; the audit scope
+    maps it back to the erasure request and record (nothing about the screened text)."""
+    try:
+        return resolve_screen_reference(settings, reference, engine=engine)
+    except LookupError as exc:
+        raise ApiError(404, "not_found", str(exc)) from None
 
 
 @router.get("/ensembles/{version_id}", response_model=EnsembleReflectionsOut, responses=_NOT_FOUND,

@@ -1,5 +1,8 @@
-"""/v1/erasure-requests: intake, status, review decisions, extension, denial.
-Each route calls one service of ``pipeline.lifecycle``."""
+"""/v1/erasure-requests: intake, status, review decisions and tickets, extension, denial.
+Each route calls one service of ``pipeline.lifecycle``.
+
+An intake token sees only the requests it submitted: another's answers 404, as
+if it did not exist. Review, audit and admin tokens see every request."""
 
 from __future__ import annotations
 
@@ -14,6 +17,8 @@ from api.schemas import (
     ExtensionIn,
     RequestStatusOut,
     ReviewDecisionsIn,
+    ReviewTicketIn,
+    ReviewTicketOut,
     SubmissionOut,
     SubmitRequestIn,
 )
@@ -22,6 +27,8 @@ from pipeline.lifecycle import (
     deny_request,
     describe_request,
     extend_deadline,
+    get_request,
+    issue_review_ticket,
     record_review_decisions,
     submit_request,
 )
@@ -61,7 +68,7 @@ def submit(
     id. Identifiers are kept only as keyed hashes."""
     submission = submit_request(
         engine, secret_key, idempotency_key=idempotency_key, identifiers=body.identifier_pairs(),
-        samples=body.samples, actor=caller.actor,
+        samples=body.samples, actor=caller.actor, token_id=caller.token_id, datasets=body.datasets,
     )
     location = f"{PREFIX}/{submission.request_id}"
     response.headers["Location"] = location
@@ -73,22 +80,39 @@ def submit(
 @router.get("/{request_id}", response_model=RequestStatusOut, summary="A request's state, deadline and timeline",
             responses=_NOT_FOUND)
 def show(request_id: uuid.UUID, caller: StatusReader, session: SessionDep) -> RequestStatus:
-    return describe_request(session, str(request_id))
+    return describe_request(session, str(request_id),
+                            token_id=None if caller.sees_every_request else caller.token_id)
 
 
 @router.post("/{request_id}/review-decisions", response_model=RequestStatusOut,
              summary="Decide borderline matches (erase or keep)", responses=_NOT_FOUND | _CONFLICT)
-def review(request_id: uuid.UUID, body: ReviewDecisionsIn, caller: ReviewCaller, session: SessionDep) -> RequestStatus:
-    return record_review_decisions(session, str(request_id), body.as_inputs(), reviewer=caller.actor)
+def review(request_id: uuid.UUID, body: ReviewDecisionsIn, caller: ReviewCaller, session: SessionDep,
+           secret_key: SecretKeyDep) -> RequestStatus:
+    return record_review_decisions(session, str(request_id), body.as_inputs(), reviewer=caller.actor, key=secret_key)
+
+
+@router.post("/{request_id}/review-tickets", response_model=ReviewTicketOut, status_code=201,
+             summary="A ticket to resume a paused review in Prefect with these decisions", responses=_NOT_FOUND)
+def review_ticket(request_id: uuid.UUID, body: ReviewTicketIn, caller: ReviewCaller, session: SessionDep,
+                  secret_key: SecretKeyDep) -> ReviewTicketOut:
+    """The flow run applies decisions given with a resume only with this ticket: it
+    names this token as the reviewer and holds for exactly these decisions."""
+    get_request(session, str(request_id))  # 404 for an unknown request
+    ticket, expires = issue_review_ticket(secret_key, str(request_id), caller.actor, body.pairs())
+    return ReviewTicketOut(ticket=ticket, reviewer=caller.actor, expires_at=expires)
 
 
 @router.post("/{request_id}/extension", response_model=RequestStatusOut,
              summary="Extend the deadline by up to two months (Art. 12(3))", responses=_NOT_FOUND | _CONFLICT)
-def extend(request_id: uuid.UUID, body: ExtensionIn, caller: ReviewCaller, session: SessionDep) -> RequestStatus:
-    return extend_deadline(session, str(request_id), months=body.months, reason=body.reason, actor=caller.actor)
+def extend(request_id: uuid.UUID, body: ExtensionIn, caller: ReviewCaller, session: SessionDep,
+           secret_key: SecretKeyDep) -> RequestStatus:
+    return extend_deadline(session, str(request_id), months=body.months, reason=body.reason, actor=caller.actor,
+                           key=secret_key)
 
 
 @router.post("/{request_id}/denial", response_model=RequestStatusOut,
              summary="Deny the request under an Art. 17(3) ground", responses=_NOT_FOUND | _CONFLICT)
-def deny(request_id: uuid.UUID, body: DenialIn, caller: ReviewCaller, session: SessionDep) -> RequestStatus:
-    return deny_request(session, str(request_id), ground=body.ground, detail=body.detail, actor=caller.actor)
+def deny(request_id: uuid.UUID, body: DenialIn, caller: ReviewCaller, session: SessionDep,
+         secret_key: SecretKeyDep) -> RequestStatus:
+    return deny_request(session, str(request_id), ground=body.ground, detail=body.detail, actor=caller.actor,
+                        key=secret_key)

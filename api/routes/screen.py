@@ -1,5 +1,6 @@
 """/v1/screen: screen texts (e.g. model outputs) against a dataset's tombstones.
-One service, ``pipeline.screening.screen_texts``; the texts are never echoed, logged or stored."""
+One service, ``pipeline.screening.screen_texts``; the texts are never echoed, logged or stored,
+and an answer names no request or record (only an opaque reference)."""
 
 from __future__ import annotations
 
@@ -30,7 +31,9 @@ router = APIRouter(tags=["screening"], responses={
 def screen(body: ScreenIn, caller: ScreenCaller, settings: SettingsDep, engine: EngineDep) -> ScreenResult:
     """For each text: does it match the MinHash signature of an erased record of the
     dataset (estimated Jaccard >= `min_jaccard`)? An aid for output filtering, not a
-    guarantee. The texts are not stored, logged or returned."""
+    guarantee. A match comes with an opaque `reference`, never a request or record id
+    (the audit scope resolves it: GET /v1/audit/screen-references/{reference}).
+    The texts are not stored, logged or returned."""
     try:
         return screen_texts(settings, body.dataset, body.texts, body.min_jaccard, engine=engine)
     except UnknownDataset as exc:

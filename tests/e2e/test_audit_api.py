@@ -19,7 +19,12 @@ from db.requests import issue_token
 from db.session import unit_of_work
 from db.settings import Settings
 from db.training import Checkpoint, EnsembleMemberRow, EnsembleVersionRow
+from dedup.minhash import minhash_signatures
+from dedup.tombstones import TombstoneSet
 from pipeline.lifecycle import submit_request
+from pipeline.locate import dataset_minhash, tombstone_path
+from pipeline.screening import screen_reference
+from shards.files import write_atomically
 
 BASE = "/v1/audit"
 EMAIL = "Jane.Doe@example.org"
@@ -31,6 +36,7 @@ class Audit:
     client: TestClient
     tokens: dict[str, str]
     request_id: str
+    screen_reference: str  # of a tombstone of the request (what a /v1/screen answer gives)
 
     def auth(self, who: str) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.tokens[who]}"}
@@ -63,8 +69,13 @@ def audit(settings: Settings) -> Iterator[Audit]:
         session.add(version)
         session.flush()
         session.add(EnsembleMemberRow(ensemble_id=version.id, shard=0, dataset_id=dataset.id, checkpoint_key="c" * 64))
+    params = dataset_minhash(settings, "demo")
+    tombstone_key = f"{request_id}/0/rec-1"
+    write_atomically(tombstone_path(settings, "demo"), TombstoneSet.empty(params).added(
+        minhash_signatures(["an erased text of some length here"], params), [tombstone_key], params).to_bytes())
+    reference = screen_reference(settings.secret_key_bytes(), "demo", tombstone_key)
     with TestClient(app) as client:
-        yield Audit(client, tokens, request_id)
+        yield Audit(client, tokens, request_id, reference)
 
 
 def error_of(response: httpx.Response) -> dict:
@@ -73,8 +84,9 @@ def error_of(response: httpx.Response) -> dict:
     return body["error"]
 
 
-def _routes(request_id: str) -> list[tuple[str, str, dict | None]]:
+def _routes(request_id: str, reference: str) -> list[tuple[str, str, dict | None]]:
     return [
+        ("get", f"{BASE}/screen-references/{reference}", None),
         ("get", f"{BASE}/requests/{request_id}/timeline", None),
         ("get", f"{BASE}/requests/due?within_days=7", None),
         ("post", f"{BASE}/subject", {"identifiers": [{"kind": "email", "value": EMAIL}]}),
@@ -85,10 +97,11 @@ def _routes(request_id: str) -> list[tuple[str, str, dict | None]]:
 def test_every_audit_route_needs_the_audit_scope(audit: Audit) -> None:
     openapi = audit.client.get("/openapi.json").json()
     published = {(m, p) for p, item in openapi["paths"].items() for m in item if p.startswith(BASE)}
-    tested = {(m, p.split("?")[0].replace(audit.request_id, "{request_id}").replace(VERSION, "{version_id}"))
-              for m, p, _ in _routes(audit.request_id)}
+    tested = {(m, p.split("?")[0].replace(audit.request_id, "{request_id}").replace(VERSION, "{version_id}")
+               .replace(audit.screen_reference, "{reference}"))
+              for m, p, _ in _routes(audit.request_id, audit.screen_reference)}
     assert published == tested, "an audit route was added: add it to _routes"
-    for method, path, body in _routes(audit.request_id):
+    for method, path, body in _routes(audit.request_id, audit.screen_reference):
         missing = audit.call(method, path, None, body)
         assert missing.status_code == 401 and error_of(missing)["code"] == "unauthorized", path
         assert missing.headers["WWW-Authenticate"].startswith("Bearer")

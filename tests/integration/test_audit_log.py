@@ -24,6 +24,17 @@ from pipeline.lifecycle import RequestState, deny_request, extend_deadline, subm
 JANE = [("email", "jane.doe@example.org"), ("name", "Jane Doe")]
 SAMPLE = "my review of the blue kettle that leaked on day two"
 
+NOTE_KEY = b"test-note-key-0123456789abcdef"  # keys the notes' hashes on the audit log
+
+
+@pytest.fixture(autouse=True)
+def _test_event_kind(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kind for these tests only: every kind needs its details schema."""
+    from db.audit import EVENT_SCHEMAS, INT
+
+    monkeypatch.setitem(EVENT_SCHEMAS, "test.event", ({"n": INT, "worker": INT, "i": INT},
+                                                      frozenset({"n", "worker", "i"})))
+
 
 @pytest.fixture
 def engine(settings: Settings) -> Iterator[Engine]:
@@ -39,8 +50,8 @@ def _lifecycle(engine: Engine, settings: Settings) -> str:
                             actor="portal")
     with unit_of_work(engine) as session:
         transition(session, first.request_id, RequestState.LOCATING, actor="flow")
-        extend_deadline(session, first.request_id, months=1, reason="complex: 40 shards", actor="dpo")
-        deny_request(session, second.request_id, ground="legal_claims", detail="litigation hold", actor="dpo")
+        extend_deadline(session, first.request_id, months=1, reason="complex: 40 shards", key=NOTE_KEY, actor="dpo")
+        deny_request(session, second.request_id, ground="legal_claims", detail="litigation hold", key=NOTE_KEY, actor="dpo")
         issue_token(session, "portal", ["intake"])
         revoke_token(session, "portal")
     return first.request_id

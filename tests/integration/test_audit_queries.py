@@ -30,6 +30,8 @@ from tests.prefect_server import submit_for, trained_demo
 
 RECORDS = 400
 
+NOTE_KEY = b"test-note-key-0123456789abcdef"  # keys the notes' hashes on the audit log
+
 
 def _process(settings, request_id: str) -> dict:  # noqa: ANN001
     from flows.process_request import process_erasure_request
@@ -189,7 +191,7 @@ def test_overdue_and_soon_due_requests(settings) -> None:  # noqa: ANN001
     with unit_of_work(engine) as session:
         transition(session, late, "locating", actor="test")
         transition(session, late_closed, "locating", actor="test")
-        transition(session, late_closed, "completed", actor="test", reason="nothing found")
+        transition(session, late_closed, "completed", key=NOTE_KEY, actor="test", reason="nothing found")
     with unit_of_work(engine) as session:
         report = due_requests(session, open_states=OPEN_STATES, within_days=7, now=now)
         assert [r.request_id for r in report.overdue] == [late] and report.overdue[0].days_left < -8

@@ -77,9 +77,12 @@ def test_certificate_and_probe_of_a_completed_request(settings, prefect_env, tmp
     by_role = {p.role: p for p in probes}
     assert set(by_role) == {"before", "after"}
     for probe in probes:
-        assert probe.metric == "cross_entropy_loss" and probe.erased_count == len(erased)
+        assert probe.metric == "reference_calibrated_logit" and probe.erased_count == len(erased)
         assert probe.auc is not None and probe.ci_low <= probe.auc <= probe.ci_high
         assert probe.heldout_count >= 20
+        details = json.loads(probe.details)  # the power on records still in training, the distinct texts, a sentence
+        assert details["power"]["auc"] is not None and details["power"]["members"] >= 20
+        assert 1 <= details["groups"]["erased"] <= len(erased) and details["sentence"]
     assert json.loads(by_role["before"].details)["erased_seen_by_scorer"] == len(erased)
     assert json.loads(by_role["after"].details)["erased_seen_by_scorer"] == 0
     assert (settings.home / "reports" / request_id / "membership.png").read_bytes().startswith(b"\x89PNG")
@@ -96,17 +99,29 @@ def test_certificate_and_probe_of_a_completed_request(settings, prefect_env, tmp
     envelope = json.loads(cert.document)
     body = envelope["certificate"]
     assert body["request"]["id"] == request_id and body["erasure"]["records_erased"] == len(erased)
-    assert body["verification"]["training_manifest"]["passed"] is True
-    assert {p["role"] for p in body["verification"]["membership_probe"]} == {"before", "after"}
-    assert body["ensemble"]["before"] == by_role["before"].ensemble_version_id
-    assert all(s["before"]["version"] < s["after"]["version"] for s in body["erasure"]["shards"])
+    [section] = body["datasets"]  # one section per dataset searched
+    assert section["dataset"]["name"] == "demo" and section["erasure"]["records_erased"] == len(erased)
+    assert section["verification"]["training_manifest"]["passed"] is True
+    assert {p["role"] for p in section["verification"]["membership_probe"]} == {"before", "after"}
+    # which policy decided matches reached only from a requester's sample (issue 10, point 6)
+    assert section["locate"]["sample_only_policy"] == section["locate"]["thresholds"]["sample_only"] == "review"
+    assert section["locate"]["sample_only_matches"] == 0  # identifiers only: nothing reached from a sample alone
+    after_sentence = json.loads(by_role["after"].details)["sentence"]
+    assert after_sentence in body["scope"]["output_suppression"]["statement"]
+    assert section["ensemble"]["before"] == by_role["before"].ensemble_version_id
+    assert all(s["before"]["version"] < s["after"]["version"] for s in section["erasure"]["shards"])
+    # retrained in the recorded runtime, manifest verified: exact, from the job's recorded facts
+    assert section["retraining"] and all(j["exactness"]["status"] == "exact" and j["runtime_matches"] is True
+                                         for j in section["retraining"])
+    assert body["erasure"]["exactness"]["exact"] == len(section["retraining"])
     # completion deleted the superseded files that held the records; the certificate says so
-    held = body["retained"]["checkpoints_with_erased_records"]
-    assert body["retained"]["superseded_files_on_disk"] == 0 and held["on_disk"] == 0
+    retained = section["retained"]
+    held = retained["checkpoints_with_erased_records"]
+    assert retained["superseded_files_on_disk"] == 0 and held["on_disk"] == 0
     assert held["count"] >= 1 and held["purged"] == held["count"]
-    assert body["retained"]["superseded_shard_versions"]
-    assert all(v["files_purged_at"] and not v["file_on_disk"] for v in body["retained"]["superseded_shard_versions"])
-    assert "no longer on disk" in body["retained"]["statement"]
+    assert retained["superseded_shard_versions"]
+    assert all(v["files_purged_at"] and not v["file_on_disk"] for v in retained["superseded_shard_versions"])
+    assert "no longer on disk" in retained["statement"]
     assert [e.kind for e in events].count("files.purged") == 1
     assert body["scope"]["latent_information_and_downstream_use"]["status"] == "not addressed"
     issued = [e for e in events if e.kind == "certificate.issued"]

@@ -5,6 +5,7 @@ shards at once with scheduled (batched) retraining."""
 from __future__ import annotations
 
 import contextvars
+import json
 import threading
 import time
 
@@ -13,17 +14,19 @@ from sqlalchemy import select
 
 from pathlib import Path
 
-from db.audit import MembershipProbe
+from db.audit import AuditEvent, MembershipProbe
 from db.lineage import latest_shard_versions
 from db.models import Record, ShardVersion
 from db.session import unit_of_work
 from db.training import ShardRetrainJob
 from pipeline.database import open_database
 from pipeline.erasure import erased_record_ids, request_matches, undecided_refs
-from pipeline.lifecycle import ReviewInput, get_request, record_review_decisions
+from pipeline.lifecycle import ReviewInput, get_request, issue_review_ticket, record_review_decisions
 from pipeline.training import checkpoint_store, current_ensemble
 from db.settings import use_settings
 from tests.prefect_server import submit_for, trained_demo
+
+NOTE_KEY = b"test-note-key-0123456789abcdef"  # keys the notes' hashes on the audit log
 
 
 def _check_erased(settings, request_id: str) -> dict:  # noqa: ANN001
@@ -59,7 +62,9 @@ def _thread(fn) -> threading.Thread:  # noqa: ANN001
     return threading.Thread(target=contextvars.copy_context().run, args=(fn,))
 
 
-def _paused_run_id(request_id: str, timeout: float = 90):  # noqa: ANN202
+def _paused_run_id(request_id: str, timeout: float = 90, after_key: str | None = None):  # noqa: ANN202
+    """The paused run of the request (once its input schema is saved); with ``after_key``, only
+    once it paused again under another key than that one."""
     from prefect import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
     from prefect.client.schemas.objects import StateType
@@ -72,6 +77,8 @@ def _paused_run_id(request_id: str, timeout: float = 90):  # noqa: ANN202
                 state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED]))))
             for run in runs:
                 if run.parameters.get("request_id") == request_id:
+                    if after_key is not None and run.state.state_details.pause_key == after_key:
+                        break  # not paused again yet
                     # The input schema is saved just after the pause: resume only once it is there.
                     try:
                         client.read_flow_run_input(run.id, keyset_from_paused_state(run.state)["schema"])
@@ -104,8 +111,29 @@ def test_lifecycle_with_review_pause_and_resume(settings, prefect_env) -> None: 
         # Input that does not match the schema is refused; the run stays paused.
         with pytest.raises(Exception):
             resume_flow_run(run_id, run_input={"decisions": [{"match_ref": refs[0], "decision": "maybe"}]})
-        resume_flow_run(run_id, run_input={"decisions": [{"match_ref": ref, "decision": "erase"} for ref in refs],
-                                           "reviewer": "test-reviewer"})
+        decisions = [{"match_ref": ref, "decision": "erase"} for ref in refs]
+        pairs = [(ref, "erase") for ref in refs]
+        # Decisions without a ticket the API issued (any reviewer name typed into Prefect, a ticket
+        # signed with another key, or one for other decisions) are not applied: the run pauses again.
+        forged, _ = issue_review_ticket(b"not-the-service-key-0123456789", request_id, "token:mallory", pairs)
+        other, _ = issue_review_ticket(settings.secret_key_bytes(), request_id, "token:reviewer", pairs[:1] + [
+            (refs[0] + "x", "keep")])
+        with pytest.raises(RuntimeError, match="'reviewer' was unexpected"):  # no field for a typed name
+            resume_flow_run(run_id, run_input={"decisions": decisions, "reviewer": "Jane Reviewer"})
+        for attempt, bad in enumerate([{}, {"ticket": forged}, {"ticket": other}], 1):
+            resume_flow_run(run_id, run_input={"decisions": decisions, **bad})
+            run_id = _paused_run_id(request_id, after_key=f"review-{attempt}")
+            engine = open_database(settings)
+            with unit_of_work(engine) as session:
+                assert get_request(session, request_id).state == "awaiting_review"
+                assert get_request(session, request_id).review_decisions == []
+                refused = session.scalars(select(AuditEvent).where(AuditEvent.kind == "review.resume_refused")).all()
+            engine.dispose()
+            assert [json.loads(e.details)["problem"] for e in refused] == [
+                "missing_ticket", "bad_signature", "decisions_differ"][:attempt]
+        # With the ticket the API issues to an authenticated reviewer, the decisions apply.
+        ticket, _ = issue_review_ticket(settings.secret_key_bytes(), request_id, "token:reviewer", pairs)
+        resume_flow_run(run_id, run_input={"decisions": decisions, "ticket": ticket})
         worker.join(timeout=180)
         assert not worker.is_alive()
         assert outcome["state"] == "completed"
@@ -113,6 +141,10 @@ def test_lifecycle_with_review_pause_and_resume(settings, prefect_env) -> None: 
         assert checked["samples"] == 0
         assert outcome["erased"] == len(checked["erased"])
         assert outcome["retraining"] and all(job["status"] == "done" for job in outcome["retraining"])
+        engine = open_database(settings)
+        with unit_of_work(engine) as session:
+            assert {d.reviewer for d in get_request(session, request_id).review_decisions} == {"token:reviewer"}
+        engine.dispose()
         # Running a completed request again changes nothing.
         again = process_erasure_request(request_id, "demo")
         assert again["erased"] == outcome["erased"] and again["state"] == "completed"
@@ -132,7 +164,7 @@ def test_review_through_the_api_then_scheduled_retraining(settings, prefect_env)
         engine = open_database(settings)
         with unit_of_work(engine) as session:
             refs = undecided_refs(session, request_id)
-            record_review_decisions(session, request_id, [ReviewInput(ref, "keep") for ref in refs], reviewer="api")
+            record_review_decisions(session, request_id, [ReviewInput(ref, "keep") for ref in refs], key=NOTE_KEY, reviewer="api")
         second = process_erasure_request(request_id, "demo", retrain="scheduled", review_timeout_s=0)
         assert second["state"] == "awaiting_retrain"
         assert second["kept"] == len(refs)

@@ -63,10 +63,10 @@ def shard_files(settings: Settings) -> list[Path]:
 def test_ingest_places_records_as_assigned(settings: Settings, tmp_path: Path) -> None:
     rows = make_rows(300)
     source = write_jsonl(tmp_path / "data.jsonl", rows)
-    options = IngestOptions(dataset="shop", fields=FIELDS, n_shards=5, n_slices=3, seed=11)
+    options = IngestOptions(dataset="shop", fields=FIELDS, n_shards=5, n_slices=3, seed=11, placement="record")
     summary = ingest_source_file(source, options, settings)
 
-    assert summary.status == "ingested" and summary.new_records == 300
+    assert summary.status == "ingested" and summary.new_records == 300 and summary.placement == "record"
     assert sum(summary.per_shard_counts.values()) == 300
     store = ShardStore(settings.shards_dir)
     seen = set()

@@ -13,15 +13,18 @@ from db.models import Record
 from db.session import unit_of_work
 from db.settings import Settings
 from dedup.locate import LocateRequest
-from dedup.minhash import MinHashParams, minhash_signatures
+from dedup.minhash import minhash_signatures
 from dedup.tombstones import TombstoneSet
 from pipeline.database import open_database
 from api.demo import DEMO_FIELDS
 from pipeline.ingest import IngestOptions, ingest_source_file
-from pipeline.locate import locate_dry_run, tombstone_path
+from pipeline.locate import dataset_minhash, locate_dry_run, tombstone_path
 from shards.demo_data import read_ground_truth, write_demo
 from shards.files import write_atomically
 from shards.store import ShardStore
+
+
+REQUEST = "6a0d3c1e-7f51-4a8e-9b9e-1f2d3c4b5a69"
 
 
 @pytest.fixture
@@ -66,8 +69,12 @@ def test_locate_by_sample_text_without_identifiers(sqlite_settings: Settings, de
     request = LocateRequest.parse(samples=[target["text"]])
     with unit_of_work(open_database(sqlite_settings)) as session:
         result = locate_dry_run(sqlite_settings, session, "demo", request, hops=0)
-    found = {m.record_id: m for m in result.by_decision("erase")}
-    assert found[target["id"]].score == pytest.approx(1.0)
+        trusting = sqlite_settings.model_copy(update={"sample_only_matches": "score"})
+        scored = locate_dry_run(trusting, session, "demo", request, hops=0)
+    # reached only from the requester's sample: review by default, whatever its score
+    found = {m.record_id: m for m in result.by_decision("review")}
+    assert found[target["id"]].score == pytest.approx(1.0) and found[target["id"]].provenance.value == "sample"
+    assert {m.record_id for m in scored.by_decision("erase")} >= {target["id"]}  # ERASURE_SAMPLE_ONLY_MATCHES=score
 
 
 def test_unknown_dataset_is_a_clear_error(sqlite_settings: Settings) -> None:
@@ -78,9 +85,9 @@ def test_unknown_dataset_is_a_clear_error(sqlite_settings: Settings) -> None:
 def test_ingest_screens_out_erased_content(settings: Settings, tmp_path: Path, demo: dict) -> None:
     rows = [json.loads(line) for line in demo["files"].records.read_text().splitlines()]
     erased = rows[:3]
-    params = MinHashParams()
+    params = dataset_minhash(settings, "demo")  # keyed: the dataset's MinHash key
     tombstones = TombstoneSet.empty(params).added(
-        minhash_signatures([r["text"] for r in erased], params), ["request-1"] * 3, params
+        minhash_signatures([r["text"] for r in erased], params), [f"{REQUEST}/0/{r['id']}" for r in erased], params
     )
     write_atomically(tombstone_path(settings, "demo"), tombstones.to_bytes())
     # the refresh brings the erased texts back under new ids, lightly edited
@@ -91,7 +98,7 @@ def test_ingest_screens_out_erased_content(settings: Settings, tmp_path: Path, d
     summary = ingest_source_file(refresh, IngestOptions(dataset="demo", fields=DEMO_FIELDS, n_shards=2), settings)
     assert summary.screened_out == 3 and summary.new_records == 7
     assert sorted(s["record_id"] for s in summary.screened) == ["again-0", "again-1", "again-2"]
-    assert all(s["tombstone"] == "request-1" for s in summary.screened)
+    assert {s["tombstone"] for s in summary.screened} == {f"{REQUEST}/0/{r['id']}" for r in erased}
     with unit_of_work(open_database(settings)) as session:
         assert session.scalar(select(func.count()).select_from(Record)) == 7
     stored = set()

@@ -15,6 +15,8 @@ TABLES = {
     "erasure_requests", "request_identifiers", "request_samples", "request_events", "review_decisions", "api_tokens",
     "checkpoints", "ensemble_versions", "ensemble_members", "shard_retrain_jobs", "request_matches",
     "audit_events", "certificates", "membership_probes",
+    "request_notes",  # 0007
+    "upstream_actions_done",  # 0008
 }
 
 

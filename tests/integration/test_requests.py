@@ -15,6 +15,7 @@ from db.requests import (
     ErasureRequest,
     RequestEvent,
     RequestIdentifier,
+    RequestNote,
     RequestSample,
     find_active_token,
     issue_token,
@@ -53,6 +54,8 @@ from tests.conftest import database_dump
 UTC = timezone.utc
 JANE = [("email", "Jane.Doe@Example.ORG "), ("name", "Jane  Doe"), ("phone", "+44 20 7946 0958")]
 SAMPLE = "I wrote this review of the blue kettle, which leaked on day two"
+
+NOTE_KEY = b"test-note-key-0123456789abcdef"  # keys the notes' hashes on the audit log
 
 
 @pytest.fixture
@@ -194,18 +197,18 @@ def test_lifecycle_records_every_step_and_purges_samples(settings: Settings, eng
     request_id = submit(engine, settings).request_id
     with unit_of_work(engine) as session:
         transition(session, request_id, "locating", actor="flow")
-        transition(session, request_id, RequestState.AWAITING_REVIEW, actor="flow", reason="2 borderline matches")
+        transition(session, request_id, RequestState.AWAITING_REVIEW, key=NOTE_KEY, actor="flow", reason="2 borderline matches")
         record_review_decisions(session, request_id, [ReviewInput("rec-1", "erase"), ReviewInput("rec-2", "keep")],
-                                reviewer="token:dpo")
+                                key=NOTE_KEY, reviewer="token:dpo")
         status = record_review_decisions(session, request_id, [ReviewInput("rec-2", "erase", "on second look")],
-                                         reviewer="token:dpo2")
+                                         key=NOTE_KEY, reviewer="token:dpo2")
         assert {(d.match_ref, d.decision, d.reviewer) for d in status.review_decisions} == {
             ("rec-1", "erase", "token:dpo"), ("rec-2", "erase", "token:dpo2")}
         assert review_verdicts(session, request_id) == {"rec-1": "erase", "rec-2": "erase"}
         for state in ("erasing", "awaiting_retrain", "retraining", "verifying"):
             transition(session, request_id, state, actor="flow")
         with pytest.raises(RequestConflict, match="review decisions are taken while"):
-            record_review_decisions(session, request_id, [ReviewInput("rec-3", "keep")], reviewer="x")
+            record_review_decisions(session, request_id, [ReviewInput("rec-3", "keep")], key=NOTE_KEY, reviewer="x")
         assert sample_texts(session, request_id) == [SAMPLE]
         transition(session, request_id, "completed", actor="flow")
 
@@ -222,7 +225,7 @@ def test_lifecycle_records_every_step_and_purges_samples(settings: Settings, eng
         assert status.history[-1].action == "samples_purged" and status.history[-1].reason == "1 sample(s) deleted"
         assert all(e.at.tzinfo is not None for e in status.history)
         with pytest.raises(IllegalTransition, match="cannot go from completed to failed"):
-            transition(session, request_id, "failed", actor="x", reason="late")
+            transition(session, request_id, "failed", key=NOTE_KEY, actor="x", reason="late")
         assert purge_samples(session, request_id) == 0  # already purged: nothing, no new event
     assert count(engine, RequestSample) == 0
     assert SAMPLE.casefold() not in database_dump(settings.resolved_database_url).casefold()
@@ -239,17 +242,22 @@ def test_illegal_and_incomplete_transitions_are_refused(settings: Settings, engi
         with pytest.raises(InvalidRequest, match="use deny_request"):
             transition(session, request_id, "denied", actor="x")
         with pytest.raises(InvalidRequest, match="needs a reason"):
-            transition(session, request_id, "failed", actor="x", reason="  ")
+            transition(session, request_id, "failed", key=NOTE_KEY, actor="x", reason="  ")
         with pytest.raises(RequestNotFound):
             transition(session, "00000000-0000-0000-0000-000000000000", "locating", actor="x")
-        transition(session, request_id, "failed", actor="flow", reason="shard store unreachable")
-        transition(session, request_id, "received", actor="ops", reason="store is back; retry")
+        transition(session, request_id, "failed", key=NOTE_KEY, actor="flow", reason="shard store unreachable")
+        transition(session, request_id, "received", key=NOTE_KEY, actor="ops", reason="store is back; retry")
         status = describe_request(session, request_id)
     assert status.state == "received" and status.closed_at is None
-    assert [(e.to_state, e.reason) for e in status.history][1:] == [
-        ("failed", "shard store unreachable"), ("received", "store is back; retry")]
+    # an operator's reason is a request note; the timeline points at it
+    assert [(e.to_state, e.reason.split(";")[0]) for e in status.history][1:] == [
+        ("failed", "operator"), ("received", "operator")]
     with unit_of_work(engine) as session:
         assert [e.to_state for e in session.scalars(select(RequestEvent))].count("failed") == 1
+        notes = {n.id: (n.kind, n.text) for n in session.scalars(select(RequestNote))}
+    assert sorted(notes.values()) == [("transition_reason", "shard store unreachable"),
+                                      ("transition_reason", "store is back; retry")]
+    assert [e.reason for e in status.history][1:] == [f"operator; reason in note {i}" for i in sorted(notes)]
 
 
 # ---------------------------------------------------------------- extension, denial, overdue
@@ -261,66 +269,67 @@ def test_extension_needs_a_reason_and_stays_within_two_months(settings: Settings
     during_first_month = received + timedelta(days=20)
     with unit_of_work(engine) as session:
         with pytest.raises(InvalidRequest) as info:
-            extend_deadline(session, request_id, months=1, reason=" ", actor="dpo", now=during_first_month)
+            extend_deadline(session, request_id, months=1, reason=" ", key=NOTE_KEY, actor="dpo", now=during_first_month)
         assert info.value.field == "reason"
         with pytest.raises(InvalidRequest) as info:
-            extend_deadline(session, request_id, months=3, reason="complex", actor="dpo", now=during_first_month)
+            extend_deadline(session, request_id, months=3, reason="complex", key=NOTE_KEY, actor="dpo", now=during_first_month)
         assert info.value.field == "months"
-        status = extend_deadline(session, request_id, months=1, reason="records in 40 datasets", actor="dpo",
+        status = extend_deadline(session, request_id, months=1, reason="records in 40 datasets", key=NOTE_KEY, actor="dpo",
                                  now=during_first_month)
         assert status.due_at == datetime(2025, 3, 31, 10, 0, tzinfo=UTC)  # from receipt, not from 28 Feb
         assert status.original_due_at == datetime(2025, 2, 28, 10, 0, tzinfo=UTC)
-        status = extend_deadline(session, request_id, months=1, reason="retraining queue", actor="dpo",
+        status = extend_deadline(session, request_id, months=1, reason="retraining queue", key=NOTE_KEY, actor="dpo",
                                  now=during_first_month + timedelta(days=1))
         assert (status.extension_months, status.due_at) == (2, datetime(2025, 4, 30, 10, 0, tzinfo=UTC))
         assert status.extension_reason == "retraining queue"
         with pytest.raises(RequestConflict, match="at most 2 further months"):
-            extend_deadline(session, request_id, months=1, reason="more", actor="dpo", now=during_first_month)
+            extend_deadline(session, request_id, months=1, reason="more", key=NOTE_KEY, actor="dpo", now=during_first_month)
         events = [e for e in status.history if e.action == "extended"]
-        assert [e.reason for e in events] == [
-            "+1 month(s), due 2025-03-31T10:00:00+00:00: records in 40 datasets",
-            "+1 month(s), due 2025-04-30T10:00:00+00:00: retraining queue",
+        assert [e.reason.split(";")[0] for e in events] == [
+            "+1 month(s), due 2025-03-31T10:00:00+00:00",
+            "+1 month(s), due 2025-04-30T10:00:00+00:00",
         ]
+        assert all("reason in note" in e.reason and "queue" not in e.reason for e in events)
 
     late_id = submit(engine, settings, key="late", now=received).request_id
     with unit_of_work(engine) as session, pytest.raises(RequestConflict, match="within it"):
-        extend_deadline(session, late_id, months=1, reason="too late", actor="dpo", now=received + timedelta(days=29))
+        extend_deadline(session, late_id, months=1, reason="too late", key=NOTE_KEY, actor="dpo", now=received + timedelta(days=29))
 
     closed_id = submit(engine, settings, key="closed").request_id
     with unit_of_work(engine) as session:
         transition(session, closed_id, "locating", actor="flow")
         transition(session, closed_id, "completed", actor="flow")
         with pytest.raises(RequestConflict, match="closed request cannot be extended"):
-            extend_deadline(session, closed_id, months=1, reason="x", actor="dpo")
+            extend_deadline(session, closed_id, months=1, reason="x", key=NOTE_KEY, actor="dpo")
 
 
 def test_denial_needs_an_art17_3_ground_and_closes_the_request(settings: Settings, engine: Engine) -> None:
     request_id = submit(engine, settings).request_id
     with unit_of_work(engine) as session:
         with pytest.raises(InvalidRequest, match="unknown Art. 17\\(3\\) ground 'too_expensive'") as info:
-            deny_request(session, request_id, ground="too_expensive", detail="x", actor="dpo")
+            deny_request(session, request_id, ground="too_expensive", detail="x", key=NOTE_KEY, actor="dpo")
         assert info.value.field == "ground"
         with pytest.raises(InvalidRequest) as info:
-            deny_request(session, request_id, ground="legal_claims", detail="", actor="dpo")
+            deny_request(session, request_id, ground="legal_claims", detail="", key=NOTE_KEY, actor="dpo")
         assert info.value.field == "detail"
         status = deny_request(session, request_id, ground="legal_claims", detail="litigation hold, case 2025/114",
-                              actor="token:dpo")
+                              key=NOTE_KEY, actor="token:dpo")
     assert (status.state, status.denial_ground, status.denial_detail) == (
         "denied", "legal_claims", "litigation hold, case 2025/114")
     assert status.closed_at is not None and status.samples_purged_at is not None and not status.overdue
     assert [e.action for e in status.history][-2:] == ["denied", "samples_purged"]
-    assert status.history[-2].reason == "Art. 17(3) legal_claims: litigation hold, case 2025/114"
+    assert status.history[-2].reason.startswith("Art. 17(3) legal_claims; reasoning in note ")
     assert count(engine, RequestSample) == 0
 
     with unit_of_work(engine) as session:
         with pytest.raises(IllegalTransition, match="cannot go from denied to denied"):
-            deny_request(session, request_id, ground="legal_claims", detail="again", actor="dpo")
+            deny_request(session, request_id, ground="legal_claims", detail="again", key=NOTE_KEY, actor="dpo")
     erasing_id = submit(engine, settings, key="erasing").request_id
     with unit_of_work(engine) as session:
         for state in ("locating", "erasing"):
             transition(session, erasing_id, state, actor="flow")
         with pytest.raises(IllegalTransition, match="cannot go from erasing to denied"):
-            deny_request(session, erasing_id, ground="public_health", detail="too late to deny", actor="dpo")
+            deny_request(session, erasing_id, ground="public_health", detail="too late to deny", key=NOTE_KEY, actor="dpo")
 
 
 def test_overdue_and_due_soon_detection(settings: Settings, engine: Engine) -> None:
@@ -333,10 +342,10 @@ def test_overdue_and_due_soon_detection(settings: Settings, engine: Engine) -> N
     overdue, extended, closed, failed = (make(k, long_ago) for k in ("overdue", "extended", "closed", "failed"))
     due_soon, fresh = make("due-soon", recent), make("fresh", now - timedelta(days=1))
     with unit_of_work(engine) as session:
-        extend_deadline(session, extended, months=1, reason="complex", actor="dpo", now=long_ago + timedelta(days=3))
+        extend_deadline(session, extended, months=1, reason="complex", key=NOTE_KEY, actor="dpo", now=long_ago + timedelta(days=3))
         transition(session, closed, "locating", actor="flow", now=long_ago + timedelta(days=50))
         transition(session, closed, "completed", actor="flow", now=long_ago + timedelta(days=50))
-        transition(session, failed, "failed", actor="flow", reason="crashed", now=long_ago + timedelta(days=2))
+        transition(session, failed, "failed", key=NOTE_KEY, actor="flow", reason="crashed", now=long_ago + timedelta(days=2))
 
     with unit_of_work(engine) as session:
         assert sorted(r.id for r in overdue_requests(session, now=now)) == sorted([overdue, failed])

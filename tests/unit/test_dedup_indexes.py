@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
 from dedup.embeddings import EMBEDDER_NAMES, embedder_from_spec, embedder_spec, get_embedder
 from dedup.hashing_embedder import HashingEmbedder
 from dedup.locate import embedder_for
-from dedup.minhash import minhash_signatures
+from dedup.minhash import MinHashKeyMismatch, MinHashParams, estimate_jaccard, minhash_signatures
 from dedup.shard_index import ShardIndex, artefact_dir, build_shard_index, texts_from_parquet
-from dedup.tombstones import TombstoneSet
+from dedup.tombstones import TombstoneSet, UnkeyedTombstones
 from dedup.vector_index import VectorIndex, VectorIndexParams
+
+
+KEY = b"unit-test-minhash-key-0123456789"
+KEYED = MinHashParams.keyed(KEY)
 
 
 def _unit(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
@@ -130,21 +136,60 @@ def test_texts_from_parquet(tmp_path):
 
 def test_tombstones_screen_erased_content_without_keeping_text(tmp_path):
     ids, texts = _corpus()
-    index = build_shard_index(0, 1, ids, texts, [0] * 60)
+    index = build_shard_index(0, 1, ids, texts, [0] * 60, minhash=KEYED)
     _, removed = index.without(["r003", "r004"], new_version=2)
-    stones = TombstoneSet.empty().added(removed.signatures, ["req-1", "req-1"], removed.minhash)
+    stones = TombstoneSet.empty(KEYED).added(removed.signatures, ["req-1", "req-1"], removed.minhash)
     assert len(stones) == 2
     reworded = texts[3].replace("w", "w", 1).upper() + " thanks"
     hits = stones.screen([texts[3], reworded, texts[20], "nothing like it"])
     assert {h.text_index for h in hits} == {0, 1}
     assert all(h.key == "req-1" and h.estimated_jaccard >= 0.7 for h in hits)
-    stones.save(tmp_path / "tombstones.npz")
-    again = TombstoneSet.load(tmp_path / "tombstones.npz")
+    (tmp_path / "tombstones.npz").write_bytes(stones.to_bytes())
+    again = TombstoneSet.load(tmp_path / "tombstones.npz", KEYED)
     assert again.keys == stones.keys and np.array_equal(again.signatures, stones.signatures)
     assert [h.to_dict() for h in again.screen([texts[4]])] == [
         {"text_index": 0, "key": "req-1", "estimated_jaccard": 1.0}]
     raw = (tmp_path / "tombstones.npz").read_bytes()
     assert texts[3][:16].encode() not in raw and texts[4][-16:].encode() not in raw  # signatures only
-    assert TombstoneSet.empty().screen(["anything"]) == []
+    assert KEY.hex().encode() not in raw and KEY not in raw  # the key's fingerprint only
+    assert TombstoneSet.empty(KEYED).screen(["anything"]) == []
     with pytest.raises(ValueError, match="keys"):
         stones.added(removed.signatures, ["only-one"], removed.minhash)
+
+
+def test_tombstones_are_kept_only_under_a_key(tmp_path):
+    """Unkeyed signatures would confirm a guessed text to anyone holding the file: refused, and an
+    old unkeyed file (format 1) is a clear error, never read as if it were keyed."""
+    ids, texts = _corpus()
+    with pytest.raises(ValueError, match="keyed MinHash parameters"):
+        TombstoneSet.empty(MinHashParams())
+    unkeyed = minhash_signatures(texts[:3], MinHashParams())
+    np.savez(tmp_path / "old.npz", signatures=unkeyed, keys=np.array(["a", "b", "c"]),
+             meta=np.array(json.dumps({"format": 1, "minhash": MinHashParams().to_dict()})))
+    with pytest.raises(UnkeyedTombstones, match="3 unkeyed tombstones") as caught:
+        TombstoneSet.load(tmp_path / "old.npz", KEYED)
+    assert caught.value.count == 3
+    # a file written under another key is refused too (its signatures are not comparable)
+    other = MinHashParams.keyed(b"another-key-of-32-bytes-01234567")
+    (tmp_path / "other.npz").write_bytes(
+        TombstoneSet.empty(other).added(minhash_signatures(texts[:2], other), ["x", "y"], other).to_bytes())
+    with pytest.raises(MinHashKeyMismatch, match="restore the original secret key"):
+        TombstoneSet.load(tmp_path / "other.npz", KEYED)
+    # and a screen under the key finds a guessed erased text; the file alone (no key) cannot
+    stones = TombstoneSet.load(tmp_path / "other.npz", other)
+    assert {h.text_index for h in stones.screen([texts[0], texts[1]])} == {0, 1}
+    unkeyed_guess = minhash_signatures([texts[0]], MinHashParams())[0]
+    assert estimate_jaccard(unkeyed_guess, stones.signatures).max() < 0.05
+
+
+def test_a_keyed_index_loads_only_under_its_parameters(tmp_path):
+    ids, texts = _corpus()
+    path = tmp_path / "v1.parquet"
+    build_shard_index(0, 1, ids, texts, [0] * 60, minhash=KEYED).save(path)
+    plain = ShardIndex.load(path)
+    assert plain.minhash == KEYED and plain.minhash.key is None
+    with pytest.raises(ValueError, match="hold no key"):
+        minhash_signatures(["a query"], plain.minhash)
+    assert ShardIndex.load(path, minhash=KEYED).minhash.key == KEY
+    with pytest.raises(MinHashKeyMismatch, match="rebuild the index"):
+        ShardIndex.load(path, minhash=MinHashParams())

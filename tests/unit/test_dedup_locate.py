@@ -98,8 +98,11 @@ def test_samples_find_copies_without_any_identifier(demo_corpus):
     assert found[copy["id"]].method is Method.MINHASH and found[copy["id"]].score == 1.0
     assert found[copy["id"]].hop == 0 and found[copy["id"]].query == "sample:1"
     assert result.queries == ("sample:1",)
-    # with one hop the found records' texts are queries too
-    wider = corpus.locate(LocateRequest.parse(samples=[sample]), hops=1)
+    # a match reached only from a sample is reviewed, not erased: it does not widen the search
+    assert found[copy["id"]].decision is Decision.REVIEW
+    assert corpus.locate(LocateRequest.parse(samples=[sample]), hops=1).queries == ("sample:1",)
+    # with the policy that decides sample-only matches by score, the found records' texts are queries too
+    wider = corpus.locate(LocateRequest.parse(samples=[sample]), hops=1, sample_only="score")
     assert len(wider.queries) > 1 and {m.record_id for m in wider.matches} >= set(found)
 
 

@@ -106,3 +106,71 @@ def test_bad_parameters_say_what_to_do():
         minhash_signatures("one text")
     with pytest.raises(ValueError, match="rebuild"):
         MinHashParams.from_dict({**MinHashParams().to_dict(), "hash": "sha1"})
+
+
+# ---------------------------------------------------------------- keyed parameters (issue 10, point 1)
+
+KEY_A = b"dataset-a-minhash-key-0123456789"
+KEY_B = b"dataset-b-minhash-key-0123456789"
+
+
+def test_keyed_signatures_equal_datasketch_with_the_keyed_permutations_and_hash(demo_small):
+    """datasketch 2.0.0, given the keyed (a, b) and the keyed word hash, builds the same signature."""
+    import datasketch
+
+    assert datasketch.__version__ == "2.0.0"
+    texts = [r["text"] for r in demo_small.records[:200]] + ["", "one", "Ünïcödé text — with ß"]
+    params = MinHashParams.keyed(KEY_A)
+    a, b = params.permutations()
+    ours = minhash_signatures(texts, params, batch_size=64, workers=2)
+    for text, sig in zip(texts, ours):
+        m = MinHash(num_perm=128, scheme="affine32", permutations=(a, b),
+                    hashfunc=lambda s: shingle_hash(s, params.word_seed))
+        m.update_batch([s.encode("utf-8") for s in shingles(text)])
+        assert np.array_equal(sig, m.hashvalues)
+        assert np.array_equal(sig, datasketch_minhash(text, params).hashvalues)
+    # the keyed parameters are neither datasketch's seeded ones nor the unkeyed word hash
+    seeded_a, _ = MinHashParams().permutations()
+    assert not np.array_equal(a, seeded_a) and params.word_seed != 0 and np.all(a & 1)
+
+
+def test_the_same_text_under_two_keys_gives_unrelated_signatures(demo_small):
+    texts = [r["text"] for r in demo_small.records[:100] if len(r["text"].split()) >= 12]
+    under_a = minhash_signatures(texts, MinHashParams.keyed(KEY_A))
+    under_b = minhash_signatures(texts, MinHashParams.keyed(KEY_B))
+    unkeyed = minhash_signatures(texts, MinHashParams())
+    for i in range(len(texts)):
+        assert estimate_jaccard(under_a[i], under_a[i:i + 1])[0] == 1.0
+        assert estimate_jaccard(under_a[i], under_b[i:i + 1])[0] < 0.05  # chance agreement only
+        assert estimate_jaccard(under_a[i], unkeyed[i:i + 1])[0] < 0.05
+
+
+def test_without_the_key_a_guessed_text_does_not_confirm_a_stored_signature(demo_small):
+    """Someone holding a stored (keyed) signature and the exact text cannot confirm it: every
+    parameter set they can compute without the key (seeded, other keys) gives unrelated values."""
+    text = next(r["text"] for r in demo_small.records if len(r["text"].split()) >= 12)
+    stored = minhash_signatures([text], MinHashParams.keyed(KEY_A))[0]
+    guesses = [MinHashParams(seed=s, hash_seed=h) for s in (0, 1, 2, 42) for h in (0, 1)]
+    guesses += [MinHashParams.keyed(bytes([i]) * 32) for i in range(8)]
+    for params in guesses:
+        assert estimate_jaccard(stored, minhash_signatures([text], params))[0] < 0.05
+    # the key holder confirms it
+    assert estimate_jaccard(stored, minhash_signatures([text], MinHashParams.keyed(KEY_A)))[0] == 1.0
+
+
+def test_keyed_parameters_never_store_the_key_and_need_it_back():
+    params = MinHashParams.keyed(KEY_A, num_perm=64)
+    stored = params.to_dict()
+    assert KEY_A.decode() not in repr(params) and KEY_A.decode() not in str(stored)
+    assert set(stored) >= {"key_id"} and stored["seed"] == 0 and stored["hash_seed"] == 0
+    loaded = MinHashParams.from_dict(stored)
+    assert loaded == params and loaded.key is None
+    with pytest.raises(ValueError, match="hold no key"):
+        minhash_signatures(["some text to hash here"], loaded)
+    with pytest.raises(ValueError, match="restore the original secret key"):
+        loaded.with_key(KEY_B)
+    text = "the quick brown fox jumps over the lazy dog again and again"
+    assert np.array_equal(minhash_signatures([text], loaded.with_key(KEY_A)), minhash_signatures([text], params))
+    assert MinHashParams.keyed(KEY_B, num_perm=64) != params and MinHashParams(num_perm=64) != params
+    with pytest.raises(ValueError, match="16 bytes"):
+        MinHashParams.keyed(b"short")
