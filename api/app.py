@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.deps import ApiError
+from api.dispatch import RunStarter
 from api.routes.audit import router as audit_router
 from api.routes.requests import router as requests_router
 from api.routes.screen import router as screen_router
@@ -148,9 +149,17 @@ def create_app(settings: Settings | None = None, *, max_body_bytes: int = MAX_BO
     engine = open_database(settings)
     secret_key = settings.secret_key_bytes()
 
+    # Starts the processing deployment for each new request, off the request path (api/dispatch.py).
+    run_starter = (RunStarter(settings.process_deployment, max_age_s=settings.sweep_received_grace_s / 2 or None)
+                   if settings.process_deployment else None)
+
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if run_starter is not None:
+            run_starter.start()
         yield
+        if run_starter is not None:
+            run_starter.stop()
         engine.dispose()
 
     app = FastAPI(
@@ -164,6 +173,7 @@ def create_app(settings: Settings | None = None, *, max_body_bytes: int = MAX_BO
     app.state.settings = settings
     app.state.engine = engine
     app.state.secret_key = secret_key
+    app.state.run_starter = run_starter
     app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
     _install_error_handlers(app)
     app.include_router(requests_router)

@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from api.cli_common import DbOpt, HomeOpt, JsonOpt
+from api.cli_common import IDENTIFIER_HELP, DbOpt, HomeOpt, JsonOpt, parse_identifiers
 from api.cli_common import emit as _emit
 from api.cli_common import fail as _fail
 from api.cli_common import settings_from_flags as _settings
@@ -35,6 +35,10 @@ register_audit_commands(app)
 from api.cli_lineage import register_commands as register_lineage_commands  # noqa: E402
 
 register_lineage_commands(app)
+
+from api.cli_models import register_commands as register_model_commands  # noqa: E402
+
+register_model_commands(app)
 
 
 
@@ -60,8 +64,12 @@ def ingest(
     dataset: Annotated[str, typer.Option(help="Dataset name.")] = "default",
     id_field: Annotated[str, typer.Option(help="Field holding the record id.")] = "id",
     text_field: Annotated[str, typer.Option(help="Field holding the text.")] = "text",
-    label_field: Annotated[str, typer.Option(help="Field holding the integer label.")] = "label",
+    label_field: Annotated[str, typer.Option(
+        help="Field holding the label: integers, or class names (the dataset keeps their vocabulary).")] = "label",
     no_label: Annotated[bool, typer.Option("--no-label", help="The data has no labels.")] = False,
+    allow_new_labels: Annotated[bool, typer.Option(
+        "--allow-new-labels", help="Accept class names the dataset has not seen (they change the model's "
+                                   "outputs); without it such a file is refused.")] = False,
     identifier_field: Annotated[
         list[str], typer.Option(help="Identifier field, FIELD or FIELD:KIND (kinds: email, user_id, name, phone). Repeatable.")
     ] = [],  # noqa: B006 - typer needs a literal default
@@ -103,6 +111,7 @@ def ingest(
         embedder=embedder,
         placement=placement,
         max_records_per_identifier=max_records_per_identifier,
+        allow_new_labels=allow_new_labels,
     )
     try:
         with RichReporter() as reporter:
@@ -148,7 +157,7 @@ def demo_data(
 def locate(
     dataset: Annotated[str, typer.Option(help="Dataset name.")] = "default",
     identifier: Annotated[
-        list[str], typer.Option("--identifier", "-i", help="KIND=VALUE, e.g. email=a@example.com. Repeatable.")
+        list[str], typer.Option("--identifier", "-i", help=IDENTIFIER_HELP)
     ] = [],  # noqa: B006
     sample: Annotated[list[str], typer.Option(help="A text the subject wrote. Repeatable.")] = [],  # noqa: B006
     sample_file: Annotated[list[Path], typer.Option(help="A UTF-8 file holding one sample. Repeatable.")] = [],  # noqa: B006
@@ -167,7 +176,7 @@ def locate(
 
     settings = _settings(home, database_url)
     try:
-        request = LocateRequest.parse(identifier, sample, [str(p) for p in sample_file])
+        request = LocateRequest.parse(parse_identifiers(identifier), sample, [str(p) for p in sample_file])
         with unit_of_work(open_database(settings)) as session:
             result = locate_dry_run(settings, session, dataset, request, hops=hops, report_keep=show_keep)
             estimate = matches_retrain_estimate(settings, session, dataset, result.matches)

@@ -16,7 +16,7 @@ import typer
 from pydantic import BaseModel, ValidationError
 from sqlalchemy.orm import Session
 
-from api.cli_common import DbOpt, HomeOpt, JsonOpt, emit, fail, settings_from_flags
+from api.cli_common import IDENTIFIER_HELP, DbOpt, HomeOpt, JsonOpt, emit, fail, parse_identifiers, settings_from_flags
 from db.settings import Settings
 
 DatasetOpt = Annotated[Optional[str], typer.Option("--dataset", help="Only this dataset (default: all).")]
@@ -123,7 +123,7 @@ def due(
 
 def subject(
     identifier: Annotated[
-        list[str], typer.Option("--identifier", "-i", help="KIND:VALUE (kinds: email, user_id, name, phone). Repeatable.")
+        list[str], typer.Option("--identifier", "-i", help=IDENTIFIER_HELP)
     ] = [],  # noqa: B006 - typer needs a literal default
     dataset: DatasetOpt = None,
     home: HomeOpt = None,
@@ -133,18 +133,11 @@ def subject(
     """Every record of a subject, and every shard version, checkpoint and ensemble version that held it."""
     from api.schemas_audit import SubjectIn, SubjectLineageOut
     from db.audit_queries import subject_lineage
-    from pipeline.lifecycle import IDENTIFIER_KINDS
     from pipeline.placement import subject_placement_view
 
-    pairs = []
-    for spec in identifier:
-        kind, sep, value = spec.partition(":")
-        if not sep or not value:
-            fail(f"--identifier {kind!r}...: write KIND:VALUE, e.g. email:jane@example.org "
-                 f"(kinds: {', '.join(IDENTIFIER_KINDS)})")
-        pairs.append({"kind": kind.strip(), "value": value})
+    pairs = [{"kind": kind, "value": value} for kind, value in parse_identifiers(identifier)]
     if not pairs:
-        fail("give at least one --identifier KIND:VALUE, e.g. -i email:jane@example.org")
+        fail("give at least one --identifier KIND=VALUE (or KIND:VALUE), e.g. -i email=jane@example.org")
     try:
         body = SubjectIn.model_validate({"identifiers": pairs, "dataset": dataset})
     except ValidationError as exc:

@@ -52,7 +52,18 @@ def _prepare(home: Path | None, database_url: str | None) -> Settings:
 
 def train(
     dataset: DatasetOpt = "default",
-    epochs: Annotated[float, typer.Option(help="Epochs' worth of samples per sub-model (SISA schedule 2e/(R+1) per slice).")] = 4.0,
+    epochs: Annotated[float, typer.Option(
+        help="Epochs of a single model over the whole dataset; under --budget par each sub-model makes as many "
+             "updates (epochs x S over its shard), under per-shard it runs this many over its shard.")] = 4.0,
+    budget: Annotated[str, typer.Option(
+        help="par: the ensemble trains to par with one model (S times its training cost); per-shard: each "
+             "sub-model gets 1/S of the updates (cheaper, less accurate).")] = "par",
+    schedule: Annotated[str, typer.Option(
+        help="How a sub-model's epochs spread over its slices: equal-samples (every slice the same samples: "
+             "retraining from a late slice is cheap) or paper (equal epochs per slice).")] = "equal-samples",
+    baseline: Annotated[bool, typer.Option(
+        "--baseline", help="Also train one monolithic model with the same options, for `erasure evaluate` to "
+                           "compare (never part of the ensemble; deleted when a person it saw is erased).")] = False,
     hidden: Annotated[list[int], typer.Option(help="Hidden layer width; repeat for more layers.")] = [64],  # noqa: B006
     batch_size: Annotated[int, typer.Option(help="Batch size.")] = 128,
     learning_rate: Annotated[float, typer.Option(help="Learning rate (Adam).")] = 2e-3,
@@ -67,11 +78,14 @@ def train(
 
     try:
         result = train_ensemble(dataset, epochs=epochs, hidden=list(hidden), batch_size=batch_size,
-                                learning_rate=learning_rate, seed=seed)
+                                learning_rate=learning_rate, seed=seed, budget=budget, schedule=schedule,
+                                baseline=baseline)
     except (LookupError, ValueError) as exc:
         _fail(str(exc))
     _emit(result, as_json, f"ensemble {result['ensemble_version'][:12]} of {dataset!r}: {result['members']} sub-model(s)"
-          + ("" if result["created"] else " (unchanged)"))
+          + ("" if result["created"] else " (unchanged)")
+          + (f"; baseline {result['baseline']['baseline_id']} ({result['baseline']['records_seen']} records)"
+             if result.get("baseline") else ""))
 
 
 def process(
@@ -123,7 +137,7 @@ def demo(
     shards: Annotated[int, typer.Option(help="SISA shards.")] = 4,
     slices: Annotated[int, typer.Option(help="Slices per shard.")] = 4,
     embedder: Annotated[str, typer.Option(help="'minilm' (finds paraphrases) or 'hashing' (faster).")] = "minilm",
-    epochs: Annotated[float, typer.Option(help="Training epochs' worth per sub-model.")] = 4.0,
+    epochs: Annotated[float, typer.Option(help="Training epochs (a single model's; the sub-models train to par).")] = 4.0,
     home: HomeOpt = None,
     database_url: DbOpt = None,
     as_json: JsonOpt = False,
@@ -140,13 +154,19 @@ def demo(
     for method, row in result["found_by_method"].items():
         lines.append(f"  {method:11} found {row['found']:3}  erased {row['erased']:3}  kept {row['kept']:3}  "
                      f"(truly the subject's: {row['truly_the_subjects']})")
+    estimate = result.get("retrain_estimate")
+    if estimate is not None:
+        lines.append(f"  estimate before erasing: {estimate['shards_touched']} shard(s) from slice(s) "
+                     f"{estimate['earliest_slice']}, {estimate['samples']} samples "
+                     f"({estimate['fraction']:.1%} of a full retrain)")
     for job in result["retraining"]:
         lines.append(f"  shard {job['shard']}: retrained from slice {job['retrained_from_slice']}, "
                      f"{job['samples_processed']} samples ({job['fraction_of_shard']:.0%} of the shard)")
     cost = result["cost"]
     if cost["fraction_of_full"] is not None:
+        agrees = {True: "agrees with the estimate", False: "DIFFERS from the estimate", None: "no estimate"}
         lines.append(f"  cost: {cost['sisa_samples']} samples vs {cost['full_retrain_samples']} for a full retrain "
-                     f"({cost['fraction_of_full']:.1%})")
+                     f"({cost['fraction_of_full']:.1%}; {agrees[cost.get('estimate_agrees')]})")
     audit = result["accountability"]
     for probe in audit["membership_probe"]:
         auc = ("n/a" if probe["auc"] is None else f"{probe['auc']:.3f} [{probe['ci_low']:.3f}, {probe['ci_high']:.3f}]")

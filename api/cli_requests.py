@@ -21,7 +21,7 @@ import typer
 from pydantic import ValidationError
 from sqlalchemy import Engine
 
-from api.cli_common import DbOpt, HomeOpt, JsonOpt
+from api.cli_common import IDENTIFIER_HELP, DbOpt, HomeOpt, JsonOpt, parse_identifiers
 from api.cli_common import emit as _emit
 from api.cli_common import fail as _fail
 from api.cli_common import settings_from_flags as _settings
@@ -105,26 +105,13 @@ def _read_body(path: Path) -> tuple[list[tuple[str, str]], list[str]]:
     return body.identifier_pairs(), list(body.samples)
 
 
-def _parse_identifiers(specs: list[str]) -> list[tuple[str, str]]:
-    from pipeline.lifecycle import IDENTIFIER_KINDS
-
-    pairs = []
-    for spec in specs:
-        kind, sep, value = spec.partition(":")
-        if not sep or not value:
-            _fail(f"--identifier {kind!r}...: write KIND:VALUE, e.g. email:jane@example.org "
-                  f"(kinds: {', '.join(IDENTIFIER_KINDS)})")
-        pairs.append((kind.strip(), value))
-    return pairs
-
-
 # ---------------------------------------------------------------- requests
 
 
 @request_app.command("submit")
 def submit(
     identifier: Annotated[
-        list[str], typer.Option("--identifier", "-i", help="KIND:VALUE (kinds: email, user_id, name, phone). Repeatable.")
+        list[str], typer.Option("--identifier", "-i", help=IDENTIFIER_HELP)
     ] = [],  # noqa: B006 - typer needs a literal default
     sample: Annotated[list[str], typer.Option("--sample", help="A content sample text. Repeatable.")] = [],  # noqa: B006
     sample_file: Annotated[
@@ -147,7 +134,7 @@ def submit(
     """Submit an erasure request (identifiers are stored only as keyed hashes)."""
     from pipeline.lifecycle import submit_request
 
-    identifiers = _parse_identifiers(identifier)
+    identifiers = parse_identifiers(identifier)
     samples = list(sample)
     for path in sample_file:
         try:

@@ -95,6 +95,10 @@ def run_full_demo(
     from pipeline.lifecycle import ReviewInput, record_review_decisions, submit_request
     from db.settings import use_settings
     from flows.training import train_ensemble
+    from types import SimpleNamespace
+
+    from pipeline.lifecycle import review_verdicts
+    from pipeline.placement import request_retrain_estimates
 
     ingested = run_demo(settings, records=records, shards=shards, slices=slices, reporter=reporter, embedder=embedder)
     subject = pick_demo_subject(ingested["demo_data"]["ground_truth"])
@@ -116,6 +120,16 @@ def run_full_demo(
                                         "demo reviewer: ground truth") for ref in refs]
                 record_review_decisions(session, request_id, reviewed, reviewer="demo-reviewer",
                                         key=settings.secret_key_bytes())
+        with unit_of_work(engine) as session:
+            # What the decided matches will cost, priced before the erasure (the planner's own sums), with
+            # the reviewer's verdicts the next pass applies; matches a first pass already erased count as
+            # the shards held them before.
+            verdicts = review_verdicts(session, request_id)
+            decided = [SimpleNamespace(
+                dataset_id=m.dataset_id, shard=m.shard, slice=m.slice, erased_in_shard_version=m.erased_in_shard_version,
+                final_decision=m.final_decision if m.final_decision is not None else verdicts.get(m.match_ref))
+                for m in request_matches(session, request_id)]
+            estimate = request_retrain_estimates(settings, session, decided).get("demo")
         summary = process_erasure_request(request_id, "demo", review_timeout_s=0, on_review_timeout="leave")
         with unit_of_work(engine) as session:
             matches = request_matches(session, request_id)
@@ -149,8 +163,11 @@ def run_full_demo(
         "erased": summary["erased"],
         "shards": summary["shards"],
         "retraining": retrained,
+        "retrain_estimate": estimate,
         "cost": {"sisa_samples": sisa_samples, "full_retrain_samples": full,
-                 "fraction_of_full": round(sisa_samples / full, 4) if full else None},
+                 "fraction_of_full": round(sisa_samples / full, 4) if full else None,
+                 "estimate_agrees": None if estimate is None else (
+                     estimate["samples"] == sisa_samples and estimate["full_training_samples"] == full)},
         "accountability": accountability,
         "database": settings.resolved_database_url.split("@")[-1],
         "home": str(settings.home),

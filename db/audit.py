@@ -303,7 +303,7 @@ FILE_KINDS = ("shard_version", "purged_shard_version", "unrecorded_shard_version
               "locate_index", "orphan_locate_index", "checkpoint", "purged_checkpoint", "unrecorded_checkpoint",
               "unrecorded_checkpoint_with_erased_records", "atomic_temp", "ingest_spill", "superseded_files",
               "tombstones", "ensemble_manifest", "unrecorded_ensemble_manifest", "request_report", "unknown_file",
-              "key", "database", "ingested_source_file", "demo_ground_truth", "prefect_home")
+              "key", "database", "ingested_source_file", "demo_ground_truth", "prefect_home", "writer_marker")
 FILE_COUNTS = MAP(ENUM(*FILE_KINDS), INT)
 RESIDUE_PREFECT = ("clean", "hits", "not_checked")
 
@@ -371,8 +371,12 @@ EVENT_SCHEMAS: dict[str, tuple[dict[str, FieldType], frozenset[str]]] = {
                               "subjects": INT, "linked_records": INT, "copies_joined": INT, "joined_existing": INT,
                               "spread_subjects": INT, "bin_capacity": INT,
                               "hubs": LIST(OBJECT({"kind": ENUM("email", "user_id", "name", "phone"),
-                                                   "keyed_hash": HEX64, "records": INT}))})},
-                         frozenset({"placement", "placement_report"})),
+                                                   "keyed_hash": HEX64, "records": INT}))}),
+                          # pipeline/labels.py: class names added to the vocabulary (a count; migration 0011)
+                          "labels_added": INT},
+                         frozenset({"placement", "placement_report", "labels_added"})),
+    "baseline.trained": ({"dataset": DATASET_NAME, "baseline_id": INT, "checkpoint": HEX(), "records_seen": INT,
+                          "shard_versions": MAP(INT_KEY, INT)}, frozenset()),  # pipeline/training.py (0011)
     "dataset.rekeyed": ({"dataset": DATASET_NAME, "records_rekeyed": INT, "indexes_rebuilt": INT,
                          "unkeyed_tombstones_dropped": INT}, frozenset()),  # pipeline/rekey.py
     # accountability (pipeline/membership.py, certificate.py)

@@ -71,6 +71,8 @@ class Dataset(Base):
     key_id: Mapped[str] = mapped_column(String(32))
     # "subject" or "record" (shards.placement.PLACEMENT_MODES); fixed per dataset like the layout
     placement: Mapped[str] = mapped_column(String(16), default="record", server_default="record")
+    # "integer" or "names" (class names through label_vocabulary), fixed at the first labelled ingest (0011)
+    label_kind: Mapped[str | None] = mapped_column(String(16), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     source_files: Mapped[list[SourceFile]] = relationship(back_populates="dataset")

@@ -9,6 +9,10 @@ identifier hashes unmatchable, so production sets the variable from a vault.
 ``ERASURE_SIGNING_KEY_FILE`` names the Ed25519 key that signs erasure
 certificates (default ``$ERASURE_HOME/signing_key.pem``, generated once, 0600;
 see ``pipeline/signing.py``).
+``ERASURE_PROCESS_DEPLOYMENT`` names the Prefect deployment the API starts for
+each new request (default ``process-erasure-request/on-demand``; empty: none);
+``ERASURE_SWEEP_STUCK_AFTER_S`` / ``ERASURE_SWEEP_RECEIVED_GRACE_S`` bound when
+the scheduled sweep (``flows/sweep.py``) restarts a waiting request.
 ``ERASURE_SAMPLE_ONLY_MATCHES`` says how a match reached only from a requester's
 sample is decided: ``review`` (default: whatever its score) or ``score``
 (``dedup/policy.py``).
@@ -37,6 +41,14 @@ class Settings(BaseSettings):
     # deterministic mode) is not available: the result never saw the erased records but is not
     # bitwise comparable, and the certificate says so. Default: refuse (the job stays pending).
     allow_cross_runtime_retrain: bool = False
+    # The Prefect deployment the API starts for each new request (and the sweep for a request
+    # left waiting); empty: none is started (requests wait for the sweep or an operator).
+    process_deployment: str = "process-erasure-request/on-demand"
+    # The sweep restarts a request that has stayed in one open state (not received, not
+    # failed) this long without a live flow run; and a received one after the grace period
+    # that lets the API's own start arrive first.
+    sweep_stuck_after_s: int = Field(default=3600, ge=0)
+    sweep_received_grace_s: int = Field(default=60, ge=0)
 
     @field_validator("home")
     @classmethod

@@ -172,3 +172,35 @@ class RequestMatch(Base):
         ForeignKey("shard_retrain_jobs.id", ondelete="RESTRICT"), nullable=True, index=True
     )
     found_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class LabelName(Base):
+    """A dataset's class name and the index it is trained as (migration 0011)."""
+
+    __tablename__ = "label_vocabulary"
+    __table_args__ = (UniqueConstraint("dataset_id", "name", name="uq_label_vocabulary_dataset_name"),)
+
+    dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id", ondelete="RESTRICT"), primary_key=True)
+    label_index: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class BaselineModel(Base):
+    """A monolithic model trained for comparison (``erasure train --baseline``), never an ensemble
+    member. ``shard_versions`` (JSON ``{shard: version}``) are what it saw: an erasure from one of
+    them deletes its file and sets ``file_purged_at`` (``pipeline.erasure.purge_shard_files``)."""
+
+    __tablename__ = "baseline_models"
+    __table_args__ = (Index("ix_baseline_models_dataset", "dataset_id", "id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id", ondelete="RESTRICT"))
+    checkpoint_key: Mapped[str] = mapped_column(String(64))
+    path: Mapped[str] = mapped_column(String(4096))
+    sha256: Mapped[str] = mapped_column(String(64))
+    records_seen: Mapped[int] = mapped_column(Integer)
+    config_digest: Mapped[str] = mapped_column(String(64))
+    shard_versions: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    file_purged_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)

@@ -36,8 +36,8 @@ The flow's parameters are ids and options only, never identifiers or texts;
 its tasks return ids and counts (Prefect keeps both in its own database).
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: a deployment's run loads this file under another module
+# name, where Prefect cannot resolve string annotations (`Literal`) to validate the parameters.
 import flows.prefect_setup  # noqa: F401  (our Prefect defaults, before prefect is imported)
 
 from typing import Literal

@@ -15,7 +15,13 @@ from prefect import flow, task
 
 from db.settings import load_settings
 from flows.retries import RETRY
-from pipeline.training import list_shards, publish_trained_members, train_one_shard
+from pipeline.training import (
+    TrainingOptions,
+    list_shards,
+    publish_trained_members,
+    train_baseline,
+    train_one_shard,
+)
 
 
 @task(name="train-shard", result_serializer="json", **RETRY)
@@ -29,23 +35,35 @@ def publish_ensemble_task(dataset: str, members: list[dict]) -> dict:
     return publish_trained_members(load_settings(), dataset, members)
 
 
+@task(name="train-baseline", result_serializer="json", **RETRY)
+def train_baseline_task(dataset: str, options: dict) -> dict:
+    """One monolithic model on every live record, for comparison (never part of the ensemble)."""
+    return train_baseline(load_settings(), dataset, options)
+
+
 @flow(name="train-ensemble", log_prints=False)
 def train_ensemble(dataset: str, epochs: float = 4.0, hidden: list[int] | None = None, batch_size: int = 128,
-                   learning_rate: float = 2e-3, seed: int = 0, num_classes: int | None = None) -> dict:
-    """Train every shard's sub-model (resuming from stored checkpoints), then publish the ensemble."""
-    options = {"epochs": epochs, "hidden": list(hidden or [64]), "batch_size": batch_size,
-               "learning_rate": learning_rate, "seed": seed, "num_classes": num_classes}
+                   learning_rate: float = 2e-3, seed: int = 0, num_classes: int | None = None,
+                   budget: str = "par", schedule: str = "equal-samples", baseline: bool = False) -> dict:
+    """Train every shard's sub-model (resuming from stored checkpoints), then publish the ensemble;
+    with ``baseline``, also one monolithic model under the same options (``pipeline.training.TrainingOptions``)."""
+    options = TrainingOptions(epochs=epochs, hidden=tuple(hidden or [64]), batch_size=batch_size,
+                              learning_rate=learning_rate, seed=seed, num_classes=num_classes, budget=budget,
+                              schedule=schedule).to_flow()  # bad options fail here, before any training
     shards = list_shards(load_settings(), dataset)
     members = [train_shard_task(dataset, shard, options) for shard in shards]
     published = publish_ensemble_task(dataset, members)
-    return {"dataset": dataset, "shards": members, **published}
+    result = {"dataset": dataset, "shards": members, **published}
+    if baseline:
+        result["baseline"] = train_baseline_task(dataset, options)
+    return result
 
 
 @flow(name="ingest-dataset")
 def ingest_dataset(path: str, dataset: str, id_field: str = "id", text_field: str = "text",
                    label_field: str | None = "label", identifier_fields: list[list[str]] | None = None,
                    shards: int = 4, slices: int = 4, seed: int = 0, fmt: str | None = None,
-                   embedder: str = "hashing") -> dict:
+                   embedder: str = "hashing", allow_new_labels: bool = False) -> dict:
     """Validate and ingest one source file (screened against earlier erasures' tombstones);
     records lineage source file -> records -> shard versions."""
     from pipeline.ingest import IngestOptions, ingest_source_file
@@ -53,7 +71,8 @@ def ingest_dataset(path: str, dataset: str, id_field: str = "id", text_field: st
 
     fields = FieldMap(id_field=id_field, text_field=text_field, label_field=label_field,
                       identifier_fields=tuple(tuple(pair) for pair in (identifier_fields or [])))
-    options = dict(dataset=dataset, fields=fields, n_shards=shards, n_slices=slices, seed=seed, fmt=fmt)
+    options = dict(dataset=dataset, fields=fields, n_shards=shards, n_slices=slices, seed=seed, fmt=fmt,
+                   allow_new_labels=allow_new_labels)
     if "embedder" in IngestOptions.__dataclass_fields__:
         options["embedder"] = embedder
     summary = ingest_source_file(Path(path), IngestOptions(**options), load_settings())

@@ -374,13 +374,17 @@ def _verification_section(settings: Settings, session: Session, request_id: str,
         manifest = {**verify_request(settings, session, request_id, dataset.name).to_dict(),
                     "method": "no erased record id is in the seen_ids of any member checkpoint of the ensemble "
                               "in service, checked when this certificate was issued"}
-    probes = [probe_summary(r) for r in probe_rows(session, request_id) if _probe_in(session, r, dataset)]
-    return {
-        "training_manifest": manifest,
-        "membership_probe": probes or {"status": "not run",
-                                       "reason": "no probe is stored for this request (it runs after retraining "
-                                                 "when records were erased)"},
-    }
+    rows = probe_rows(session, request_id)
+    probes = [probe_summary(r) for r in rows if _probe_in(session, r, dataset)]
+    if probes:
+        probe: list[dict] | dict = probes
+    elif rows:  # stored for another dataset of the request: this one was not measured
+        probe = {"status": "not run", "reason": "the probe stored for this request measured another dataset; "
+                                                "this dataset's sub-models were not measured"}
+    else:
+        probe = {"status": "not run", "reason": "no probe is stored for this request (it runs after retraining "
+                                                "when records were erased)"}
+    return {"training_manifest": manifest, "membership_probe": probe}
 
 
 def _probe_in(session: Session, row: MembershipProbe, dataset: Dataset | None) -> bool:

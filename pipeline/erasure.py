@@ -477,8 +477,29 @@ def purge_shard_files(session: Session, dataset_id: int, shard: int, now: dateti
         Path(checkpoint.path).unlink(missing_ok=True)
         checkpoint.file_purged_at = now
         purged_checkpoints.append(checkpoint.key)
+    purged_checkpoints += _purge_baselines(session, dataset_id, shard, held_by, now)
     session.flush()
     return purged_versions, purged_checkpoints, in_service
+
+
+def _purge_baselines(session: Session, dataset_id: int, shard: int, held_by, now: datetime) -> list[str]:  # noqa: ANN001
+    """Delete the monolithic baselines (``erasure train --baseline``) trained on a version of ``shard``
+    that held an erased record; their rows are marked purged. Returns their checkpoint keys."""
+    import json
+
+    from db.training import BaselineModel
+
+    purged = []
+    for baseline in session.scalars(select(BaselineModel).where(
+            BaselineModel.dataset_id == dataset_id, BaselineModel.file_purged_at.is_(None))
+            .order_by(BaselineModel.id)):
+        version = json.loads(baseline.shard_versions).get(str(shard))
+        if version is None or not held_by(int(version)):
+            continue
+        Path(baseline.path).unlink(missing_ok=True)
+        baseline.file_purged_at = now
+        purged.append(baseline.checkpoint_key)
+    return purged
 
 
 def purge_superseded_files(settings: Settings, session: Session, request_id: str) -> PurgeReport:

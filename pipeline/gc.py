@@ -9,8 +9,9 @@
   or by one whose completion never came): ``pipeline.erasure.purge_shard_files``;
 - shard version files no database row names (an ingest or erasure killed between
   writing the file and committing its row), with their ``.dedup`` indexes; a file
-  whose writer still runs (its PID and start time, from the Parquet footer) may
-  be in flight and is kept;
+  whose writer still runs (the PID of its writer marker, ``shards.store``, and the
+  process's start time) may be in flight and is kept; the markers of recorded
+  versions (empty of data) go too;
 - locate indexes of versions that are gone or unrecorded;
 - temporary files and folders (``.tmp-<pid>``, ``.old-<pid>``) of processes that
   no longer run, ingest spill folders (``tmp/ingest-<pid>-...``), and temporary
@@ -36,7 +37,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
@@ -46,11 +46,11 @@ from db.models import Dataset, Record, ShardVersion, SourceFile, utcnow
 from db.requests import ErasureRequest
 from db.session import unit_of_work
 from db.settings import Settings
-from db.training import Checkpoint, EnsembleVersionRow
+from db.training import BaselineModel, Checkpoint, EnsembleVersionRow
 from db.locks import lock_shard
 from pipeline.erasure import purge_shard_files, shard_purge_blocked_by
 from shards.files import is_temp_name, temp_writer_pid, writer_alive
-from shards.store import ShardStore
+from shards.store import WRITER_MARK, ShardStore
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +138,9 @@ def _live(session: Session) -> _Live:
         select(ShardVersion.path, ShardVersion.files_purged_at))}
     checkpoints = {Path(p): purged is not None for p, purged in session.execute(
         select(Checkpoint.path, Checkpoint.file_purged_at))}
+    # monolithic baselines (erasure train --baseline) live among the checkpoints; purged with them
+    for p, purged in session.execute(select(BaselineModel.path, BaselineModel.file_purged_at)):
+        checkpoints[Path(p)] = checkpoints.get(Path(p), True) and purged is not None  # live if any row is
     erased: dict[str, set[str]] = {}
     for dataset_id, record_id in session.execute(
             select(Record.dataset_id, Record.record_id).where(Record.erased_in_shard_version.is_not(None))):
@@ -264,7 +267,11 @@ def _classify_shard_dir(shard_dir: Path, live: _Live, store: ShardStore, now: fl
         name = path.name
         if name in versions:
             continue
-        if is_temp_name(name):
+        if WRITER_MARK in name and name.startswith("."):
+            # a writer's marker (no data): kept while its unrecorded version may be in flight
+            owner = unrecorded_status.get(name[1:].rsplit(WRITER_MARK, 1)[0])
+            out.append(_entry(path, "writer_marker", IN_FLIGHT if owner == IN_FLIGHT else REMOVABLE))
+        elif is_temp_name(name):
             out.append(_entry(path, "index_temp" if path.is_dir() else "shard_temp", _temp_status(path, now, grace_s)))
         elif name.endswith(".parquet.dedup") and path.is_dir():
             owner = unrecorded_status.get(name.removesuffix(".dedup"))
@@ -283,16 +290,14 @@ def _saw_erased(path: Path, erased: set[str]) -> bool:
     """Whether an unrecorded checkpoint was trained on an erased record (its ``seen_ids``)."""
     if not erased:
         return False
-    from shards.checkpoints import _decode_ids
+    from shards.checkpoints import CheckpointStore
 
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - torch raises several types for a torn file
+        payload = CheckpointStore(path.parent.parent).load(path.stem)
+    except Exception as exc:  # noqa: BLE001 - torch raises several types for a torn file: kept and reported
         log.warning("unreadable checkpoint %s (%s): kept, reported as unknown", path, type(exc).__name__)
         return False
-    seen = payload.get("seen_ids")
-    seen = _decode_ids(seen) if isinstance(seen, torch.Tensor) else (seen or [])
-    return any(rid in erased for rid in seen)
+    return any(rid in erased for rid in payload.get("seen_ids") or [])
 
 
 def _tombstone_kind(path: Path, root: Path, live: _Live) -> tuple[str, str]:

@@ -44,6 +44,7 @@ from dedup.identifiers import content_hmac, key_id, keyed_hash
 from pipeline.database import open_database
 from pipeline.locate import build_and_save_index, dataset_embedder, dataset_minhash, load_tombstones, remove_index
 from pipeline.rekey import rekey_live_records
+from pipeline.labels import LabelPlan, LabelVocabularyChanged, plan_labels, record_labels
 from pipeline.placement import NewRecord, place_batch_by_subject, resolve_placement, subject_options
 from pipeline.progress import Reporter, SilentReporter
 from shards.assign import Placement, place_record, validate_layout
@@ -98,6 +99,7 @@ class IngestOptions:
     placement: str | None = None
     linking_kinds: tuple[str, ...] = DEFAULT_LINKING_KINDS  # identifier kinds that link records to one subject
     max_records_per_identifier: int = DEFAULT_MAX_RECORDS_PER_IDENTIFIER  # above: the value links nothing
+    allow_new_labels: bool = False  # class names the dataset's vocabulary lacks are refused unless True
 
 
 @dataclass
@@ -120,6 +122,7 @@ class IngestSummary:
     screened: list[dict] = field(default_factory=list)  # records refused by the tombstone screen
     placement: str = "record"
     placement_report: dict = field(default_factory=dict)  # subject placement: subjects, copies joined, hubs
+    labels: dict = field(default_factory=dict)  # pipeline.labels.LabelPlan.summary(): kind, classes, names added
 
     def to_json(self) -> dict:
         data = asdict(self)
@@ -134,9 +137,11 @@ def _identifier_hashes(row: CleanRow, key: bytes) -> list[tuple[str, str]]:
 
 
 def _validate(
-    path: Path, fmt: str, fields: FieldMap, existing: dict[str, str | None], key: bytes, reporter: Reporter
+    path: Path, fmt: str, fields: FieldMap, existing: dict[str, str | None], key: bytes, reporter: Reporter,
+    labels: set | None = None,
 ) -> tuple[int, int]:
-    """Pass 1: every row checked; returns (rows, rows already ingested unchanged)."""
+    """Pass 1: every row checked; returns (rows, rows already ingested unchanged); the labels seen go into
+    ``labels``."""
     report = ValidationReport()
     seen: dict[str, int] = {}
     rows = unchanged = 0
@@ -152,6 +157,8 @@ def _validate(
                 report.add(number, f"duplicate id {row.record_id!r} (first seen in row {first})")
                 continue
             seen[row.record_id] = number
+            if labels is not None and row.label is not None:
+                labels.add(row.label)
             try:
                 _identifier_hashes(row, key)
             except ValueError as exc:
@@ -200,6 +207,7 @@ def _spill(
     total: int,
     reporter: Reporter,
     places: dict[str, Placement] | None = None,
+    label_plan: LabelPlan | None = None,
 ) -> dict[int, Path]:
     """Pass 2: accepted new rows, placed (``places``, else by record id) and hashed, into one Arrow file per shard."""
     buffers: dict[int, list[dict]] = {}
@@ -231,7 +239,7 @@ def _spill(
                         "slice": place.slice,
                         "order_key": place.order_key,
                         "text": row.text,
-                        "label": row.label,
+                        "label": label_plan.index(row.label) if label_plan is not None else row.label,
                         "content_hmac": content_hmac(key, row.text),
                         "row_number": row.row,
                         "identifiers": [{"kind": k, "keyed_hash": h} for k, h in _identifier_hashes(row, key)],
@@ -300,7 +308,11 @@ def ingest_source_file(
             recorded_versions = {s: v.version for s, v in latest_shard_versions(session, dataset.id).items()}
 
     t = time.perf_counter()
-    rows, unchanged = _validate(path, fmt, options.fields, existing, key, reporter)
+    labels_seen: set = set()
+    rows, unchanged = _validate(path, fmt, options.fields, existing, key, reporter, labels_seen)
+    with unit_of_work(engine) as session:
+        label_plan = plan_labels(session, get_dataset(session, options.dataset), labels_seen,
+                                 allow_new_labels=options.allow_new_labels, dataset_name=options.dataset)
     timings["validate_s"] = time.perf_counter() - t
 
     tombstones = load_tombstones(settings, options.dataset)  # an unkeyed file fails here, before any write
@@ -321,7 +333,7 @@ def ingest_source_file(
                     subject_options(options.linking_kinds, options.max_records_per_identifier))
             places, placement_report = placed.places, placed.report()
             timings["subjects_s"] = time.perf_counter() - t
-        spills = _spill(path, fmt, options, existing, key, spill_dir, rows, reporter, places)
+        spills = _spill(path, fmt, options, existing, key, spill_dir, rows, reporter, places, label_plan)
         if file_sha256(path) != sha:
             raise SourceError(f"{path} changed while it was being ingested; run ingest again")
         timings["place_s"] = time.perf_counter() - t
@@ -374,6 +386,10 @@ def ingest_source_file(
                 n_slices=options.n_slices, feature_dim=embedder.dim, embedder=embedder_name, key_id=key_id(key),
                 placement=placement,
             )
+            try:
+                record_labels(session, dataset, label_plan)
+            except LabelVocabularyChanged as exc:
+                raise ShardChangedDuringIngest(str(exc)) from exc
             source = add_source_file(
                 session, dataset_id=dataset.id, path=str(path.resolve()), sha256=sha, fmt=fmt,
                 row_count=rows, new_record_count=sum(new_per_shard.values()),
@@ -418,6 +434,7 @@ def ingest_source_file(
                 "placement": placement,
                 # subject placement: counts, and the keyed hashes of identifier values that linked too much
                 **({"placement_report": placement_report} if placement_report else {}),
+                "labels_added": len(label_plan.added),
             }, actor="flow:ingest")
         timings["lineage_s"] = time.perf_counter() - t
     except BaseException as exc:
@@ -445,7 +462,7 @@ def ingest_source_file(
         seconds=round(time.perf_counter() - started, 3),
         timings={k: round(v, 3) for k, v in timings.items()},
         screened=[{"record_id": rid, **why} for rid, why in sorted(screened.items())],
-        placement=placement, placement_report=placement_report,
+        placement=placement, placement_report=placement_report, labels=label_plan.summary(),
     )
 
 

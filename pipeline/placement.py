@@ -35,7 +35,7 @@ from shards.placement import (
     summarise_identifiers,
 )
 from shards.retrain import RetrainEstimate, retrain_estimate
-from shards.training import SliceSchedule, TrainConfig
+from shards.training import DEFAULT_SCHEDULE, SliceSchedule, TrainConfig
 
 
 @dataclass(frozen=True)
@@ -130,8 +130,8 @@ def subject_options(linking_kinds: Iterable[str] | None = None, max_records_per_
 
 
 def estimate_schedule(settings: Settings, session: Session, dataset: Dataset) -> SliceSchedule:
-    """The slice schedule the dataset's ensemble in service was trained with, or the paper's when nothing
-    was trained yet (equal epochs per slice: the fraction does not depend on their number)."""
+    """The slice schedule the dataset's ensemble in service was trained with, or the default schedule's
+    shape when nothing was trained yet (the fraction does not depend on the number of epochs)."""
     from pipeline.training import checkpoint_store, current_ensemble  # noqa: PLC0415 - torch only when trained
 
     ensemble = current_ensemble(session, dataset.id)
@@ -140,7 +140,7 @@ def estimate_schedule(settings: Settings, session: Session, dataset: Dataset) ->
         config = TrainConfig.from_dict(checkpoint_store(settings, dataset.name).load(members[0].checkpoint)["config"])
         if config.num_slices == dataset.n_slices:
             return config.schedule
-    return SliceSchedule.paper(dataset.n_slices, 1.0)
+    return SliceSchedule.named(DEFAULT_SCHEDULE, dataset.n_slices, 1.0)
 
 
 def retrain_estimate_for(settings: Settings, session: Session, dataset: Dataset,

@@ -32,22 +32,57 @@ from db.settings import Settings
 from db.training import Checkpoint, EnsembleMemberRow, EnsembleVersionRow
 from pipeline.database import open_database
 from pipeline.erasure import dataset_or_fail
+from pipeline.labels import vocabulary
 from shards.checkpoints import CheckpointStore
 from shards.ensemble import EnsembleMember, EnsembleVersion
 from shards.model import ModelSpec
-from shards.training import EmptyShardError, SliceSchedule, TrainConfig, checkpoint_chain, shard_from_parquet, train_shard
+from shards.training import DEFAULT_SCHEDULE, SCHEDULE_KINDS, EmptyShardError, SliceSchedule, TrainConfig, checkpoint_chain, shard_from_parquet, train_shard
+
+
+BUDGETS = ("par", "per-shard")
 
 
 @dataclass(frozen=True)
 class TrainingOptions:
-    """What determines the sub-models besides their data (part of every checkpoint address)."""
+    """What determines the sub-models besides their data (part of every checkpoint address).
+
+    ``budget="par"`` (the default) reads ``epochs`` as a single model's epochs over the whole
+    dataset: each of the S sub-models runs ``epochs × S`` epochs' worth over its shard, so it
+    makes as many gradient updates as that single model (the ensemble trains to par; training
+    costs S times a single model, spread over S shards). ``"per-shard"``: ``epochs`` per
+    sub-model, each gets 1/S of the updates (cheaper, less accurate). ``schedule`` spreads them
+    over the slices (``shards.training.SCHEDULE_KINDS``): ``equal-samples`` makes retraining from
+    a late slice cheap, ``paper`` is Bourtoule et al.'s equal epochs per slice. The budget is a
+    function of the config and the dataset's fixed shard count only, never of its live size, so
+    retraining reproduces it exactly.
+    """
 
     epochs: float = 4.0
     hidden: tuple[int, ...] = (64,)
     batch_size: int = 128
     learning_rate: float = 2e-3
     seed: int = 0
-    num_classes: int | None = None  # default: the dataset's highest label + 1
+    num_classes: int | None = None  # default: the dataset's label vocabulary size, or highest label + 1
+    budget: str = "par"
+    schedule: str = DEFAULT_SCHEDULE
+
+    def __post_init__(self) -> None:
+        if self.budget not in BUDGETS:
+            raise ValueError(f"budget must be one of {', '.join(BUDGETS)}, got {self.budget!r}")
+        if self.schedule not in SCHEDULE_KINDS:
+            raise ValueError(f"schedule must be one of {', '.join(SCHEDULE_KINDS)}, got {self.schedule!r}")
+        if not self.epochs > 0:
+            raise ValueError(f"epochs must be positive, got {self.epochs}")
+
+    def submodel_epochs(self, num_shards: int) -> float:
+        """Epochs' worth of samples each sub-model processes over its shard."""
+        return self.epochs * num_shards if self.budget == "par" else self.epochs
+
+    def to_flow(self) -> dict:
+        """The options as the train flow's JSON parameters."""
+        return {"epochs": self.epochs, "hidden": list(self.hidden), "batch_size": self.batch_size,
+                "learning_rate": self.learning_rate, "seed": self.seed, "num_classes": self.num_classes,
+                "budget": self.budget, "schedule": self.schedule}
 
 
 def checkpoint_store(settings: Settings, dataset: str) -> CheckpointStore:
@@ -115,9 +150,12 @@ def publish_ensemble(
     return version, True
 
 
-def _num_classes(settings: Settings, versions: dict, options: TrainingOptions) -> int:
+def _num_classes(settings: Settings, versions: dict, options: TrainingOptions, vocabulary_size: int = 0) -> int:
+    """The option if given; for a dataset of class names, its vocabulary's size; else the highest label + 1."""
     if options.num_classes is not None:
         return options.num_classes
+    if vocabulary_size:
+        return vocabulary_size
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
@@ -130,10 +168,12 @@ def _num_classes(settings: Settings, versions: dict, options: TrainingOptions) -
     return highest + 1
 
 
-def train_config(feature_dim: int, num_classes: int, num_slices: int, options: TrainingOptions) -> TrainConfig:
+def train_config(feature_dim: int, num_classes: int, num_slices: int, options: TrainingOptions,
+                 num_shards: int = 1) -> TrainConfig:
+    """The sub-models' config: ``options`` on a dataset of ``num_shards`` shards of ``num_slices`` slices."""
     return TrainConfig(
         model=ModelSpec(input_dim=feature_dim, num_classes=num_classes, hidden=options.hidden),
-        schedule=SliceSchedule.paper(num_slices, options.epochs),
+        schedule=SliceSchedule.named(options.schedule, num_slices, options.submodel_epochs(num_shards)),
         batch_size=options.batch_size, learning_rate=options.learning_rate, seed=options.seed,
     )
 
@@ -148,7 +188,8 @@ def train_one_shard(settings: Settings, dataset: str, shard: int, options: dict)
             ds = dataset_or_fail(session, dataset)
             versions = latest_shard_versions(session, ds.id)
             opts = TrainingOptions(**{**options, "hidden": tuple(options.get("hidden", (64,)))})
-            config = train_config(ds.feature_dim, _num_classes(settings, versions, opts), ds.n_slices, opts)
+            classes = _num_classes(settings, versions, opts, len(vocabulary(session, ds.id)))
+            config = train_config(ds.feature_dim, classes, ds.n_slices, opts, ds.n_shards)
         return _train_latest(settings, engine, dataset, shard, config)
     finally:
         engine.dispose()
@@ -241,3 +282,73 @@ def list_shards(settings: Settings, dataset: str) -> list[int]:
             return sorted(latest_shard_versions(session, dataset_or_fail(session, dataset).id))
     finally:
         engine.dispose()
+
+
+def baseline_shard_id() -> str:
+    """The shard id a baseline's checkpoint chain is addressed under (never a real shard: those are numbers)."""
+    return "baseline"
+
+
+def train_baseline(settings: Settings, dataset: str, options: dict) -> dict:
+    """One monolithic model (S=1, R=1) on every labelled live record of the latest shard versions,
+    under the same options as the sub-models (under budget ``par`` its ``epochs`` are the ensemble's
+    reference). Recorded in ``baseline_models`` with the shard versions it saw; never published."""
+    import json
+
+    import numpy as np
+
+    from db.training import BaselineModel
+    from shards.training import ShardData
+
+    engine = open_database(settings)
+    try:
+        with unit_of_work(engine) as session:
+            ds = dataset_or_fail(session, dataset)
+            versions = latest_shard_versions(session, ds.id)
+            opts = TrainingOptions(**{**options, "hidden": tuple(options.get("hidden", (64,)))})
+            classes = _num_classes(settings, versions, opts, len(vocabulary(session, ds.id)))
+            config = train_config(ds.feature_dim, classes, 1, opts, 1)
+            dataset_id = ds.id
+        parts = [shard_from_parquet(v.path, str(s), unlabeled="skip") for s, v in sorted(versions.items())]
+        parts = [p for p in parts if p.num_records]
+        if not parts:
+            raise ValueError(f"dataset {dataset!r} has no labelled records to train a baseline on")
+        data = ShardData(
+            baseline_shard_id(), [rid for p in parts for rid in p.record_ids],
+            np.zeros(sum(p.num_records for p in parts), dtype=np.int32),
+            np.concatenate([p.features for p in parts]), np.concatenate([p.labels for p in parts]))
+        store = checkpoint_store(settings, dataset)
+        result = train_shard(data, config, store)
+        trained_on = {str(s): v.version for s, v in sorted(versions.items())}
+        with unit_of_work(engine) as session:
+            for shard in sorted(versions):  # an erasure committed meanwhile: this baseline saw erased records
+                lock_shard(session, dataset_id, shard)
+            latest = {str(s): v.version for s, v in sorted(latest_shard_versions(session, dataset_id).items())}
+            if latest != trained_on:
+                result.final.path.unlink(missing_ok=True)
+                raise PublishRaceError(f"the shards of {dataset!r} changed while the baseline was training; it "
+                                       "was deleted, not recorded: run `erasure train --baseline` again")
+            row = BaselineModel(dataset_id=dataset_id, checkpoint_key=result.final.key, path=str(result.final.path),
+                                sha256=result.final.sha256, records_seen=data.num_records,
+                                config_digest=config.digest, shard_versions=json.dumps(trained_on, sort_keys=True),
+                                created_at=utcnow())
+            session.add(row)
+            session.flush()
+            append_event(session, "baseline.trained", {
+                "dataset": dataset, "baseline_id": row.id, "checkpoint": result.final.key,
+                "records_seen": data.num_records, "shard_versions": trained_on,
+            }, actor="flow:train")
+            baseline_id = row.id
+        return {"baseline_id": baseline_id, "checkpoint": result.final.key, "records_seen": data.num_records,
+                "samples": result.cost.samples_processed, "seconds": round(result.cost.wall_seconds, 3)}
+    finally:
+        engine.dispose()
+
+
+def current_baseline(session: Session, dataset_id: int):  # noqa: ANN201 - db.training.BaselineModel | None
+    """The dataset's newest baseline whose file was not purged (an erasure purges the baselines that saw it)."""
+    from db.training import BaselineModel
+
+    return session.scalars(select(BaselineModel).where(
+        BaselineModel.dataset_id == dataset_id, BaselineModel.file_purged_at.is_(None))
+        .order_by(BaselineModel.id.desc()).limit(1)).first()

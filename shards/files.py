@@ -7,7 +7,6 @@ import os
 import re
 import socket
 import tempfile
-import time
 from pathlib import Path
 
 # Every temporary name we write carries its writer's PID (``<name>.tmp-<pid>...``,
@@ -95,12 +94,6 @@ def writer_alive(pid: int, written_at: float) -> bool:
         pass  # exists, another user's
     started = _process_start_time(pid)
     return started is None or started <= written_at + 1.0
-
-
-def writer_identity() -> dict[str, str]:
-    """Who writes a file: host and PID (stored in a shard version's Parquet footer)."""
-    return {"erasure.writer_host": socket.gethostname(), "erasure.writer_pid": str(os.getpid()),
-            "erasure.written_at": f"{time.time():.3f}"}
 
 
 def this_host() -> str:

@@ -64,7 +64,7 @@ class CleanRow:
     row: int
     record_id: str
     text: str
-    label: int | None
+    label: int | str | None  # a class name (str) is mapped to its index by the dataset's label vocabulary
     identifiers: tuple[tuple[str, str], ...]  # (kind, raw value); hashed before storage
 
 
@@ -161,13 +161,26 @@ def _as_id(value: object) -> str | None:
     return None
 
 
-def _as_label(value: object, csv_text: bool) -> int | None:
+MAX_LABEL_CHARS = 200
+
+
+def _as_label(value: object, csv_text: bool) -> int | str:
+    """An integer label, or a class name (a non-empty string; resolved through the dataset's
+    label vocabulary at ingest). A CSV cell that reads as an integer is an integer."""
     if isinstance(value, bool):
         raise TypeError
     if isinstance(value, int):
         return value
-    if csv_text and isinstance(value, str):
-        return int(value.strip())
+    if isinstance(value, str):
+        name = value.strip()
+        if not name or len(name) > MAX_LABEL_CHARS:
+            raise ValueError
+        if csv_text:
+            try:
+                return int(name)
+            except ValueError:
+                return name
+        return name
     raise TypeError
 
 
@@ -204,7 +217,8 @@ def clean_row(number: int, raw: object, fields: FieldMap, fmt: str, report: Vali
             try:
                 label = _as_label(raw_label, fmt == "csv")
             except (TypeError, ValueError):
-                problems.append(f"label {fields.label_field!r} must be an integer, got {raw_label!r:.40}")
+                problems.append(f"label {fields.label_field!r} must be an integer or a class name (a non-empty "
+                                f"string of at most {MAX_LABEL_CHARS} characters), got {raw_label!r:.40}")
     identifiers: list[tuple[str, str]] = []
     for field_name, kind in fields.identifier_fields:
         value = raw.get(field_name)

@@ -7,11 +7,14 @@ a crash at any point leaves every earlier version intact and readable, and no
 version is ever overwritten. Erasure is ``write_without``: a new version that is
 the latest one minus some rows, in the same order.
 
-Each version file names its writer (host, PID, time) in the Parquet footer's
-key-value metadata, so a version file that no database row names can be told
-apart: one whose writer still runs may be in flight (an ingest records its
-versions after writing them all); one whose writer is gone is a leftover of a
-killed process, and ``remove_stray_version`` deletes it.
+Before a version is published its writer leaves a marker beside it,
+``.vNNNNNN.parquet.writer-<pid>`` (holding the host), so that a version file no
+database row names can be told apart: one whose writer still runs may be in
+flight (an ingest records its versions after writing them all); one whose writer
+is gone is a leftover of a killed process, and ``remove_stray_version`` deletes
+it. The marker, not the file, names the writer: a version's bytes depend only on
+its rows (a rerun writes the same file). Markers of recorded versions are
+removed by the sweep (``pipeline.gc``).
 
 Rows are in training order (slice, order_key, record_id); see ``shards.assign``.
 """
@@ -31,7 +34,9 @@ import pyarrow.parquet as pq
 
 from shards.files import fsync_dir as _fsync_dir
 from shards.files import sha256_file as _sha256
-from shards.files import this_host, writer_alive, writer_identity
+from shards.files import this_host, writer_alive
+
+WRITER_MARK = ".writer-"  # ".vNNNNNN.parquet.writer-<pid>": who publishes that version
 
 _VERSION_FILE = re.compile(r"^v(\d{6})\.parquet$")
 _DATASET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,199}$")
@@ -180,19 +185,19 @@ class ShardStore:
         version = (numbers[-1] if numbers else 0) + 1
         final = directory / f"v{version:06d}.parquet"
         tmp = directory / f".v{version:06d}.parquet.tmp-{os.getpid()}"
-        # the footer names this writer (a table read from an older version carries that one's: replaced)
-        inherited = {k: v for k, v in (table.schema.metadata or {}).items() if not k.startswith(b"erasure.")}
-        schema = table.schema.with_metadata({**inherited, **{k.encode(): v.encode() for k, v in writer_identity().items()}})
         try:
-            with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+            with pq.ParquetWriter(tmp, table.schema, compression="zstd") as writer:
                 writer.write_table(table, row_group_size=16384)
             with open(tmp, "rb+") as fh:
                 os.fsync(fh.fileno())
             if _before_publish is not None:
                 _before_publish(tmp)
+            marker = self.writer_marker(final)
+            marker.write_text(this_host(), encoding="utf-8")
             try:
                 os.link(tmp, final)
             except FileExistsError:
+                marker.unlink(missing_ok=True)  # another writer published this number: not ours
                 raise RuntimeError(
                     f"shard {shard} version {version} of {dataset!r} was written concurrently; retry the operation"
                 ) from None
@@ -223,27 +228,41 @@ class ShardStore:
     def remove_version_file(self, ref: ShardVersionRef) -> None:
         """Roll back a version that was written but never recorded (ingest failed)."""
         ref.path.unlink(missing_ok=True)
+        self.writer_marker(ref.path).unlink(missing_ok=True)
 
     def version_files_after(self, dataset: str, shard: int, version: int) -> list[Path]:
         """The version files numbered above ``version`` (above the latest recorded one: unrecorded)."""
         return [self.path_of(dataset, shard, n) for n in self._version_numbers(dataset, shard) if n > version]
 
-    def version_writer(self, path: Path | str) -> dict[str, str]:
-        """The writer recorded in a version file's footer (host, pid, written_at); {} for older files."""
-        metadata = pq.read_schema(path).metadata or {}
-        return {k.decode(): v.decode() for k, v in metadata.items() if k.startswith(b"erasure.writer")
-                or k == b"erasure.written_at"}
+    @staticmethod
+    def writer_marker(path: Path | str) -> Path:
+        """This process's marker for the version file ``path``."""
+        path = Path(path)
+        return path.with_name(f".{path.name}{WRITER_MARK}{os.getpid()}")
+
+    @staticmethod
+    def writer_markers(path: Path | str) -> list[Path]:
+        """Every writer marker of the version file ``path``."""
+        path = Path(path)
+        return sorted(path.parent.glob(f".{path.name}{WRITER_MARK}*"))
 
     def writer_may_be_in_flight(self, path: Path | str) -> bool:
-        """Whether the process that wrote ``path`` may still record it: it runs on this
-        host and started before the file was written; a file written on another host is
-        judged in flight (we cannot see its processes) unless it has no writer at all."""
-        writer = self.version_writer(path)
-        if "erasure.writer_pid" not in writer:
-            return False  # written before writers were recorded: no process of that age is still in flight
-        if writer.get("erasure.writer_host") != this_host():
-            return True
-        return writer_alive(int(writer["erasure.writer_pid"]), Path(path).stat().st_mtime)
+        """Whether a process that wrote ``path`` may still record it: its marker names a
+        process on this host that runs and started before the marker was written; a marker
+        written on another host counts as in flight (we cannot see its processes). No marker
+        (a version written before markers, or a marker already swept): not in flight."""
+        for marker in self.writer_markers(path):
+            pid = marker.name.rsplit(WRITER_MARK, 1)[1]
+            if not pid.isdigit():
+                continue
+            try:
+                host = marker.read_text(encoding="utf-8").strip()
+                written = marker.stat().st_mtime
+            except FileNotFoundError:
+                continue
+            if host != this_host() or writer_alive(int(pid), written):
+                return True
+        return False
 
     def remove_stray_version(self, path: Path | str) -> None:
         """Delete a version file (and nothing else) that no database row names; the
@@ -252,4 +271,6 @@ class ShardStore:
         if not _VERSION_FILE.match(path.name):
             raise ValueError(f"{path} is not a shard version file")
         path.unlink()
+        for marker in self.writer_markers(path):
+            marker.unlink(missing_ok=True)
         _fsync_dir(path.parent)

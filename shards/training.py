@@ -42,6 +42,8 @@ from shards.model import ModelSpec, build_model
 
 TRAINING_ALGORITHM = "sisa-train/1"  # bump when the loop changes: it is part of every checkpoint address
 OPTIMIZERS = ("adam", "sgd")
+SCHEDULE_KINDS = ("equal-samples", "paper")  # how a sub-model's epochs are spread over its slices
+DEFAULT_SCHEDULE = "equal-samples"  # the pipeline's default (pipeline.training.TrainingOptions)
 
 
 class EmptyShardError(ValueError):
@@ -86,6 +88,27 @@ class SliceSchedule:
         if not total_epochs > 0:
             raise ValueError(f"total_epochs must be positive, got {total_epochs}")
         return cls(epochs=(2 * total_epochs / (num_slices + 1),) * num_slices)
+
+    @classmethod
+    def equal_samples(cls, num_slices: int, total_epochs: float) -> SliceSchedule:
+        """Every slice processes the same number of samples, ``E_r = e/(r+1)`` on ``(r+1)·n/R`` records:
+        e epochs' worth in total, like the paper's, but retraining from slice i costs ``(R-i)/R`` of the
+        shard instead of ``(R-i)(R+i+1)/(R(R+1))``, so a late slice is cheap to retrain. Slice r's records
+        are visited ``Σ_{j>=r} E_j`` times: the last slice's least (the accuracy cost, see the README)."""
+        if num_slices < 1:
+            raise ValueError(f"num_slices must be at least 1, got {num_slices}")
+        if not total_epochs > 0:
+            raise ValueError(f"total_epochs must be positive, got {total_epochs}")
+        return cls(epochs=tuple(total_epochs / (r + 1) for r in range(num_slices)))
+
+    @classmethod
+    def named(cls, kind: str, num_slices: int, total_epochs: float) -> SliceSchedule:
+        """The schedule called ``kind`` (one of ``SCHEDULE_KINDS``)."""
+        if kind == "paper":
+            return cls.paper(num_slices, total_epochs)
+        if kind == "equal-samples":
+            return cls.equal_samples(num_slices, total_epochs)
+        raise ValueError(f"schedule must be one of {', '.join(SCHEDULE_KINDS)}, got {kind!r}")
 
     @property
     def num_slices(self) -> int:

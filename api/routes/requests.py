@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import uuid
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, BackgroundTasks, Request, Response
 
 from api.deps import EngineDep, IdempotencyKeyHeader, IntakeCaller, ReviewCaller, SecretKeyDep, SessionDep, StatusReader
 from api.schemas import (
@@ -63,13 +63,18 @@ def submit(
     engine: EngineDep,
     secret_key: SecretKeyDep,
     response: Response,
+    http_request: Request,
 ) -> SubmissionOut:
     """Store the request durably (committed before this answer) and return its
-    id. Identifiers are kept only as keyed hashes."""
+    id. Identifiers are kept only as keyed hashes. Processing then starts by itself
+    (the on-demand deployment; if Prefect cannot be reached, the scheduled sweep)."""
     submission = submit_request(
         engine, secret_key, idempotency_key=idempotency_key, identifiers=body.identifier_pairs(),
         samples=body.samples, actor=caller.actor, token_id=caller.token_id, datasets=body.datasets,
     )
+    starter = http_request.app.state.run_starter
+    if starter is not None and not submission.replayed:
+        starter.enqueue(submission.request_id)  # committed above; never blocks, never fails the answer
     location = f"{PREFIX}/{submission.request_id}"
     response.headers["Location"] = location
     if submission.replayed:
@@ -87,8 +92,16 @@ def show(request_id: uuid.UUID, caller: StatusReader, session: SessionDep) -> Re
 @router.post("/{request_id}/review-decisions", response_model=RequestStatusOut,
              summary="Decide borderline matches (erase or keep)", responses=_NOT_FOUND | _CONFLICT)
 def review(request_id: uuid.UUID, body: ReviewDecisionsIn, caller: ReviewCaller, session: SessionDep,
-           secret_key: SecretKeyDep) -> RequestStatus:
-    return record_review_decisions(session, str(request_id), body.as_inputs(), reviewer=caller.actor, key=secret_key)
+           secret_key: SecretKeyDep, http_request: Request, background: BackgroundTasks) -> RequestStatus:
+    """Processing then continues by itself: a run of the processing deployment is started
+    once the decisions are committed (one per review: its key counts the timeline)."""
+    status = record_review_decisions(session, str(request_id), body.as_inputs(), reviewer=caller.actor,
+                                     key=secret_key)
+    starter = http_request.app.state.run_starter
+    if starter is not None:
+        # a background task runs after the answer, so after this route's transaction commits
+        background.add_task(starter.enqueue, status.id, f"{status.id}:review:{len(status.history)}")
+    return status
 
 
 @router.post("/{request_id}/review-tickets", response_model=ReviewTicketOut, status_code=201,

@@ -88,6 +88,7 @@ def _routes(request_id: str, reference: str) -> list[tuple[str, str, dict | None
     return [
         ("get", f"{BASE}/screen-references/{reference}", None),
         ("get", f"{BASE}/requests/{request_id}/timeline", None),
+        ("get", f"{BASE}/requests/{request_id}/residue?prefect=false", None),
         ("get", f"{BASE}/requests/due?within_days=7", None),
         ("post", f"{BASE}/subject", {"identifiers": [{"kind": "email", "value": EMAIL}]}),
         ("get", f"{BASE}/ensembles/{VERSION}", None),

@@ -61,6 +61,10 @@ def test_demo_runs_the_whole_story(tmp_path: Path) -> None:
         assert counts["erased"] <= counts["truly_the_subjects"], method  # nobody else's data erased
     assert report["retraining"] and all(r["status"] == "done" for r in report["retraining"])
     assert 0 < report["cost"]["fraction_of_full"] <= 1
+    # the estimate priced before erasing is what the retraining then cost (issue 11)
+    estimate = report["retrain_estimate"]
+    assert estimate["samples"] == report["cost"]["sisa_samples"] and report["cost"]["estimate_agrees"] is True
+    assert estimate["shards_touched"] == len(report["retraining"])
     audit = report["accountability"]
     assert audit["certificate"]["verified_offline"] and Path(audit["certificate"]["file"]).is_file()
     assert audit["certificate"]["scope"]["latent_information_and_downstream_use"] == "not addressed"

@@ -33,8 +33,8 @@ def test_locate_json(demo_home: Path) -> None:
     ("args", "message"),
     [
         ([], "needs at least one identifier or sample"),
-        (["-i", "passport=X1"], "unknown identifier type 'passport'"),
-        (["-i", "email"], "needs the form kind=value"),
+        (["-i", "passport=X1"], "'passport' is not an identifier kind"),
+        (["-i", "email"], "write KIND=VALUE or KIND:VALUE"),
         (["--sample", "word " * 24_000], "sample 1"),
     ],
 )

@@ -114,7 +114,7 @@ def test_sweep_removes_what_killed_processes_left_and_keeps_live_files(settings:
     _ingest(settings)
     store = ShardStore(settings.shards_dir)
     shard_dir = store.shard_dir("demo", 0)
-    live_before = sorted(p for p in settings.shards_dir.rglob("*") if p.is_file())
+    live_before = sorted(p for p in settings.shards_dir.rglob("*") if p.is_file() and ".writer-" not in p.name)
     # killed while writing a shard version: its .tmp-PID file stays
     _killed_writer(settings, """
         store.write_version("demo", 0, store.read("demo", 0), _before_publish=die)
@@ -155,9 +155,11 @@ def test_sweep_removes_what_killed_processes_left_and_keeps_live_files(settings:
         engine.dispose()
 
     assert report["ok"], report["errors"]
+    # writer markers: of the two ingested (recorded) versions and of the killed writer's version
     assert report["removed"] == {"atomic_temp": 2, "index_temp": 2, "ingest_spill": 1, "orphan_locate_index": 1,
-                                 "shard_temp": 1, "unrecorded_shard_version": 1}, report
-    assert report["kept_in_flight"] == {"atomic_temp": 1, "shard_temp": 1, "unrecorded_shard_version": 1}
+                                 "shard_temp": 1, "unrecorded_shard_version": 1, "writer_marker": 3}, report
+    assert report["kept_in_flight"] == {"atomic_temp": 1, "shard_temp": 1, "unrecorded_shard_version": 1,
+                                        "writer_marker": 1}
     assert report["unknown"] == 1
     for gone in (index_tmp, index_old, spill, atomic, legacy, store.path_of("demo", 1, 2),
                  Path(f"{store.path_of('demo', 1, 2)}.dedup")):

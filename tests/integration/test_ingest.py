@@ -186,7 +186,9 @@ def _bad_cases(tmp_path: Path) -> dict[str, tuple[Path, str]]:
     jsonl("missing_id", good[:2] + [{k: v for k, v in good[2].items() if k != "id"}], r"row 3: missing or empty id")
     jsonl("empty_text", good[:3] + [{**good[3], "text": "   "}], r"row 4: missing or empty text")
     jsonl("duplicate_id", good + [{**good[1], "text": "another"}], r"row 6: duplicate id 'rec-00001' \(first seen in row 2\)")
-    jsonl("label_type", [{**good[0], "label": "positive"}] + good[1:], r"row 1: label 'label' must be an integer")
+    # a string is a class name now (pipeline.labels); a float or an empty name is still refused
+    jsonl("label_type", [{**good[0], "label": 1.5}] + good[1:], r"row 1: label 'label' must be an integer or a class")
+    jsonl("label_empty", [{**good[0], "label": "  "}] + good[1:], r"row 1: label 'label' must be an integer or a class")
     jsonl("id_type", good[:1] + [{**good[1], "id": [1, 2]}], r"row 2: id 'id' must be a string or integer")
     jsonl("text_type", good[:1] + [{**good[1], "text": 42}], r"row 2: text 'text' must be a string")
     jsonl("bad_json", good[:2] + ['{"id": "x", "text": '], r"row 3: invalid JSON")

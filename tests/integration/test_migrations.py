@@ -17,6 +17,7 @@ TABLES = {
     "audit_events", "certificates", "membership_probes",
     "request_notes",  # 0007
     "upstream_actions_done",  # 0008
+    "label_vocabulary", "baseline_models",  # 0011
 }
 
 

@@ -23,7 +23,7 @@ from shards.demo_data import write_demo
 from shards.model import ModelSpec
 from shards.retrain import plan_retrain, retrain_estimate
 from shards.store import ShardStore
-from shards.training import SliceSchedule, TrainConfig, shard_from_table, train_shard
+from shards.training import DEFAULT_SCHEDULE, SliceSchedule, TrainConfig, shard_from_table, train_shard
 
 S, R = 4, 4
 
@@ -85,7 +85,7 @@ def test_subject_placement_keeps_a_person_together_and_prices_their_erasure(sett
     table = store.read("demo", shard)
     data = shard_from_table(table, str(shard))
     config = TrainConfig(model=ModelSpec(data.features.shape[1], 6, hidden=(8,)),
-                         schedule=SliceSchedule.paper(R, 2), batch_size=64, seed=0)
+                         schedule=SliceSchedule.named(DEFAULT_SCHEDULE, R, 2), batch_size=64, seed=0)
     checkpoints = CheckpointStore(tmp_path / "ckpt")
     train_shard(data, config, checkpoints, threads=1)
     plan = plan_retrain(data, ids, config, checkpoints)
@@ -93,7 +93,7 @@ def test_subject_placement_keeps_a_person_together_and_prices_their_erasure(sett
     try:
         with unit_of_work(engine) as session:
             dataset = get_dataset(session, "demo")
-            # nothing trained through the pipeline here: the paper's schedule, the same fraction as config's
+            # nothing trained through the pipeline here: the default schedule's shape, the same fraction as config's
             untrained = retrain_estimate_for(settings, session, dataset, [places[r] for r in ids])
             counts = {s: [0] * R for s in range(S)}
             for place, n in live_slice_counts(session, dataset.id).items():

@@ -17,6 +17,7 @@ from shards.retrain import plan_retrain, retrain_from_slice, route_removals
 from shards.training import (
     EmptyShardError,
     ShardData,
+    SCHEDULE_KINDS,
     SliceSchedule,
     TrainConfig,
     checkpoint_chain,
@@ -40,10 +41,10 @@ def make_shard(shard_id: str, n: int, num_slices: int, seed: int, *, equal_slice
     return ShardData(shard_id, [f"{shard_id}-r{i:03d}" for i in range(n)], slices, features, labels)
 
 
-def make_config(num_slices: int, seed: int = 0, epochs: int = 2) -> TrainConfig:
+def make_config(num_slices: int, seed: int = 0, epochs: int = 2, schedule: str = "paper") -> TrainConfig:
     return TrainConfig(
         model=ModelSpec(DIM, CLASSES, hidden=(8,)),
-        schedule=SliceSchedule.paper(num_slices, epochs),
+        schedule=SliceSchedule.named(schedule, num_slices, epochs),
         batch_size=8,
         learning_rate=0.01,
         seed=seed,
@@ -110,12 +111,14 @@ def check_exact(shard: ShardData, removed: set[str], config: TrainConfig, root: 
     train_seed=st.integers(0, 3),
     picks=st.lists(st.integers(0, 10_000), min_size=1, max_size=6),
     equal_slices=st.booleans(),
+    schedule=st.sampled_from(SCHEDULE_KINDS),  # every schedule the pipeline trains with (fractional epochs too)
 )
-def test_retraining_equals_training_from_scratch(n, num_slices, data_seed, train_seed, picks, equal_slices):
+def test_retraining_equals_training_from_scratch(n, num_slices, data_seed, train_seed, picks, equal_slices,
+                                                 schedule):
     shard = make_shard("s", n, num_slices, data_seed, equal_slices=equal_slices)
     removed = {shard.record_ids[p % n] for p in picks}
     with tempfile.TemporaryDirectory() as tmp:
-        check_exact(shard, removed, make_config(num_slices, train_seed), Path(tmp))
+        check_exact(shard, removed, make_config(num_slices, train_seed, schedule=schedule), Path(tmp))
 
 
 def test_trailing_records_of_the_last_partial_slice_are_retrained(tmp_path):
