@@ -42,7 +42,7 @@ class RunStarter:
         self.queue: queue.Queue = queue.Queue(maxsize=QUEUE_SIZE)
         self.thread: threading.Thread | None = None
         self.paused_until = 0.0
-        self.started = self.failed = self.skipped = 0
+        self.started = self.failed = self.skipped = self.reported_skipped = 0
 
     def start(self) -> None:
         from flows.dispatch import prefect_server_configured  # Prefect loads here, not at import
@@ -84,6 +84,10 @@ class RunStarter:
             if now < self.paused_until or (self.max_age_s is not None and now - queued_at > self.max_age_s):
                 self.skipped += 1
                 continue
+            if self.skipped > self.reported_skipped:
+                log.warning("%d request(s) left to the sweep (starts paused after a failure, or queued longer "
+                            "than %s s)", self.skipped - self.reported_skipped, self.max_age_s)
+                self.reported_skipped = self.skipped
             try:
                 start_processing_run(self.deployment, request_id, idempotency_key)
                 self.started += 1

@@ -420,8 +420,8 @@ def test_request_and_token_commands(tmp_path: Path, database_url: str) -> None:
     assert (again["id"], again["replayed"]) == (submitted["id"], True)
     assert "different body" in run("request", "submit", "-i", "email:a@b.c", "--idempotency-key", "cli-1",
                                    code=2).stderr
-    assert "identifiers.0.kind: unknown identifier kind 'ssn'" in run("request", "submit", "-i", "ssn:1", code=2).stderr
-    assert "write KIND:VALUE" in run("request", "submit", "-i", "jane@example.org", code=2).stderr
+    assert "'ssn' is not an identifier kind" in run("request", "submit", "-i", "ssn:1", code=2).stderr
+    assert "write KIND=VALUE or KIND:VALUE" in run("request", "submit", "-i", "jane@example.org", code=2).stderr
     assert "at least one identifier or one sample" in run("request", "submit", code=2).stderr
 
     request_id = submitted["id"]

@@ -10,7 +10,9 @@ Rules, so that the block can stay readable:
   `erasure audit timeline <id>` and `erasure audit due ...`);
 - `--records N` runs with `--records 300` (the flow is the same, the time is not);
 - `<id>` is the id printed by the latest `erasure request submit ... --json`, `<version>`
-  the ensemble version printed by the latest `erasure train ... --json`;
+  the ensemble version printed by the latest `erasure train ... --json`, `<sha256>` the
+  source file's hash printed by the latest `erasure ingest ... --json`; a placeholder that
+  nothing earlier printed fails the test, naming the line;
 - flows use the test session's Prefect server (PREFECT_API_URL), as with `erasure up`.
 A failure names the README line and shows its output.
 """
@@ -74,10 +76,10 @@ def test_every_readme_command_runs_in_order(tmp_path: Path, prefect_api_url: str
     values: dict[str, str] = {}
     for line in usage_lines(README.read_text()):
         for args in invocations(line):
-            command = [a.replace("<id>", values.get("<id>", "<id>")).replace("<version>", values.get("<version>", "<version>"))
-                       for a in args]
-            missing = [a for a in command if a in ("<id>", "<version>")]
-            assert not missing, f"README line {line!r}: nothing earlier in the block printed {missing[0]}"
+            command = [values.get(a, a) for a in args]
+            missing = [a for a in command if re.fullmatch(r"<[a-z0-9_-]+>", a)]
+            assert not missing, (f"README line {line!r}: nothing earlier in the block printed {missing[0]} "
+                                 "(see this test's rules)")
             result = subprocess.run([str(bin_dir / "erasure"), *command[1:]], cwd=tmp_path, env=env,
                                     capture_output=True, text=True, timeout=300)
             assert result.returncode == 0, (
@@ -87,6 +89,8 @@ def test_every_readme_command_runs_in_order(tmp_path: Path, prefect_api_url: str
                 values["<id>"] = json.loads(result.stdout)["id"]
             if "--json" in command and command[1] == "train":
                 values["<version>"] = _ensemble_version(json.loads(result.stdout))
+            if "--json" in command and command[1] == "ingest":
+                values["<sha256>"] = json.loads(result.stdout)["sha256"]
 
 
 def _ensemble_version(trained: dict) -> str:

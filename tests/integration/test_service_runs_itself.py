@@ -132,8 +132,20 @@ def _wait_for_state(base: str, token: str, request_id: str, states: set[str], ti
         time.sleep(1)
 
 
-def _submit(base: str, token: str, email: str, key: str) -> httpx.Response:
-    return httpx.post(f"{base}{BASE}", json={"identifiers": [{"kind": "email", "value": email}]},
+def _someone_elses_text(demo: dict) -> str:
+    """A record's text that is not the subject's: found only from the sample, so reviewed."""
+    import json
+
+    subject = demo["subject"]
+    for line in Path(demo["files"].records).read_text().splitlines():
+        record = json.loads(line)
+        if record.get("email") != subject["email"] and record["id"] not in subject["copies"] and record.get("email"):
+            return record["text"]
+    raise AssertionError("no other record")
+
+
+def _submit(base: str, token: str, email: str, key: str, samples: list[str] = []) -> httpx.Response:  # noqa: B006
+    return httpx.post(f"{base}{BASE}", json={"identifiers": [{"kind": "email", "value": email}], "samples": samples},
                       headers={"Authorization": f"Bearer {token}", "Idempotency-Key": key}, timeout=30)
 
 
@@ -143,12 +155,15 @@ def test_a_request_submitted_over_http_alone_reaches_completed(settings, prefect
     env = _env(settings, prefect_env)
     serve_log = tmp_path / "serve.log"
     with served_deployment(env, serve_log), api_server(env, tmp_path / "api.log") as base:
-        answer = _submit(base, tokens["intake"], demo["subject"]["email"], "http-only")
+        answer = _submit(base, tokens["intake"], demo["subject"]["email"], "http-only",
+                         samples=[_someone_elses_text(demo)])
         assert answer.status_code == 202, answer.text
         request_id = answer.json()["id"]
         state = _wait_for_state(base, tokens["intake"], request_id, {"completed", "awaiting_review", "failed"},
                                 log=serve_log)
-        if state == "awaiting_review":  # borderline matches: a reviewer decides them over HTTP, nothing else
+        # a match reached only from the requester's sample waits for a person (the default policy)
+        assert state == "awaiting_review"
+        if state == "awaiting_review":  # a reviewer decides over HTTP; nothing else starts the rest
             engine = open_database(settings)
             with unit_of_work(engine) as session:
                 refs = undecided_refs(session, request_id)
