@@ -192,7 +192,7 @@ def _accountability(settings: Settings, engine, request_id: str) -> dict:  # noq
     from db.audit import verify_chain
     from db.session import unit_of_work
     from pipeline.certificate import parse_envelope, stored_certificate, verify_certificate
-    from pipeline.membership import forgetting_sentence, probe_rows, probe_summary, report_path
+    from pipeline.membership import forgetting_sentence, probe_rows, probe_summary, request_reports_folder
     from pipeline.signing import load_or_create_signing_key
 
     with unit_of_work(engine) as session:
@@ -202,7 +202,7 @@ def _accountability(settings: Settings, engine, request_id: str) -> dict:  # noq
     result: dict = {"membership_probe": probes, "membership_sentence": forgetting_sentence(probes),
                     "audit_log": chain.to_dict(), "certificate": None}
     if issued is not None:
-        folder = report_path(settings, request_id).parent
+        folder = request_reports_folder(settings, request_id)
         folder.mkdir(parents=True, exist_ok=True)
         cert_file = folder / "certificate.json"
         cert_file.write_text(issued.document, encoding="utf-8")

@@ -85,14 +85,18 @@ class Certificate(Base):
 class MembershipProbe(Base):
     """A membership-inference check of one ensemble version for a request:
     ``role`` is ``before`` (the ensemble in service before erasure) or ``after``
-    (the retrained one). AUC 0.5 means the erased records look like records the
-    model never saw."""
+    (the retrained one), one pair per dataset the request erased from. AUC 0.5
+    means the erased records look like records the model never saw. ``dataset_id``
+    is NULL only on rows from before migration 0012 whose request matched in several
+    datasets: those measured the request's first dataset (``pipeline.membership``)."""
 
     __tablename__ = "membership_probes"
-    __table_args__ = (UniqueConstraint("request_id", "role", name="uq_membership_probes_request_role"),)
+    __table_args__ = (UniqueConstraint("request_id", "dataset_id", "role",
+                                       name="uq_membership_probes_request_dataset_role"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     request_id: Mapped[str] = mapped_column(ForeignKey("erasure_requests.id", ondelete="RESTRICT"))
+    dataset_id: Mapped[int | None] = mapped_column(ForeignKey("datasets.id", ondelete="RESTRICT"), nullable=True)
     role: Mapped[str] = mapped_column(String(16))
     ensemble_version_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     metric: Mapped[str] = mapped_column(String(32))
@@ -381,6 +385,7 @@ EVENT_SCHEMAS: dict[str, tuple[dict[str, FieldType], frozenset[str]]] = {
                          "unkeyed_tombstones_dropped": INT}, frozenset()),  # pipeline/rekey.py
     # accountability (pipeline/membership.py, certificate.py)
     "membership.probed": ({"metric": ENUM("cross_entropy_loss", "reference_calibrated_logit"),
+                           "dataset": DATASET_NAME,  # absent from events before the probe per dataset
                            "roles": MAP(ENUM("before", "after"), OBJECT({
         "ensemble_version": NULLABLE(HEX()), "auc": NULLABLE(FLOAT), "ci_low": NULLABLE(FLOAT),
         "ci_high": NULLABLE(FLOAT), "erased": INT, "heldout": INT,
@@ -388,7 +393,7 @@ EVENT_SCHEMAS: dict[str, tuple[dict[str, FieldType], frozenset[str]]] = {
         "groups": INT, "heldout_groups": INT, "members": INT, "power_auc": NULLABLE(FLOAT),
         "power_ci_low": NULLABLE(FLOAT), "power_ci_high": NULLABLE(FLOAT)},
         frozenset({"groups", "heldout_groups", "members", "power_auc", "power_ci_low", "power_ci_high"})))},
-                          frozenset()),
+                          frozenset({"dataset"})),
     "certificate.issued": ({"sha256": HEX64, "key_id": HEX64}, frozenset()),
     # API tokens (db/requests.py)
     "token.created": ({"token_id": INT, "scopes": LIST(ENUM("intake", "review", "audit", "screen", "admin"), 5)},

@@ -40,9 +40,10 @@ its tasks return ids and counts (Prefect keeps both in its own database).
 # name, where Prefect cannot resolve string annotations (`Literal`) to validate the parameters.
 import flows.prefect_setup  # noqa: F401  (our Prefect defaults, before prefect is imported)
 
+import re
 from typing import Literal
 
-from prefect import flow, pause_flow_run, task
+from prefect import flow, get_run_logger, pause_flow_run, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.exceptions import FlowPauseTimeout
 from prefect.input import RunInput
@@ -138,8 +139,8 @@ def verify_and_complete(request_id: str) -> dict:
     after (outside any transaction), then complete (samples are purged). Each step is
     idempotent, so a rerun after a crash between any two does the rest."""
     result = processing.verify_and_complete(request_id)
-    for summaries in (result["membership"] or {}).values():
-        publish_probe_artifact(request_id, summaries)
+    for dataset, summaries in (result["membership"] or {}).items():
+        publish_probe_artifact(request_id, dataset, summaries)
     return result
 
 
@@ -152,15 +153,18 @@ def certify(request_id: str) -> dict | None:
     return processing.certify(request_id, prefect_records=request_run_records)  # the residue check reads Prefect too
 
 
-def publish_probe_artifact(request_id: str, summaries: list[dict]) -> None:
-    """A markdown artifact ``membership-<request id>``: the probe's figures and plot."""
-    png = report_path(load_settings(), request_id)
+def publish_probe_artifact(request_id: str, dataset: str, summaries: list[dict]) -> None:
+    """A markdown artifact ``membership-<request id>-<dataset>``: one dataset's probe figures and plot."""
+    png = report_path(load_settings(), request_id, dataset)
+    # an artifact key holds lowercase letters, digits and dashes only
+    key = re.sub(r"[^a-z0-9-]", "-", f"membership-{request_id}-{dataset}".lower())
     try:
-        create_markdown_artifact(key=f"membership-{request_id}".lower(),
-                                 markdown=probe_markdown(request_id, summaries, png.read_bytes() if png.exists() else b""),
+        create_markdown_artifact(key=key,
+                                 markdown=probe_markdown(request_id, summaries,
+                                                         png.read_bytes() if png.exists() else b"", dataset),
                                  description="membership-inference probe before and after retraining (counts only)")
-    except Exception:  # noqa: BLE001 - an artifact is a convenience; the database holds the record
-        pass
+    except Exception as exc:  # noqa: BLE001 - an artifact is a convenience (the database holds the record): warn, go on
+        get_run_logger().warning("artifact not written: %s", type(exc).__name__)
 
 
 def publish_artifact(summary: dict) -> None:
@@ -178,8 +182,8 @@ def publish_artifact(summary: dict) -> None:
     try:
         create_markdown_artifact(key=f"erasure-request-{summary['request_id']}".lower(), markdown="\n".join(lines),
                                  description="what was found, erased and retrained (counts only)")
-    except Exception:  # noqa: BLE001 - an artifact is a convenience; the database holds the record
-        pass
+    except Exception as exc:  # noqa: BLE001 - an artifact is a convenience (the database holds the record): warn, go on
+        get_run_logger().warning("artifact not written: %s", type(exc).__name__)
 
 
 # ---------------------------------------------------------------- flows

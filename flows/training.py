@@ -63,7 +63,8 @@ def train_ensemble(dataset: str, epochs: float = 4.0, hidden: list[int] | None =
 def ingest_dataset(path: str, dataset: str, id_field: str = "id", text_field: str = "text",
                    label_field: str | None = "label", identifier_fields: list[list[str]] | None = None,
                    shards: int = 4, slices: int = 4, seed: int = 0, fmt: str | None = None,
-                   embedder: str = "hashing", allow_new_labels: bool = False) -> dict:
+                   embedder: str = "hashing", allow_new_labels: bool = False,
+                   placement: str | None = None) -> dict:
     """Validate and ingest one source file (screened against earlier erasures' tombstones);
     records lineage source file -> records -> shard versions."""
     from pipeline.ingest import IngestOptions, ingest_source_file
@@ -71,11 +72,9 @@ def ingest_dataset(path: str, dataset: str, id_field: str = "id", text_field: st
 
     fields = FieldMap(id_field=id_field, text_field=text_field, label_field=label_field,
                       identifier_fields=tuple(tuple(pair) for pair in (identifier_fields or [])))
-    options = dict(dataset=dataset, fields=fields, n_shards=shards, n_slices=slices, seed=seed, fmt=fmt,
-                   allow_new_labels=allow_new_labels)
-    if "embedder" in IngestOptions.__dataclass_fields__:
-        options["embedder"] = embedder
-    summary = ingest_source_file(Path(path), IngestOptions(**options), load_settings())
+    options = IngestOptions(dataset=dataset, fields=fields, n_shards=shards, n_slices=slices, seed=seed, fmt=fmt,
+                            embedder=embedder, allow_new_labels=allow_new_labels, placement=placement)
+    summary = ingest_source_file(Path(path), options, load_settings())
     data = summary.to_json()
     data.pop("screened", None)  # counts only in a flow's result
     return data

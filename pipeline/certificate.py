@@ -56,8 +56,7 @@ from db.models import Dataset, Record, ShardVersion, utcnow
 from db.requests import ErasureRequest
 from db.session import unit_of_work
 from db.settings import Settings
-from db.audit import MembershipProbe
-from db.training import JOB_DONE, Checkpoint, EnsembleMemberRow, EnsembleVersionRow, RequestMatch, ShardRetrainJob
+from db.training import JOB_DONE, Checkpoint, EnsembleMemberRow, RequestMatch, ShardRetrainJob
 from pipeline.signing import ALGORITHM, SigningKey, key_id, load_or_create_signing_key, load_public_key, signature_valid
 
 CERTIFICATE_FORMAT = "erasure-certificate/2"  # /2: a section per dataset; exactness per shard
@@ -374,34 +373,13 @@ def _verification_section(settings: Settings, session: Session, request_id: str,
         manifest = {**verify_request(settings, session, request_id, dataset.name).to_dict(),
                     "method": "no erased record id is in the seen_ids of any member checkpoint of the ensemble "
                               "in service, checked when this certificate was issued"}
-    rows = probe_rows(session, request_id)
-    probes = [probe_summary(r) for r in rows if _probe_in(session, r, dataset)]
+    probes = [probe_summary(r) for r in probe_rows(session, request_id, dataset.id if dataset is not None else None)]
     if probes:
         probe: list[dict] | dict = probes
-    elif rows:  # stored for another dataset of the request: this one was not measured
-        probe = {"status": "not run", "reason": "the probe stored for this request measured another dataset; "
-                                                "this dataset's sub-models were not measured"}
     else:
-        probe = {"status": "not run", "reason": "no probe is stored for this request (it runs after retraining "
-                                                "when records were erased)"}
+        probe = {"status": "not run", "reason": "no probe is stored for this dataset of the request (it runs after "
+                                                "retraining when records were erased from it)"}
     return {"training_manifest": manifest, "membership_probe": probe}
-
-
-def _probe_in(session: Session, row: MembershipProbe, dataset: Dataset | None) -> bool:
-    """Whether a stored probe measured ``dataset``: by its dataset id where the row has one, else
-    by the dataset whose ensemble versions include the version it measured."""
-    if dataset is None:
-        return True
-    own = getattr(row, "dataset_id", None)
-    if own is not None:
-        return own == dataset.id
-    if row.ensemble_version_id is not None:
-        return session.scalar(select(EnsembleVersionRow.id).where(
-            EnsembleVersionRow.dataset_id == dataset.id,
-            EnsembleVersionRow.version_id == row.ensemble_version_id).limit(1)) is not None
-    erased_in = set(session.scalars(select(RequestMatch.dataset_id).where(
-        RequestMatch.request_id == row.request_id, RequestMatch.erased_in_shard_version.is_not(None))))
-    return erased_in == {dataset.id}
 
 
 def _retained_section(settings: Settings, session: Session, request_id: str, dataset: Dataset | None,

@@ -46,11 +46,16 @@ erased records, by the locate's own links (a copy and the record whose text
 found it); the interval is a cluster bootstrap over these groups and the
 number of distinct erased texts is reported.
 
-The result is two rows of ``membership_probes`` (details: counts, quantiles,
-the method and one plain sentence built from the numbers; no record ids, no
-text), an audit event (numbers only), a PNG under
-``$ERASURE_HOME/reports/<request id>/membership.png`` and a Prefect artifact.
-Idempotent: with both rows stored it does nothing.
+The probe runs per dataset the request erased from (each has its own shards,
+sub-models and ensemble versions). The result, per dataset, is two rows of
+``membership_probes`` (details: counts, quantiles, the method and one plain
+sentence built from the numbers; no record ids, no text), an audit event
+(numbers and the dataset name only), a PNG under
+``$ERASURE_HOME/reports/<request id>/membership-<dataset>.png`` and a Prefect
+artifact. Idempotent: with both rows of a dataset stored it does nothing.
+Rows from before migration 0012 may have no dataset (their request matched in
+several datasets): they measured the request's first dataset by name among
+those it erased from (the one the earlier code probed), and are read as such.
 """
 
 from __future__ import annotations
@@ -66,15 +71,15 @@ from pathlib import Path
 import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, or_, select
 from sqlalchemy.orm import Session
 
 from db.audit import MembershipProbe, append_event, canonical_json
 from db.lineage import latest_shard_versions
-from db.models import ShardVersion, utcnow
+from db.models import Dataset, ShardVersion, utcnow
 from db.session import unit_of_work
 from db.settings import Settings
-from db.training import EnsembleVersionRow
+from db.training import EnsembleVersionRow, RequestMatch
 from dedup.lsh import BandIndex, choose_params
 from dedup.minhash import MinHashParams, minhash_signatures
 from pipeline.erasure import dataset_or_fail, request_jobs, request_matches
@@ -552,8 +557,15 @@ def probe_sentence(role: str, estimate: dict, power: dict | None, groups: int | 
                       "a value that interval does not rule out, so it cannot show whether they are still remembered.")
 
 
-def report_path(settings: Settings, request_id: str) -> Path:
-    return settings.home / "reports" / str(request_id) / "membership.png"
+def report_path(settings: Settings, request_id: str, dataset: str) -> Path:
+    """The probe's plot for one dataset of a request (a dataset name is a safe file name:
+    ``[A-Za-z0-9][A-Za-z0-9_.-]*``)."""
+    return request_reports_folder(settings, request_id) / f"membership-{dataset}.png"
+
+
+def request_reports_folder(settings: Settings, request_id: str) -> Path:
+    """``$ERASURE_HOME/reports/<request id>``: a request's reports (plots, the exported certificate)."""
+    return settings.home / "reports" / str(request_id)
 
 
 def _png(results: list[RoleResult]) -> bytes:
@@ -567,9 +579,29 @@ def _png(results: list[RoleResult]) -> bytes:
 # ---------------------------------------------------------------- the probe
 
 
-def probe_rows(session: Session, request_id: str) -> list[MembershipProbe]:
-    rows = session.scalars(select(MembershipProbe).where(MembershipProbe.request_id == str(request_id))).all()
-    return sorted(rows, key=lambda r: ROLES.index(r.role) if r.role in ROLES else len(ROLES))
+def first_probed_dataset_id(session: Session, request_id: str) -> int | None:
+    """The dataset a stored probe without ``dataset_id`` measured: the request's first
+    dataset by name among those it erased from (before migration 0012 only that one was
+    probed), or among those it matched in when it erased nothing."""
+    query = (select(Dataset.id).join(RequestMatch, RequestMatch.dataset_id == Dataset.id)
+             .where(RequestMatch.request_id == str(request_id)).order_by(Dataset.name).limit(1))
+    erased = session.scalars(query.where(RequestMatch.erased_in_shard_version.is_not(None))).first()
+    return erased if erased is not None else session.scalars(query).first()
+
+
+def probe_rows(session: Session, request_id: str, dataset_id: int | None = None) -> list[MembershipProbe]:
+    """The stored probes of a request: of one dataset when ``dataset_id`` is given (a row
+    without a dataset counts as the first one's), else of every dataset; ordered by
+    dataset, then role (``before``, ``after``)."""
+    query = select(MembershipProbe).where(MembershipProbe.request_id == str(request_id))
+    if dataset_id is not None:
+        own = MembershipProbe.dataset_id == dataset_id
+        if first_probed_dataset_id(session, request_id) == dataset_id:
+            own = or_(own, MembershipProbe.dataset_id.is_(None))
+        query = query.where(own)
+    rows = session.scalars(query).all()
+    return sorted(rows, key=lambda r: (r.dataset_id is not None, r.dataset_id or 0,
+                                       ROLES.index(r.role) if r.role in ROLES else len(ROLES), r.id))
 
 
 def probe_summary(row: MembershipProbe) -> dict:
@@ -608,31 +640,34 @@ def _event_numbers(result: RoleResult) -> dict:
 
 
 def probe_membership(settings: Settings, engine: Engine, request_id: str, dataset: str) -> list[dict]:
-    """Measure the request's ``before`` and ``after`` versions once; a rerun returns the stored rows.
+    """Measure the request's ``before`` and ``after`` versions of ``dataset`` once; a rerun
+    returns that dataset's stored rows (another dataset's rows do not count).
 
     Reads in one short transaction, scores outside any, stores both rows (and
     the audit event) in one more; the PNG is written before the rows, so a crash
     in between only means the next run draws it again.
     """
     with unit_of_work(engine) as session:
-        stored = probe_rows(session, request_id)
-        if len(stored) == len(ROLES):
+        dataset_id = dataset_or_fail(session, dataset).id
+        stored = probe_rows(session, request_id, dataset_id)
+        if {r.role for r in stored} >= set(ROLES):
             return [probe_summary(r) for r in stored]
         inputs = _inputs(session, request_id, dataset)
     seed = _seed(request_id, "bootstrap")
     sample = _sample(inputs, request_id)
     results = [_measure(settings, inputs, sample, role, seed) for role in ROLES]
     png = _png(results)
-    path = write_atomically(report_path(settings, request_id), png)
+    path = write_atomically(report_path(settings, request_id, inputs.dataset), png)
     with unit_of_work(engine) as session:
         get_request(session, request_id, for_update=True)  # serialises two probes of one request (PostgreSQL)
-        present = {r.role for r in probe_rows(session, request_id)}
+        present = {r.role for r in probe_rows(session, request_id, dataset_id)}
         for result in results:
             if result.role in present:
                 continue
             est = result.estimate
             session.add(MembershipProbe(
-                request_id=str(request_id), role=result.role, ensemble_version_id=result.version_id, metric=METRIC,
+                request_id=str(request_id), dataset_id=dataset_id, role=result.role,
+                ensemble_version_id=result.version_id, metric=METRIC,
                 auc=est.auc, ci_low=est.ci_low, ci_high=est.ci_high, erased_count=len(result.erased_scores),
                 heldout_count=len(result.control_scores),
                 details=canonical_json({**result.details, "report": str(path.relative_to(settings.home))}),
@@ -640,18 +675,18 @@ def probe_membership(settings: Settings, engine: Engine, request_id: str, datase
         if len(present) < len(ROLES):
             session.flush()
             append_event(session, "membership.probed", {
-                "metric": METRIC, "roles": {r.role: _event_numbers(r) for r in results}},
+                "metric": METRIC, "dataset": inputs.dataset, "roles": {r.role: _event_numbers(r) for r in results}},
                 actor=ACTOR, request_id=str(request_id))
-        summaries = [probe_summary(r) for r in probe_rows(session, request_id)]
+        summaries = [probe_summary(r) for r in probe_rows(session, request_id, dataset_id)]
     return summaries
 
 
-def probe_markdown(request_id: str, summaries: list[dict], png: bytes) -> str:
-    """The probe as markdown (the flow's artifact): the AUCs, the power, the sentence and the plot."""
+def probe_markdown(request_id: str, summaries: list[dict], png: bytes, dataset: str | None = None) -> str:
+    """The probe of one dataset as markdown (the flow's artifact): the AUCs, the power, the sentence and the plot."""
     def number(value: float | None) -> str:
         return "n/a" if value is None else f"{value:.3f}"
 
-    lines = [f"# Membership probe of erasure request {request_id}", "",
+    lines = [f"# Membership probe of erasure request {request_id}" + (f", dataset {dataset}" if dataset else ""), "",
              f"Metric: {METRIC} ({SCORE}); {DIRECTION}.", "",
              "| version | ensemble | AUC | interval | erased | texts | control | power AUC | note |",
              "|---|---|---:|---|---:|---:|---:|---:|---|"]

@@ -109,7 +109,8 @@ def demo_subject(ground_truth: Path) -> dict:
     return max((r for r in rows if r["type"] == "person"), key=lambda p: (len(p["copies"]), -p["person"]))
 
 
-def trained_demo(settings, records: int = DEMO_RECORDS, shards: int = 4, slices: int = 3) -> dict:  # noqa: ANN001
+def trained_demo(settings, records: int = DEMO_RECORDS, shards: int = 4, slices: int = 3,  # noqa: ANN001
+                 placement: str | None = None) -> dict:
     """Ingest and train the demo data through the flows (settings exported to the environment)."""
     from db.settings import use_settings
     from flows.training import ingest_dataset, train_ensemble
@@ -118,7 +119,7 @@ def trained_demo(settings, records: int = DEMO_RECORDS, shards: int = 4, slices:
     files = write_demo(settings.home / "demo-data", records, seed=0)
     with use_settings(settings):
         ingested = ingest_dataset(str(files.records), "demo", identifier_fields=IDENTIFIER_FIELDS,
-                                  shards=shards, slices=slices)
+                                  shards=shards, slices=slices, placement=placement)
         trained = train_ensemble("demo", epochs=2, budget="per-shard")  # behaviour, not accuracy: the cheap budget
     return {"files": files, "ingest": ingested, "train": trained, "subject": demo_subject(files.ground_truth)}
 

@@ -85,7 +85,7 @@ def test_certificate_and_probe_of_a_completed_request(settings, prefect_env, tmp
         assert 1 <= details["groups"]["erased"] <= len(erased) and details["sentence"]
     assert json.loads(by_role["before"].details)["erased_seen_by_scorer"] == len(erased)
     assert json.loads(by_role["after"].details)["erased_seen_by_scorer"] == 0
-    assert (settings.home / "reports" / request_id / "membership.png").read_bytes().startswith(b"\x89PNG")
+    assert (settings.home / "reports" / request_id / "membership-demo.png").read_bytes().startswith(b"\x89PNG")
     print(f"\nmembership AUC before {by_role['before'].auc:.3f} [{by_role['before'].ci_low:.3f}, "
           f"{by_role['before'].ci_high:.3f}], after {by_role['after'].auc:.3f} [{by_role['after'].ci_low:.3f}, "
           f"{by_role['after'].ci_high:.3f}], {len(erased)} erased, {by_role['after'].heldout_count} held out")

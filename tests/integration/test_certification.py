@@ -6,7 +6,7 @@ through the service layer (no Prefect: the steps the flow orders, called in orde
 - a training or a retraining racing an erasure never publishes a member that saw an
   erased record: publishing re-checks the shard versions under the shard locks;
 - one request erases a subject's records in every dataset, and the certificate has a
-  section per dataset.
+  section per dataset, each with its own membership probe.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from db.audit import AuditEvent, Certificate, verify_chain
+from db.audit import AuditEvent, Certificate, MembershipProbe, verify_chain
 from db.models import Record
 from db.session import unit_of_work
 from db.settings import Settings, use_settings
@@ -28,6 +28,7 @@ from pipeline.database import open_database
 from pipeline.erasure import dataset_or_fail, erased_record_ids, request_jobs
 from pipeline.ingest import IngestOptions, ingest_source_file
 from pipeline.lifecycle import get_request
+from pipeline.membership import probe_membership, probe_rows
 from pipeline.retraining import CrossRuntimeRetrainRefused, _claim, _train, retrain_shard_jobs, run_claimed_job
 from pipeline.training import (
     checkpoint_store,
@@ -254,8 +255,9 @@ def test_one_request_erases_the_subject_in_every_dataset_with_a_certificate_sect
     from flows.process_request import process_erasure_request
 
     files = _demo_files(settings)
-    _ingest(settings, files, "alpha", shards=2)
-    _ingest(settings, files, "beta", shards=3)
+    # three shards at least: the reference-calibrated probe needs the probing sub-model and two references
+    _ingest(settings, files, "alpha", shards=3)
+    _ingest(settings, files, "beta", shards=4)
     for name in ("alpha", "beta"):
         publish_trained_members(settings, name, _train_members(settings, name))
     subject = demo_subject(files.ground_truth)
@@ -279,16 +281,59 @@ def test_one_request_erases_the_subject_in_every_dataset_with_a_certificate_sect
     finally:
         engine.dispose()
     assert [s["dataset"]["name"] for s in body["datasets"]] == ["alpha", "beta"]
-    assert [s["dataset"]["shards"] for s in body["datasets"]] == [2, 3]
+    assert [s["dataset"]["shards"] for s in body["datasets"]] == [3, 4]
     for section in body["datasets"]:
         assert section["locate"]["matches"] >= len(subject["originals"])
         assert section["erasure"]["records_erased"] == len(_erased(settings, request_id, section["dataset"]["name"]))
         assert section["verification"]["training_manifest"]["passed"] is True
         assert section["verification"]["training_manifest"]["erased_records"] == section["erasure"]["records_erased"]
         assert section["retraining"] and all(j["exactness"]["status"] == "exact" for j in section["retraining"])
-        assert "membership_probe" in section["verification"]
+        # each dataset's own probe: its sub-models, its ensemble versions, its erased records
+        probes = section["verification"]["membership_probe"]
+        assert isinstance(probes, list) and [p["role"] for p in probes] == ["before", "after"], probes
+        assert [p["ensemble_version"] for p in probes] == [section["ensemble"]["before"],
+                                                          section["ensemble"]["in_service"]]
+        for probe in probes:
+            assert probe["auc"] is not None, (section["dataset"]["name"], probe["role"], probe["reason"])
+            assert probe["ci_low"] <= probe["auc"] <= probe["ci_high"]
+            assert probe["erased_count"] == section["erasure"]["records_erased"] and probe["heldout_count"] > 0
+            assert probe["sentence"]
+        assert probes[0]["erased_seen_by_scorer"] == probes[0]["erased_count"]
+        assert probes[1]["erased_seen_by_scorer"] == 0
+        png = settings.home / "reports" / request_id / f"membership-{section['dataset']['name']}.png"
+        assert png.read_bytes().startswith(b"\x89PNG")
+    versions = [p["ensemble_version"] for s in body["datasets"] for p in s["verification"]["membership_probe"]]
+    assert len(set(versions)) == 4  # four ensemble versions measured: no dataset reads another's probe
     assert body["erasure"]["records_erased"] == sum(s["erasure"]["records_erased"] for s in body["datasets"])
     assert body["erasure"]["datasets"] == 2
+
+    engine = open_database(settings)
+    try:
+        with unit_of_work(engine) as session:
+            ids = {name: dataset_or_fail(session, name).id for name in ("alpha", "beta")}
+            rows = session.scalars(select(MembershipProbe).where(MembershipProbe.request_id == request_id)).all()
+            assert sorted((r.dataset_id, r.role) for r in rows) == sorted(
+                (ids[n], role) for n in ids for role in ("before", "after"))
+            probed = [json.loads(e.details) for e in session.scalars(select(AuditEvent).where(
+                AuditEvent.request_id == request_id, AuditEvent.kind == "membership.probed"))]
+            assert sorted(d["dataset"] for d in probed) == ["alpha", "beta"]
+            # A row from before migration 0012 has no dataset: it reads as the first dataset's (by name).
+            for row in rows:
+                if row.dataset_id == ids["alpha"]:
+                    row.dataset_id = None
+        with unit_of_work(engine) as session:
+            assert {(r.dataset_id, r.role) for r in probe_rows(session, request_id, ids["alpha"])} == {
+                (None, "before"), (None, "after")}
+            assert {(r.dataset_id, r.role) for r in probe_rows(session, request_id, ids["beta"])} == {
+                (ids["beta"], "before"), (ids["beta"], "after")}
+        with use_settings(settings):  # both datasets count as probed: a rerun measures nothing again
+            assert [p["auc"] for p in probe_membership(settings, engine, request_id, "alpha")] == [
+                p["auc"] for p in body["datasets"][0]["verification"]["membership_probe"]]
+        with unit_of_work(engine) as session:
+            assert len(session.scalars(select(MembershipProbe).where(
+                MembershipProbe.request_id == request_id)).all()) == 4
+    finally:
+        engine.dispose()
 
 
 def test_a_request_naming_datasets_at_intake_is_processed_against_those_only(settings: Settings) -> None:

@@ -176,13 +176,14 @@ def test_review_through_the_api_then_scheduled_retraining(settings, prefect_env)
 
 def test_two_requests_on_the_same_shards_at_once(settings, prefect_env) -> None:  # noqa: ANN001
     """Erasures of two subjects race on the same shards: both deletions land (the
-    shard lock serialises them), and the scheduled run retrains each shard once."""
+    shard lock serialises them), and the scheduled run retrains each shard once. Record
+    placement, so that two people share shards (subject placement keeps each in one)."""
     import json
 
     from flows.process_request import process_erasure_request
     from flows.retraining import retrain_pending
 
-    demo = trained_demo(settings)
+    demo = trained_demo(settings, placement="record")
     persons = [json.loads(line) for line in demo["files"].ground_truth.read_text().splitlines()]
     persons = sorted((p for p in persons if p["type"] == "person"), key=lambda p: (-len(p["originals"]), p["person"]))
     ids = [submit_for(settings, persons[0], "a"), submit_for(settings, persons[1], "b")]
