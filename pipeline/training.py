@@ -180,16 +180,23 @@ def train_config(feature_dim: int, num_classes: int, num_slices: int, options: T
 
 
 
+def _dataset_train_config(settings: Settings, session: Session, ds, options: dict, *, monolithic: bool) -> TrainConfig:  # noqa: ANN001
+    """The training config of the dataset's sub-models (or of its one-slice monolithic baseline)."""
+    versions = latest_shard_versions(session, ds.id)
+    opts = TrainingOptions(**{**options, "hidden": tuple(options.get("hidden", (64,)))})
+    classes = _num_classes(settings, versions, opts, len(vocabulary(session, ds.id)))
+    if monolithic:
+        return train_config(ds.feature_dim, classes, 1, opts, 1)
+    return train_config(ds.feature_dim, classes, ds.n_slices, opts, ds.n_shards)
+
+
 def train_one_shard(settings: Settings, dataset: str, shard: int, options: dict) -> dict:
     """Train (or resume) shard ``shard``'s sub-model on its latest version; record its checkpoints."""
     engine = open_database(settings)
     try:
         with unit_of_work(engine) as session:
             ds = dataset_or_fail(session, dataset)
-            versions = latest_shard_versions(session, ds.id)
-            opts = TrainingOptions(**{**options, "hidden": tuple(options.get("hidden", (64,)))})
-            classes = _num_classes(settings, versions, opts, len(vocabulary(session, ds.id)))
-            config = train_config(ds.feature_dim, classes, ds.n_slices, opts, ds.n_shards)
+            config = _dataset_train_config(settings, session, ds, options, monolithic=False)
         return _train_latest(settings, engine, dataset, shard, config)
     finally:
         engine.dispose()
@@ -305,9 +312,7 @@ def train_baseline(settings: Settings, dataset: str, options: dict) -> dict:
         with unit_of_work(engine) as session:
             ds = dataset_or_fail(session, dataset)
             versions = latest_shard_versions(session, ds.id)
-            opts = TrainingOptions(**{**options, "hidden": tuple(options.get("hidden", (64,)))})
-            classes = _num_classes(settings, versions, opts, len(vocabulary(session, ds.id)))
-            config = train_config(ds.feature_dim, classes, 1, opts, 1)
+            config = _dataset_train_config(settings, session, ds, options, monolithic=True)
             dataset_id = ds.id
         parts = [shard_from_parquet(v.path, str(s), unlabeled="skip") for s, v in sorted(versions.items())]
         parts = [p for p in parts if p.num_records]
