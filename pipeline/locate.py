@@ -27,6 +27,7 @@ from dedup.minhash import MinHashKeyMismatch, MinHashParams
 from dedup.policy import Thresholds
 from dedup.shard_index import ShardIndex, artefact_dir, build_shard_index, texts_from_parquet
 from dedup.tombstones import TombstoneSet, UnkeyedTombstones
+from pipeline.artefact_cache import ARTEFACTS, file_stamp
 from shards.files import sha256_file
 from shards.store import ShardVersionRef
 
@@ -130,13 +131,32 @@ def seeds_for_hashes(session: Session, dataset_id: int, hashes: Iterable[tuple[s
     return seeds
 
 
+def cached_index(settings: Settings, dataset: Dataset, shard: int, version: int, path: str,
+                 embedder: Embedder, minhash: MinHashParams) -> ShardIndex:
+    """The index of one shard version from the process's artefact cache (loaded on a miss).
+
+    One entry per (home, dataset, shard): a newer version replaces the older one. The stamp
+    holds the version, its file, the index manifest's identity and the MinHash key, so an
+    index rebuilt in place (rekey) or of a superseded version is never served."""
+    key = ("shard-index", str(settings.home), dataset.name, shard)
+    manifest = artefact_dir(path) / "manifest.json"
+    # Taken before loading: the content loaded is never older than the stamp it is stored under.
+    stamp = (version, str(path), file_stamp(manifest), minhash.key_id)
+    if stamp[2] is None:  # no index on disk (a crash left none): load_index builds and saves it
+        built = load_index(path, shard, version, embedder, minhash)
+        return ARTEFACTS.get(key, (version, str(path), file_stamp(manifest), minhash.key_id), lambda: built)
+    return ARTEFACTS.get(key, stamp, lambda: load_index(path, shard, version, embedder, minhash))
+
+
 def current_indexes(settings: Settings, session: Session,
                     dataset: Dataset) -> tuple[dict[int, ShardIndex], dict[int, str], Embedder]:
-    """The saved indexes of the dataset's latest shard versions, their files, and its embedder."""
+    """The indexes of the dataset's latest shard versions (cached, see :func:`cached_index`),
+    their files, and its embedder."""
     embedder = dataset_embedder(dataset.embedder, dataset.feature_dim)
     minhash = dataset_minhash(settings, dataset.name)
     versions = latest_shard_versions(session, dataset.id)
-    indexes = {s: load_index(v.path, s, v.version, embedder, minhash) for s, v in versions.items()}
+    indexes = {s: cached_index(settings, dataset, s, v.version, v.path, embedder, minhash)
+               for s, v in versions.items()}
     return indexes, {s: v.path for s, v in versions.items()}, embedder
 
 

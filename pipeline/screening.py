@@ -25,10 +25,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
-import threading
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 from sqlalchemy import Engine, select
 
@@ -37,6 +35,7 @@ from db.models import Dataset
 from db.session import unit_of_work
 from db.settings import Settings
 from dedup.tombstones import DEFAULT_SCREEN_JACCARD, TombstoneSet
+from pipeline.artefact_cache import ARTEFACTS, file_stamp
 from pipeline.database import open_database
 from pipeline.locate import dataset_minhash, load_tombstones, tombstone_path
 
@@ -89,27 +88,16 @@ class ScreenResult:
     note: str = SCREEN_NOTE
 
 
-_cache_lock = threading.Lock()
-_cache: dict[Path, tuple[tuple, TombstoneSet]] = {}
-
-
 def _tombstones(settings: Settings, dataset: str) -> TombstoneSet | None:
-    """The dataset's tombstones, cached per file while it is unchanged and the key the
-    same (the LSH bands built on the set are cached with it)."""
+    """The dataset's tombstones, from the process's artefact cache while the file is unchanged
+    and the key the same (the LSH bands built on the set are cached with it)."""
     path = tombstone_path(settings, dataset)
-    try:
-        stat = path.stat()
-    except FileNotFoundError:
+    stamp = file_stamp(path)
+    if stamp is None:
         return None
-    stamp = (stat.st_mtime_ns, stat.st_size, stat.st_ino, dataset_minhash(settings, dataset).key_id)
-    with _cache_lock:
-        cached = _cache.get(path)
-        if cached is not None and cached[0] == stamp:
-            return cached[1]
-    tombstones = load_tombstones(settings, dataset)  # a file is replaced atomically, never rewritten in place
-    with _cache_lock:
-        _cache[path] = (stamp, tombstones)
-    return tombstones
+    # a file is replaced atomically, never rewritten in place: a new file is a new inode
+    return ARTEFACTS.get(("tombstones", str(path)), (stamp, dataset_minhash(settings, dataset).key_id),
+                         lambda: load_tombstones(settings, dataset))
 
 
 def screen_texts(
