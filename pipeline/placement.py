@@ -34,8 +34,7 @@ from shards.placement import (
     place_subjects,
     summarise_identifiers,
 )
-from shards.retrain import RetrainEstimate, retrain_estimate
-from shards.training import DEFAULT_SCHEDULE, SliceSchedule, TrainConfig
+from shards.schedule import DEFAULT_SCHEDULE, RetrainEstimate, SliceSchedule, TrainConfig, retrain_estimate
 
 
 @dataclass(frozen=True)
@@ -132,6 +131,11 @@ def subject_options(linking_kinds: Iterable[str] | None = None, max_records_per_
 def estimate_schedule(settings: Settings, session: Session, dataset: Dataset) -> SliceSchedule:
     """The slice schedule the dataset's ensemble in service was trained with, or the default schedule's
     shape when nothing was trained yet (the fraction does not depend on the number of epochs)."""
+    from db.training import EnsembleVersionRow
+
+    trained = session.scalar(select(EnsembleVersionRow.id).where(EnsembleVersionRow.dataset_id == dataset.id).limit(1))
+    if trained is None:  # nothing trained: the default shape, without importing torch (a fast `erasure locate`)
+        return SliceSchedule.named(DEFAULT_SCHEDULE, dataset.n_slices, 1.0)
     from pipeline.training import checkpoint_store, current_ensemble  # noqa: PLC0415 - torch only when trained
 
     ensemble = current_ensemble(session, dataset.id)

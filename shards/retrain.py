@@ -72,6 +72,10 @@ from shards.training import (
     train_slices,
 )
 
+from shards.schedule import (  # noqa: F401,E402  (re-exported: their home before shards.schedule)
+    RetrainEstimate, ShardEstimate, expected_retrain_fraction, expected_shard_fraction, retrain_estimate,
+)
+
 OUTCOMES = ("retrain", "up_to_date", "emptied")
 
 
@@ -93,106 +97,6 @@ class RuntimeMismatchError(ValueError):
 def _describe(runtime: Runtime) -> str:
     return (f"device {runtime.device}, torch {runtime.torch_version}, {runtime.threads} CPU thread(s), "
             f"deterministic {'on' if runtime.deterministic else 'off'}")
-
-
-def expected_shard_fraction(num_slices: int, deletions: int = 1) -> float:
-    """Expected fraction of a shard's training redone for ``deletions`` uniform deletions in it.
-
-    The earliest affected slice i (1-based) has ``P(i' >= i) = ((R-i+1)/R)^m``; retraining
-    from it costs ``Σ_{j=i..R} j / (R(R+1)/2)`` of the shard. For m = 1 this is 2/3 + 1/(3R).
-    """
-    if num_slices < 1 or deletions < 0:
-        raise ValueError(f"need num_slices >= 1 and deletions >= 0, got {num_slices}, {deletions}")
-    if deletions == 0:
-        return 0.0
-    total = num_slices * (num_slices + 1) / 2
-    expected = 0.0
-    for i in range(1, num_slices + 1):
-        p_min_is_i = ((num_slices - i + 1) / num_slices) ** deletions - ((num_slices - i) / num_slices) ** deletions
-        expected += p_min_is_i * sum(range(i, num_slices + 1)) / total
-    return expected
-
-
-def expected_retrain_fraction(num_shards: int, num_slices: int, deletions: int = 1) -> float:
-    """Expected fraction of a full ensemble training redone for K uniform deletions retrained together.
-
-    Each shard receives m ~ Binomial(K, 1/S) of them; for K = 1 this is the paper's ``(2/3 + 1/(3R))/S``.
-    """
-    if num_shards < 1:
-        raise ValueError(f"num_shards must be at least 1, got {num_shards}")
-    p = 1 / num_shards
-    return sum(
-        comb(deletions, m) * p**m * (1 - p) ** (deletions - m) * expected_shard_fraction(num_slices, m)
-        for m in range(1, deletions + 1)
-    )
-
-
-@dataclass(frozen=True)
-class ShardEstimate:
-    shard: int
-    earliest_slice: int
-    records: int  # records of this shard the request removes
-    samples: int  # samples retraining it processes
-    shard_training_samples: int  # samples of training this shard from scratch (after the removal)
-
-
-@dataclass(frozen=True)
-class RetrainEstimate:
-    """What a removal will cost, before anything is erased: the planner's own sums on per-slice counts."""
-
-    shards: tuple[ShardEstimate, ...]
-    samples: int
-    full_training_samples: int  # training every shard of the ensemble from scratch (after the removal)
-
-    @property
-    def fraction(self) -> float:
-        return self.samples / self.full_training_samples if self.full_training_samples else 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"shards_touched": len(self.shards),
-                "earliest_slice": {str(s.shard): s.earliest_slice for s in self.shards},
-                "shards": [{"shard": s.shard, "earliest_slice": s.earliest_slice, "records": s.records,
-                            "samples": s.samples, "shard_training_samples": s.shard_training_samples}
-                           for s in self.shards],
-                "samples": self.samples, "full_training_samples": self.full_training_samples,
-                "fraction": round(self.fraction, 6)}
-
-
-def retrain_estimate(slice_counts: Mapping[int, Iterable[int]], removals: Iterable[tuple[int, int]],
-                     schedule: SliceSchedule) -> RetrainEstimate:
-    """Cost of removing records at ``removals`` ((shard, slice) each) from shards holding ``slice_counts``
-    (shard -> records per slice), retraining each touched shard from its earliest affected slice.
-
-    The same sums as :func:`plan_retrain`: ``schedule.samples`` of the remaining cumulative slice
-    sizes from the earliest affected slice (samples), and from slice 0 summed over every shard
-    (full training). A shard whose records all go is counted as emptied (nothing to retrain)."""
-    R = schedule.num_slices
-    counts = {int(s): [int(c) for c in v] for s, v in slice_counts.items()}
-    for shard, per in counts.items():
-        if len(per) != R or min(per, default=0) < 0:
-            raise ValueError(f"shard {shard}: need {R} non-negative slice counts, got {per}")
-    removed: dict[int, list[int]] = {}
-    for shard, slc in removals:
-        if shard not in counts or not 0 <= slc < R:
-            raise ValueError(f"removal at shard {shard}, slice {slc} is outside the counts given")
-        removed.setdefault(shard, [0] * R)[slc] += 1
-    shards, total, full = [], 0, 0
-    for shard in sorted(counts):
-        remaining = [c - r for c, r in zip(counts[shard], removed.get(shard, [0] * R))]
-        if min(remaining) < 0:
-            raise ValueError(f"shard {shard}: more removals than records in a slice")
-        cumulative, running = [], 0
-        for c in remaining:
-            running += c
-            cumulative.append(running)
-        shard_full = schedule.samples(cumulative) if running else 0
-        full += shard_full
-        if shard in removed:
-            earliest = next(r for r, n in enumerate(removed[shard]) if n)
-            samples = schedule.samples(cumulative, earliest) if running else 0
-            total += samples
-            shards.append(ShardEstimate(shard, earliest, sum(removed[shard]), samples, shard_full))
-    return RetrainEstimate(tuple(shards), total, full)
 
 
 @dataclass(frozen=True)

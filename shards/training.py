@@ -40,10 +40,9 @@ from shards.checkpoints import CheckpointRef, CheckpointStore, chain_next, chain
 from shards.device import Runtime, deterministic_mode, resolve_runtime
 from shards.model import ModelSpec, build_model
 
-TRAINING_ALGORITHM = "sisa-train/1"  # bump when the loop changes: it is part of every checkpoint address
-OPTIMIZERS = ("adam", "sgd")
-SCHEDULE_KINDS = ("equal-samples", "paper")  # how a sub-model's epochs are spread over its slices
-DEFAULT_SCHEDULE = "equal-samples"  # the pipeline's default (pipeline.training.TrainingOptions)
+from shards.schedule import (  # noqa: F401  (re-exported: their home before shards.schedule)
+    DEFAULT_SCHEDULE, OPTIMIZERS, SCHEDULE_KINDS, TRAINING_ALGORITHM, SliceSchedule, TrainConfig,
+)
 
 
 class EmptyShardError(ValueError):
@@ -63,127 +62,6 @@ class UnknownRecordIdsError(ValueError):
         )
 
 
-@dataclass(frozen=True)
-class SliceSchedule:
-    """Epochs to train at each slice: ``epochs[r]`` passes over slices 0..r (may be fractional).
-
-    A fractional ``E`` runs ``floor(E)`` full passes and then one pass over the
-    first ``round(frac(E)·n)`` records of that pass's shuffled order.
-    """
-
-    epochs: tuple[float, ...]
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "epochs", tuple(float(e) for e in self.epochs))
-        if not self.epochs:
-            raise ValueError("a schedule needs at least one slice; use SliceSchedule.paper(num_slices, total_epochs)")
-        if any(not e >= 0 or math.isinf(e) for e in self.epochs):
-            raise ValueError(f"epochs per slice must be finite and >= 0, got {self.epochs}")
-
-    @classmethod
-    def paper(cls, num_slices: int, total_epochs: float) -> SliceSchedule:
-        """Bourtoule et al.: ``E_r = 2e/(R+1)`` epochs at every slice, e epochs' worth of samples in total."""
-        if num_slices < 1:
-            raise ValueError(f"num_slices must be at least 1, got {num_slices}")
-        if not total_epochs > 0:
-            raise ValueError(f"total_epochs must be positive, got {total_epochs}")
-        return cls(epochs=(2 * total_epochs / (num_slices + 1),) * num_slices)
-
-    @classmethod
-    def equal_samples(cls, num_slices: int, total_epochs: float) -> SliceSchedule:
-        """Every slice processes the same number of samples, ``E_r = e/(r+1)`` on ``(r+1)·n/R`` records:
-        e epochs' worth in total, like the paper's, but retraining from slice i costs ``(R-i)/R`` of the
-        shard instead of ``(R-i)(R+i+1)/(R(R+1))``, so a late slice is cheap to retrain. Slice r's records
-        are visited ``Σ_{j>=r} E_j`` times: the last slice's least (the accuracy cost, see the README)."""
-        if num_slices < 1:
-            raise ValueError(f"num_slices must be at least 1, got {num_slices}")
-        if not total_epochs > 0:
-            raise ValueError(f"total_epochs must be positive, got {total_epochs}")
-        return cls(epochs=tuple(total_epochs / (r + 1) for r in range(num_slices)))
-
-    @classmethod
-    def named(cls, kind: str, num_slices: int, total_epochs: float) -> SliceSchedule:
-        """The schedule called ``kind`` (one of ``SCHEDULE_KINDS``)."""
-        if kind == "paper":
-            return cls.paper(num_slices, total_epochs)
-        if kind == "equal-samples":
-            return cls.equal_samples(num_slices, total_epochs)
-        raise ValueError(f"schedule must be one of {', '.join(SCHEDULE_KINDS)}, got {kind!r}")
-
-    @property
-    def num_slices(self) -> int:
-        return len(self.epochs)
-
-    def passes(self, r: int, size: int) -> list[int]:
-        """Records visited by each pass of slice r over a cumulative set of ``size`` records."""
-        full = math.floor(self.epochs[r])
-        partial = round((self.epochs[r] - full) * size)
-        return [size] * full + ([partial] if partial else [])
-
-    def samples(self, cumulative_sizes: Sequence[int], first_slice: int = 0) -> int:
-        """Samples processed training slices ``first_slice..R-1``: ``Σ_r E_r · |D_0..r|``."""
-        return sum(sum(self.passes(r, int(cumulative_sizes[r]))) for r in range(first_slice, self.num_slices))
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything that determines a sub-model's weights besides its data; hashed into checkpoint addresses."""
-
-    model: ModelSpec
-    schedule: SliceSchedule
-    batch_size: int = 256
-    learning_rate: float = 1e-3
-    weight_decay: float = 0.0
-    optimizer: str = "adam"
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be positive, got {self.batch_size}")
-        if self.learning_rate <= 0:
-            raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
-
-    @property
-    def num_slices(self) -> int:
-        return self.schedule.num_slices
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "algorithm": TRAINING_ALGORITHM,
-            "model": self.model.to_dict(),
-            "epochs_per_slice": list(self.schedule.epochs),  # floats: JSON keeps them exactly
-            "batch_size": self.batch_size,
-            "learning_rate": self.learning_rate,
-            "weight_decay": self.weight_decay,
-            "optimizer": self.optimizer,
-            "seed": self.seed,
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        if data.get("algorithm", TRAINING_ALGORITHM) != TRAINING_ALGORITHM:
-            raise ValueError(
-                f"config was written for {data['algorithm']}, this code runs {TRAINING_ALGORITHM}; "
-                "retrain from scratch with this version"
-            )
-        return cls(
-            model=ModelSpec.from_dict(data["model"]),
-            schedule=SliceSchedule(tuple(data["epochs_per_slice"])),
-            batch_size=int(data["batch_size"]),
-            learning_rate=float(data["learning_rate"]),
-            weight_decay=float(data["weight_decay"]),
-            optimizer=str(data["optimizer"]),
-            seed=int(data["seed"]),
-        )
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
-
-    @property
-    def digest(self) -> str:
-        return hashlib.sha256(self.to_json().encode()).hexdigest()
 
 
 @dataclass(frozen=True, eq=False)
