@@ -48,12 +48,16 @@ def wal_size(engine: Engine) -> int | None:
     return wal.stat().st_size if wal.exists() else 0
 
 
-def after_erasure(engine: Engine, *, vacuum: bool) -> dict:
-    """The backend's maintenance after rows holding personal data were deleted; what was done."""
+def after_erasure(engine: Engine, *, vacuum: bool, tables: tuple[str, ...] = CONTENT_TABLES,
+                  lock_timeout: str | None = PG_LOCK_TIMEOUT) -> dict:
+    """The backend's maintenance after rows holding personal data were deleted; what was done.
+
+    PostgreSQL rewrites ``tables``; with ``lock_timeout`` None it waits for their locks
+    instead of falling back to a plain VACUUM (a one-off compaction that must happen)."""
     if engine.dialect.name == "sqlite":
         return _sqlite(engine, vacuum)
     if engine.dialect.name == "postgresql":
-        return _postgresql(engine)
+        return _postgresql(engine, tables, lock_timeout)
     return {"backend": engine.dialect.name, "done": []}
 
 
@@ -76,12 +80,13 @@ def _sqlite(engine: Engine, vacuum: bool) -> dict:
             "wal_frames_checkpointed": checkpointed}
 
 
-def _postgresql(engine: Engine) -> dict:
+def _postgresql(engine: Engine, tables: tuple[str, ...], lock_timeout: str | None) -> dict:
     with engine.connect() as probe:
-        present = [t for t in CONTENT_TABLES if inspect(probe).has_table(t)]
+        present = [t for t in tables if inspect(probe).has_table(t)]
     full, plain = [], []
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-        conn.execute(text(f"SET lock_timeout = '{PG_LOCK_TIMEOUT}'"))
+        if lock_timeout is not None:
+            conn.execute(text(f"SET lock_timeout = '{lock_timeout}'"))
         for table in present:
             try:
                 conn.execute(text(f'VACUUM (FULL) "{table}"'))

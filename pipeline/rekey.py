@@ -22,12 +22,13 @@ import os
 from dataclasses import asdict, dataclass
 
 import pyarrow.parquet as pq
-from sqlalchemy import Engine, select, text, update
+from sqlalchemy import Engine, select, update
 from sqlalchemy.orm import Session
 
 from db.audit import append_event
 from db.lineage import DatasetConflict, get_dataset, latest_shard_versions
 from db.locks import lock_dataset
+from db.maintenance import after_erasure
 from db.models import Dataset, Record
 from db.session import unit_of_work
 from db.settings import Settings
@@ -140,13 +141,7 @@ def rekey_dataset(settings: Settings, dataset_name: str, *, drop_unkeyed_tombsto
 
 def compact_database(engine: Engine) -> None:
     """Rewrite the records table so that values set to NULL leave the database files."""
-    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-        if engine.dialect.name == "postgresql":
-            conn.execute(text("VACUUM FULL records"))
-        else:
-            conn.execute(text("PRAGMA wal_checkpoint(TRUNCATE)"))
-            conn.execute(text("VACUUM"))
-            conn.execute(text("PRAGMA wal_checkpoint(TRUNCATE)"))
+    after_erasure(engine, vacuum=True, tables=("records",), lock_timeout=None)
 
 
 def rekey_all(settings: Settings, *, drop_unkeyed_tombstones: bool = False) -> list[RekeyReport]:
