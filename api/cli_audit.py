@@ -15,7 +15,8 @@ from typing import Annotated
 
 import typer
 
-from api.cli_common import DbOpt, HomeOpt, JsonOpt, emit, fail, settings_from_flags
+from api.cli_common import DbOpt, HomeOpt, JsonOpt, emit, fail, request_id_arg, settings_from_flags
+from flows.prefect_records import configured_reader
 
 audit_app = typer.Typer(no_args_is_help=True, help="Audit: the tamper-evident log, queries, certificates.")
 
@@ -43,26 +44,6 @@ def verify_log(home: HomeOpt = None, database_url: DbOpt = None, as_json: JsonOp
         raise typer.Exit(1)
 
 
-def _request_id(value: str) -> str:
-    import uuid
-
-    try:
-        return str(uuid.UUID(value))
-    except ValueError:
-        fail(f"{value!r} is not a request id (a UUID, as `erasure request submit` printed it)")
-
-
-def prefect_reader():  # noqa: ANN201
-    """The reader of Prefect's records when a Prefect API is configured (PREFECT_API_URL), else None."""
-    import os
-
-    if not os.environ.get("PREFECT_API_URL"):
-        return None
-    from flows.prefect_records import request_run_records
-
-    return request_run_records
-
-
 @audit_app.command("residue")
 def residue(
     request_id: Annotated[str, typer.Argument(help="The request id (a UUID).")],
@@ -79,8 +60,8 @@ def residue(
 
     settings = settings_from_flags(home, database_url)
     try:
-        report = check_residue_for(settings, _request_id(request_id),
-                                   prefect_records=None if no_prefect else prefect_reader())
+        report = check_residue_for(settings, request_id_arg(request_id),
+                                   prefect_records=None if no_prefect else configured_reader())
     except RequestNotFound as exc:
         fail(str(exc))
     emit(report, as_json, residue_lines(report))
@@ -141,7 +122,7 @@ def upstream_done(
     engine = open_database(settings)
     try:
         with unit_of_work(engine) as session:
-            result = mark_upstream_done(session, _request_id(request_id), source, actor=f"cli:{getpass.getuser()}")
+            result = mark_upstream_done(session, request_id_arg(request_id), source, actor=f"cli:{getpass.getuser()}")
     except (RequestNotFound, LookupError, ValueError) as exc:
         fail(str(exc))
     finally:

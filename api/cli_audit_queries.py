@@ -16,7 +16,9 @@ import typer
 from pydantic import BaseModel, ValidationError
 from sqlalchemy.orm import Session
 
-from api.cli_common import IDENTIFIER_HELP, DbOpt, HomeOpt, JsonOpt, emit, fail, parse_identifiers, settings_from_flags
+from api.cli_common import (
+    IDENTIFIER_HELP, DbOpt, HomeOpt, JsonOpt, emit, fail, parse_identifiers, request_id_arg, settings_from_flags,
+)
 from db.settings import Settings
 
 DatasetOpt = Annotated[Optional[str], typer.Option("--dataset", help="Only this dataset (default: all).")]
@@ -71,15 +73,10 @@ def timeline(
     as_json: JsonOpt = False,
 ) -> None:
     """A request's timeline: the audit log merged with its state history."""
-    import uuid
-
     from api.schemas_audit import RequestTimelineOut
     from db.audit_queries import request_timeline
 
-    try:
-        request_id = str(uuid.UUID(request_id))
-    except ValueError:
-        fail(f"REQUEST_ID {request_id!r} is not a request id (a UUID, e.g. from `erasure request submit`)")
+    request_id = request_id_arg(request_id)
     with _session(home, database_url) as (_, session):
         data = _dump(RequestTimelineOut, request_timeline(session, request_id))
     head = f"request {data['request_id']}: {data['state']}, due {data['due_at']}" + (" (OVERDUE)" if data["overdue"] else "")

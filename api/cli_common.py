@@ -25,6 +25,16 @@ def fail(message: str, code: int = 2) -> NoReturn:
     raise typer.Exit(code)
 
 
+def request_id_arg(value: str) -> str:
+    """A request id given on the command line, as a canonical UUID; exit 2 otherwise."""
+    import uuid
+
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        fail(f"{value!r} is not a request id (a UUID, as `erasure request submit` printed it)")
+
+
 def emit(data: dict, as_json: bool, human: str) -> None:
     if as_json:
         sys.stdout.write(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")

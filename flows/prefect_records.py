@@ -68,3 +68,10 @@ def request_run_records(request_id: str) -> list[dict]:
             places.append({"place": "artifact", "id": str(artifact.id),
                            "strings": _strings(artifact.data) + [artifact.description or ""]})
     return places
+
+
+def configured_reader():  # noqa: ANN201
+    """:func:`request_run_records` when a Prefect API is configured (``PREFECT_API_URL``), else None."""
+    import os
+
+    return request_run_records if os.environ.get("PREFECT_API_URL") else None

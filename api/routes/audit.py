@@ -84,12 +84,12 @@ def residue(
     engine: EngineDep,
     prefect: Annotated[bool, Query(description="Also read Prefect's records of the request's runs.")] = True,
 ) -> dict:
-    from api.cli_audit import prefect_reader
+    from flows.prefect_records import configured_reader
     from pipeline.lifecycle import RequestNotFound
     from pipeline.residue import check_residue
 
     try:
-        return check_residue(settings, engine, str(request_id), prefect_records=prefect_reader() if prefect else None)
+        return check_residue(settings, engine, str(request_id), prefect_records=configured_reader() if prefect else None)
     except RequestNotFound as exc:
         raise ApiError(404, "not_found", str(exc)) from None
 
