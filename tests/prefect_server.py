@@ -20,6 +20,7 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -29,10 +30,53 @@ import flows.prefect_setup  # noqa: F401  (our Prefect defaults before anything 
 STARTUP_TIMEOUT_S = 120
 
 
-def _free_port() -> int:
+ROOT = Path(__file__).resolve().parents[1]
+
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def stop_process_group(process: subprocess.Popen) -> None:
+    """SIGTERM the process's group (a uvicorn supervisor and its workers), SIGKILL after 20 s."""
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=20)
+    except ProcessLookupError:
+        pass
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=20)
+
+
+@contextmanager
+def api_server(env: dict[str, str], log: Path, workers: int = 1, timeout_s: float = 60) -> Iterator[str]:
+    """``erasure serve`` in its own process group, output to ``log``; yields its base URL."""
+    import httpx
+
+    port = free_port()
+    command = [sys.executable, "-m", "api.cli_requests", "serve", "--port", str(port), "--log-level", "warning"]
+    if workers != 1:
+        command += ["--workers", str(workers)]
+    with open(log, "wb") as out:
+        process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + timeout_s
+            while True:
+                try:
+                    if httpx.get(f"{base}/openapi.json", timeout=1).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                assert process.poll() is None, log.read_text()[-3000:]
+                assert time.monotonic() < deadline, f"the API did not come up within {timeout_s:.0f} s"
+                time.sleep(0.2)
+            yield base
+        finally:
+            stop_process_group(process)
 
 
 def server_environment(home: Path) -> dict[str, str]:
@@ -50,7 +94,7 @@ def server_environment(home: Path) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def prefect_api_url() -> Iterator[str]:
     home = Path(tempfile.mkdtemp(prefix="prefect-home-"))
-    port = _free_port()
+    port = free_port()
     log = open(home / "server.log", "wb")
     process = subprocess.Popen(
         [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],

@@ -5,10 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -32,6 +28,7 @@ from db.session import make_engine, unit_of_work, upgrade_to_head
 from db.settings import Settings
 from pipeline.lifecycle import transition
 from tests.conftest import TEST_SECRET, database_dump
+from tests.prefect_server import api_server
 
 BASE = "/v1/erasure-requests"
 BODY = {"identifiers": [{"kind": "email", "value": "Jane.Doe@example.org"}], "samples": ["my kettle review"]}
@@ -310,12 +307,6 @@ def test_review_extension_and_denial_over_http(api: Api) -> None:
 # ---------------------------------------------------------------- a real server, concurrently
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def cli_env(home: Path, database_url: str) -> dict[str, str]:
     env = {**os.environ, "ERASURE_HOME": str(home), "ERASURE_DATABASE_URL": database_url,
            "ERASURE_SECRET_KEY": TEST_SECRET}
@@ -329,65 +320,41 @@ def test_fifty_concurrent_submissions_on_a_real_server(tmp_path: Path, postgres_
     engine = make_engine(postgres_url)
     with unit_of_work(engine) as session:
         token, _ = issue_token(session, "load", ["intake"])
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "api.cli_requests", "serve", "--port", str(port), "--log-level", "warning",
-         "--workers", str(workers)],
-        env=cli_env(tmp_path / "home", postgres_url), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        start_new_session=True,
-    )
-    base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"{base}/openapi.json", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert server.poll() is None, server.stderr.read().decode() if server.stderr else "server exited"
-            assert time.monotonic() < deadline, "the server did not come up within 30 s"
-            time.sleep(0.2)
+        with api_server(cli_env(tmp_path / "home", postgres_url), tmp_path / "api.log", workers=workers,
+                        timeout_s=30) as base:
+            start = threading.Barrier(50)
 
-        start = threading.Barrier(50)
+            def submit(i: int, key: str | None = None) -> httpx.Response:
+                start.wait(timeout=30)
+                body = {"identifiers": [{"kind": "user_id", "value": f"user-{i}"}], "samples": [f"sample {i}"]}
+                headers = {"Authorization": f"Bearer {token}", "Idempotency-Key": key or f"load-{i}"}
+                return httpx.post(f"{base}{BASE}", json=body, headers=headers, timeout=60)
 
-        def submit(i: int, key: str | None = None) -> httpx.Response:
-            start.wait(timeout=30)
-            body = {"identifiers": [{"kind": "user_id", "value": f"user-{i}"}], "samples": [f"sample {i}"]}
-            headers = {"Authorization": f"Bearer {token}", "Idempotency-Key": key or f"load-{i}"}
-            return httpx.post(f"{base}{BASE}", json=body, headers=headers, timeout=60)
+            with ThreadPoolExecutor(max_workers=50) as pool:
+                responses = list(pool.map(submit, range(50)))
+            assert [r.status_code for r in responses] == [202] * 50, [r.text for r in responses if r.status_code != 202]
+            assert len({r.json()["id"] for r in responses}) == 50
 
-        with ThreadPoolExecutor(max_workers=50) as pool:
-            responses = list(pool.map(submit, range(50)))
-        assert [r.status_code for r in responses] == [202] * 50, [r.text for r in responses if r.status_code != 202]
-        assert len({r.json()["id"] for r in responses}) == 50
+            start = threading.Barrier(10)
+            with ThreadPoolExecutor(max_workers=10) as pool:  # one key, ten times at once
+                same = list(pool.map(lambda _: submit(0, key="one-key"), range(10)))
+            assert [r.status_code for r in same] == [202] * 10
+            assert len({r.json()["id"] for r in same}) == 1
 
-        start = threading.Barrier(10)
-        with ThreadPoolExecutor(max_workers=10) as pool:  # one key, ten times at once
-            same = list(pool.map(lambda _: submit(0, key="one-key"), range(10)))
-        assert [r.status_code for r in same] == [202] * 10
-        assert len({r.json()["id"] for r in same}) == 1
+            def oversize() -> Iterator[bytes]:  # streamed (chunked) past 256 KiB
+                yield b'{"samples": ["'
+                for _ in range(300):
+                    yield b"z" * 1024
+                yield b'"]}'
 
-        def oversize() -> Iterator[bytes]:  # streamed (chunked) past 256 KiB
-            yield b'{"samples": ["'
-            for _ in range(300):
-                yield b"z" * 1024
-            yield b'"]}'
+            streamed = httpx.post(f"{base}{BASE}", content=oversize(), timeout=30, headers={
+                "Authorization": f"Bearer {token}", "Idempotency-Key": "big", "Content-Type": "application/json"})
+            assert streamed.status_code == 413 and streamed.json()["error"]["code"] == "payload_too_large"
 
-        streamed = httpx.post(f"{base}{BASE}", content=oversize(), timeout=30, headers={
-            "Authorization": f"Bearer {token}", "Idempotency-Key": "big", "Content-Type": "application/json"})
-        assert streamed.status_code == 413 and streamed.json()["error"]["code"] == "payload_too_large"
-
-        with unit_of_work(engine) as session:
-            assert session.scalar(select(func.count()).select_from(ErasureRequest)) == 51
+            with unit_of_work(engine) as session:
+                assert session.scalar(select(func.count()).select_from(ErasureRequest)) == 51
     finally:
-        os.killpg(server.pid, signal.SIGTERM)  # the uvicorn supervisor and its workers
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-        if server.stderr:
-            server.stderr.close()
         engine.dispose()
 
 

@@ -7,8 +7,6 @@ our database to find the match references a reviewer would be shown)."""
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -26,7 +24,7 @@ from pipeline.database import open_database
 from pipeline.erasure import undecided_refs
 from pipeline.lifecycle import get_request
 from tests.conftest import TEST_SECRET
-from tests.prefect_server import _free_port, trained_demo
+from tests.prefect_server import api_server, free_port, stop_process_group, trained_demo
 
 ROOT = Path(__file__).resolve().parents[2]
 BASE = "/v1/erasure-requests"
@@ -42,17 +40,6 @@ def _env(settings: Settings, prefect_env: dict[str, str], **extra: str) -> dict[
     return {**prefect_env, "ERASURE_HOME": str(settings.home), "ERASURE_DATABASE_URL": settings.resolved_database_url,
             "ERASURE_SECRET_KEY": TEST_SECRET, "PYTHONPATH": str(ROOT), "PREFECT_RUNNER_POLL_FREQUENCY": "1",
             **extra}
-
-
-def _stop(process: subprocess.Popen) -> None:
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=20)
-    except ProcessLookupError:
-        pass
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=20)
 
 
 @contextmanager
@@ -81,32 +68,7 @@ def served_deployment(env: dict[str, str], log: Path) -> Iterator[None]:
                     time.sleep(0.5)
             yield
         finally:
-            _stop(process)
-
-
-@contextmanager
-def api_server(env: dict[str, str], log: Path) -> Iterator[str]:
-    """``erasure serve`` in its own process group; yields its base URL."""
-    port = _free_port()
-    with open(log, "wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "api.cli_requests", "serve", "--port", str(port), "--log-level", "warning"],
-            env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        base = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    if httpx.get(f"{base}/openapi.json", timeout=1).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                assert process.poll() is None, log.read_text()[-3000:]
-                assert time.monotonic() < deadline, "the API did not come up within 60 s"
-                time.sleep(0.2)
-            yield base
-        finally:
-            _stop(process)
+            stop_process_group(process)
 
 
 def _tokens(settings: Settings) -> dict[str, str]:
@@ -183,7 +145,7 @@ def test_a_request_submitted_while_prefect_is_down_is_started_by_the_sweep(setti
 
     _ingested_demo(settings)
     tokens = _tokens(settings)
-    dead = {**prefect_env, "PREFECT_API_URL": f"http://127.0.0.1:{_free_port()}/api"}  # nothing listens there
+    dead = {**prefect_env, "PREFECT_API_URL": f"http://127.0.0.1:{free_port()}/api"}  # nothing listens there
     api_log = tmp_path / "api.log"
     with api_server(_env(settings, dead), api_log) as base:
         answer = _submit(base, tokens["intake"], "nobody.here@example.org", "while-down")
