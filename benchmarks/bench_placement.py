@@ -129,9 +129,10 @@ def accuracy_figures(records: list[dict], places: dict[str, dict[str, Placement]
     return out
 
 
-def run(n_records: int, n_shards: int, n_slices: int, seed: int, epochs: float = 4.0, hard_dim: int = 32) -> dict:
+def run(n_records: int, n_shards: int, n_slices: int, seed: int, epochs: float = 4.0, hard_dim: int = 32,
+        posts_per_person: float = 4.0) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        files = write_demo(tmp, n_records, seed)
+        files = write_demo(tmp, n_records, seed, posts_per_person=posts_per_person)
         records = [json.loads(line) for line in files.records.read_text(encoding="utf-8").splitlines()]
         truth = read_ground_truth(files.ground_truth)
     labels = {r["id"]: r["label"] for r in records}
@@ -199,7 +200,7 @@ def run(n_records: int, n_shards: int, n_slices: int, seed: int, epochs: float =
                 if epochs else None)
     return {
         "benchmark": "placement",
-        "records": n_records, "shards": n_shards, "slices": n_slices, "seed": seed,
+        "records": n_records, "posts_per_person": posts_per_person, "shards": n_shards, "slices": n_slices, "seed": seed,
         "persons_requested": len(requests), "records_per_request_mean": round(k_mean, 2),
         "schedule": f"{DEFAULT_SCHEDULE} (the training default; all kinds under *_by_schedule)",
         "record": out["record"],
@@ -223,12 +224,14 @@ def main() -> None:
     parser.add_argument("--shards", type=int, default=8)
     parser.add_argument("--slices", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--posts-per-person", type=float, default=4.0,
+                        help="the demo generator's mean records per person (4: the demo; 8: persons as in the real data)")
     parser.add_argument("--epochs", type=float, default=4.0,
                         help="training epochs (TrainingOptions.epochs) for the accuracy figures; 0 skips them")
     parser.add_argument("--hard-dim", type=int, default=32, help="dimensions of the harder task's features")
     args = parser.parse_args()
     started = time.perf_counter()
-    result = run(args.records, args.shards, args.slices, args.seed, args.epochs, args.hard_dim)
+    result = run(args.records, args.shards, args.slices, args.seed, args.epochs, args.hard_dim, args.posts_per_person)
     result["seconds"]["total"] = round(time.perf_counter() - started, 2)
     print(json.dumps(result, indent=2))
 

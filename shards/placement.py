@@ -36,9 +36,12 @@ unless a shard was above that before the batch (erasures shrink the mean;
 nothing is ever moved to rebalance). Σ bins' room >= (1+e)·N - N_before >= the
 batch, so every record finds a place.
 
-**Slices.** New subjects are taken smallest first: the last slice takes the
-smallest subjects up to its room (summed over shards), the slice before it the
-next ones, and so on. Within a slice, subjects go largest first into the shard
+**Slices.** New subjects are taken in order of how likely a request is to
+reach them: first those carrying any identifier (a request names a person by
+identifiers), smallest first; then the anonymous ones (no identifier of any
+kind, not the copy of anyone's record), which only a requester's sample can
+reach. The last slice takes the first subjects of that order up to its room
+(summed over shards), the slice before it the next ones, and so on. Within a slice, subjects go largest first into the shard
 with the most room there (worst-fit decreasing: shards stay balanced and
 whole subjects fit); one that fits no shard of its slice moves to the slice
 before. With bins of equal size, putting the subjects with the fewest records
@@ -60,8 +63,12 @@ and equal slices, a subject in slice i (0-based) of one of S equal shards costs
 of a full retraining: 2/((R+1)S) in the last slice (0.05 for S=8, R=4), 1/S
 in the first (0.125). Bins of equal size hold equal numbers of records, so for
 persons of equal size the mean over persons is the paper's (2/3 + 1/(3R))/S
-(0.094 for S=8, R=4) whatever the placement inside the shard; smallest-first
-lowers it by as much as subject sizes vary. The exact cost of a request is
+(0.094 for S=8, R=4; (R+1)/(2RS) = 0.078 under the default equal-samples
+schedule) whatever the placement inside the shard, when every record is some
+person's: that is the floor for data made only of persons, for any placement.
+Smallest-first lowers it by as much as subject sizes vary, and anonymous
+records, which fill the early slices, lower it by as much again as they take
+room there. The exact cost of a request is
 ``shards.retrain.retrain_estimate`` (the planner's own sums).
 
 **Order.** Within a slice, records keep the hash-derived order key of
@@ -315,9 +322,11 @@ def place_subjects(
         home = min(counter, key=lambda p: (-counter[p], p)).shard
         put(members[root], bins.take_in_shard(home, len(members[root])))
 
-    # new subjects, smallest first, into the latest slices with room
+    # new subjects into the latest slices with room: those a request can name (any identifier), smallest
+    # first, then the anonymous ones (no identifier; reachable only as nobody's copy), into the earliest
+    identified = {uf.find(i) for i, rec in enumerate(records) if rec.identifiers}
     fresh = sorted((root for root in members if root not in subject_anchor),
-                   key=lambda root: (len(members[root]), key_of(root), root))
+                   key=lambda root: (root not in identified, len(members[root]), key_of(root), root))
     for root, assignment in bins.pack([(root, len(members[root]), key_of(root)) for root in fresh]):
         put(members[root], assignment)
 

@@ -105,6 +105,20 @@ def test_records_fill_the_latest_slices_first_and_shards_stay_balanced() -> None
     assert max(per_shard.values()) / (960 / 4) <= 1.1
 
 
+def test_anonymous_records_fill_the_earliest_slices_so_persons_get_the_latest() -> None:
+    # 240 persons of 2 records (a name only on some: any identifier makes a record requestable) and
+    # 1,440 records without any identifier: persons first, whatever the sizes, into the last slices
+    persons = [rec(f"p{i:04d}", ("email", f"e{i // 2}")) for i in range(0, 400)]
+    persons += [rec(f"n{i:04d}", ("name", f"n{i}")) for i in range(80)]
+    anonymous = [rec(f"a{i:04d}") for i in range(1440)]
+    result = place_subjects(persons + anonymous, 4, 4, seed=0)
+    assert {place_of(result, r.record_id).slice for r in persons} == {3}
+    assert max(place_of(result, r.record_id).slice for r in anonymous) <= 3
+    assert sum(place_of(result, r.record_id).slice == 3 for r in anonymous) < 1920 * 1.05 / 4 - 480 + 4
+    per_shard = Counter(p.shard for p in result.places.values())
+    assert max(per_shard.values()) / (1920 / 4) <= 1.1
+
+
 def _reference_subjects(batch, copies, options):
     """Subjects by brute force: connected components of shared linking identifiers and copy edges."""
     graph = defaultdict(set)
