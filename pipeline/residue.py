@@ -44,7 +44,7 @@ import re
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pyarrow.parquet as pq
 from sqlalchemy import Engine, inspect, select
@@ -67,7 +67,9 @@ from pipeline.locate import load_tombstones
 ACTOR = "audit:residue"
 PREFECT_CLEAN, PREFECT_HITS, PREFECT_NOT_CHECKED = "clean", "hits", "not_checked"
 
-_EMAIL = re.compile(r"[^\s@<>\"'(),;:]+@[^\s@<>\"'(),;:]+\.[A-Za-z]{2,}")
+# A match may start only where a token starts (the look-behind): without it a long run with no "@" (a
+# Prefect record's serialized blob) costs O(n^2) in failed attempts; the matches are the same.
+_EMAIL = re.compile(r"(?<![^\s@<>\"'(),;:])[^\s@<>\"'(),;:]++@[^\s@<>\"'(),;:]+\.[A-Za-z]{2,}")
 _WORD = re.compile(r"[\w.+-]+", re.UNICODE)
 _DIGITS = re.compile(r"\+?[\d][\d ()./-]{5,}\d")
 
@@ -84,6 +86,10 @@ class SubjectScreen:
     tombstones: tuple[TombstoneSet, ...]  # the request's only, one set per dataset (each under its own key)
     min_jaccard: float
 
+    # (kind, candidate value) -> its (kind, keyed hash), None when not a valid value of the kind: a Prefect
+    # run's records repeat the same parameters and names many times, and each candidate costs an HMAC
+    _digests: dict[tuple[str, str], tuple[str, str] | None] = field(default_factory=dict, compare=False, repr=False)
+
     def identifier_hits(self, text: str) -> int:
         """How many of the subject's identifiers occur in ``text`` (by keyed hash of candidate tokens)."""
         kinds = {kind for kind, _ in self.identifiers}
@@ -98,14 +104,19 @@ class SubjectScreen:
         if "name" in kinds:
             candidates |= {("name", " ".join(words[i:i + n])) for n in (1, 2, 3) for i in range(len(words) - n + 1)}
         found = set()
-        for kind, value in candidates:
-            try:
-                digest = keyed_hash(self.key, kind, value)
-            except ValueError:  # not a valid value of that kind (e.g. too few digits)
-                continue
-            if (kind, digest) in self.identifiers:
-                found.add((kind, digest))
+        for candidate in candidates:
+            if candidate not in self._digests:
+                self._digests[candidate] = self._digest_of(*candidate)
+            digest = self._digests[candidate]
+            if digest in self.identifiers:
+                found.add(digest)
         return len(found)
+
+    def _digest_of(self, kind: str, value: str) -> tuple[str, str] | None:
+        try:
+            return kind, keyed_hash(self.key, kind, value)
+        except ValueError:  # not a valid value of that kind (e.g. too few digits)
+            return None
 
     def tombstone_hits(self, texts: Sequence[str]) -> list[tuple[int, str, float]]:
         """(text index, tombstone key, estimated Jaccard) of texts near an erased record."""
@@ -117,7 +128,11 @@ class SubjectScreen:
 
     def screen_strings(self, strings: Sequence[str]) -> list[int]:
         """Indexes of the strings holding an identifier of the subject or an erased record's text."""
-        hit = {i for i, s in enumerate(strings) if self.identifier_hits(s)}
+        first: dict[str, int] = {}
+        for i, s in enumerate(strings):
+            first.setdefault(s, i)
+        hit_texts = {s for s in first if self.identifier_hits(s)}
+        hit = {i for i, s in enumerate(strings) if s in hit_texts}
         hit |= {i for i, _, _ in self.tombstone_hits([s for s in strings])}
         return sorted(hit)
 
