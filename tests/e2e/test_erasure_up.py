@@ -49,6 +49,19 @@ def _erasure(env: dict[str, str], *args: str, timeout: float = 300) -> dict:
     return json.loads(done.stdout)
 
 
+def _without_heavy_imports(env: dict[str, str], *args: str) -> dict:
+    """Runs ``erasure ARGS --json`` and asserts that it imported neither torch nor Prefect."""
+    code = ("import atexit, runpy, sys\n"
+            "atexit.register(lambda: print('HEAVY', 'torch' in sys.modules, 'prefect' in sys.modules, "
+            "file=sys.stderr))\n"
+            f"sys.argv = ['erasure', *{[*args, '--json']!r}]\n"
+            "runpy.run_module('api.cli', run_name='__main__')\n")
+    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "HEAVY False False" in done.stderr, done.stderr[-3000:]
+    return json.loads(done.stdout)
+
+
 def _wait_for_ready(process: subprocess.Popen, out: Path, err: Path) -> str:
     deadline = time.monotonic() + UP_TIMEOUT_S
     while "admin token" not in out.read_text():
@@ -123,8 +136,12 @@ def test_erasure_up_runs_the_service_and_ctrl_c_stops_everything(backend: str, t
         assert [run["state_type"] for run in runs] == ["COMPLETED"]
         assert not (home / "prefect").exists()
 
-        base = state["api_url"]
+        # on the trained dataset, `erasure locate`'s retrain estimate reads the schedule without torch
         subject = demo_subject(files.ground_truth)
+        located = _without_heavy_imports(env, "locate", "--dataset", "demo", "-i", f"email={subject['email']}")
+        assert located["retrain_estimate"]["shards_touched"] >= 1
+
+        base = state["api_url"]
         answer = httpx.post(f"{base}/v1/erasure-requests",
                             json={"identifiers": [{"kind": "email", "value": subject["email"]}], "samples": []},
                             headers={"Authorization": f"Bearer {token}", "Idempotency-Key": "up-e2e"}, timeout=30)
