@@ -68,8 +68,18 @@ ACTOR = "audit:residue"
 PREFECT_CLEAN, PREFECT_HITS, PREFECT_NOT_CHECKED = "clean", "hits", "not_checked"
 
 _EMAIL = re.compile(r"[^\s@<>\"'(),;:]+@[^\s@<>\"'(),;:]+\.[A-Za-z]{2,}")
+# No match of _EMAIL holds one of these: the text is split on them first, and only the pieces
+# holding an "@" are searched. Same matches as _EMAIL.findall(text), but linear: on one long piece
+# without spaces (a Prefect artifact's inline base64 image, 70 KB) the bare pattern backtracks
+# quadratically (20+ s).
+_EMAIL_DELIMITERS = re.compile(r"[\s<>\"'(),;:]+")
 _WORD = re.compile(r"[\w.+-]+", re.UNICODE)
 _DIGITS = re.compile(r"\+?[\d][\d ()./-]{5,}\d")
+
+
+def email_candidates(text: str) -> list[str]:
+    """``_EMAIL.findall(text)``, in linear time (see ``_EMAIL_DELIMITERS``)."""
+    return [m for piece in _EMAIL_DELIMITERS.split(text) if "@" in piece for m in _EMAIL.findall(piece)]
 
 
 # ---------------------------------------------------------------- screening strings without the text
@@ -89,7 +99,7 @@ class SubjectScreen:
         kinds = {kind for kind, _ in self.identifiers}
         candidates: set[tuple[str, str]] = set()
         if "email" in kinds:
-            candidates |= {("email", m) for m in _EMAIL.findall(text)}
+            candidates |= {("email", m) for m in email_candidates(text)}
         words = _WORD.findall(text)
         if "user_id" in kinds:
             candidates |= {("user_id", w) for w in words}
