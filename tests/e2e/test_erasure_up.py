@@ -4,9 +4,9 @@ Real processes only: `erasure up` in a subprocess (its Prefect server, work pool
 deployments, cpu worker and API), `erasure ingest` and `erasure train` as a user
 types them (train must use the running server, not a temporary one), then a
 request submitted over HTTP with the admin token `erasure up` printed, which
-reaches `awaiting_review` or `completed` with no other command. SIGINT must then
-stop every process it started (none left with this data home in its environment)
-and free both ports.
+reaches `awaiting_review` or `completed` with no other command. SIGINT (or SIGTERM),
+sent while a second request's flow run is live, must then stop every process it
+started (none left with this data home in its environment) and free both ports.
 """
 
 from __future__ import annotations
@@ -99,9 +99,31 @@ def _wait_for_state(base: str, token: str, request_id: str, states: set[str], lo
         time.sleep(1)
 
 
+def _persons(ground_truth: Path) -> list[dict]:
+    return [r for r in map(json.loads, ground_truth.read_text().splitlines()) if r["type"] == "person"]
+
+
+def _wait_for_flow_run_process(supervisor: int, timeout_s: float = 120) -> int:
+    """The pid of a flow-run process a worker of ``supervisor`` started (``python -m prefect.engine``)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for pid in descendants(supervisor):
+            try:
+                if b"prefect.engine" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    return pid
+            except OSError:
+                continue
+        time.sleep(0.1)
+    raise AssertionError(f"no flow-run process appeared within {timeout_s:.0f} s")
+
+
+# SIGINT (Ctrl-C) on one backend, SIGTERM (a service manager's stop) on the other
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", ["embedded", pytest.param("postgres", marks=pytest.mark.postgres)])
-def test_erasure_up_runs_the_service_and_ctrl_c_stops_everything(backend: str, tmp_path: Path,
+@pytest.mark.parametrize(("backend", "stop_signal"), [
+    pytest.param("embedded", signal.SIGINT, id="embedded-sigint"),
+    pytest.param("postgres", signal.SIGTERM, marks=pytest.mark.postgres, id="postgres-sigterm")])
+def test_erasure_up_runs_the_service_and_ctrl_c_stops_everything(backend: str, stop_signal: signal.Signals,
+                                                                  tmp_path: Path,
                                                                   request: pytest.FixtureRequest) -> None:
     home = tmp_path / "home"
     database_url = request.getfixturevalue("postgres_url") if backend == "postgres" else None
@@ -150,8 +172,16 @@ def test_erasure_up_runs_the_service_and_ctrl_c_stops_everything(backend: str, t
                                   home / "up-logs")
         assert reached in ("awaiting_review", "completed")
 
+        # stop while a worker's flow run is live: that process must not outlive `erasure up` either
+        other = next(p for p in _persons(files.ground_truth) if p["email"] != subject["email"])
+        answer = httpx.post(f"{base}/v1/erasure-requests",
+                            json={"identifiers": [{"kind": "email", "value": other["email"]}], "samples": []},
+                            headers={"Authorization": f"Bearer {token}", "Idempotency-Key": "up-e2e-2"}, timeout=30)
+        assert answer.status_code == 202, answer.text
+        flow_run = _wait_for_flow_run_process(up.pid)
         started = set(state["children"].values()) | descendants(up.pid)
-        up.send_signal(signal.SIGINT)
+        assert flow_run in started
+        up.send_signal(stop_signal)
         assert up.wait(timeout=90) == 0, err.read_text()[-3000:]
     finally:
         if up.poll() is None:  # the test failed before stopping it: do not leave it running
