@@ -15,9 +15,10 @@ Start order (each step waits for the previous one to answer):
 Every child runs in its own process group with its output in
 ``$ERASURE_HOME/up-logs/``. SIGINT (Ctrl-C) and SIGTERM stop them in the reverse
 order: SIGTERM to each group, SIGKILL after a grace period, then whatever they
-left behind (flow-run processes that a worker started in sessions of their own:
-the supervisor is their child subreaper on Linux, and it also kills every
-descendant it saw before stopping). If a child dies, everything stops and the
+left behind. A worker starts each flow run in a session of its own and stops
+them itself on SIGTERM (the end-to-end test stops one mid-run); for a worker
+that had to be SIGKILLed, the supervisor is the runs' child subreaper on Linux
+and kills every descendant it saw. If a child dies, everything stops and the
 exit status is 1. ``up.json`` in the data home (``api/up_state.py``) tells other
 commands where the Prefect server is.
 """
