@@ -40,6 +40,10 @@ from api.cli_models import register_commands as register_model_commands  # noqa:
 
 register_model_commands(app)
 
+from api.cli_up import register_commands as register_up_commands  # noqa: E402
+
+register_up_commands(app)
+
 
 
 def _parse_identifier_fields(specs: list[str]) -> tuple[tuple[str, str], ...]:

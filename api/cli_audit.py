@@ -11,6 +11,7 @@ has ``--json``; bad input exits with status 2 and a message on stderr.
 
 from __future__ import annotations
 
+import os
 from typing import Annotated
 
 import typer
@@ -59,6 +60,10 @@ def residue(
     from pipeline.residue import check_residue_for
 
     settings = settings_from_flags(home, database_url)
+    if not no_prefect and "PREFECT_API_URL" not in os.environ:
+        from api.cli_flows import use_running_server
+
+        use_running_server(settings)  # read the runs from a running `erasure up`
     try:
         report = check_residue_for(settings, request_id_arg(request_id),
                                    prefect_records=None if no_prefect else configured_reader())

@@ -2,8 +2,10 @@
 process``, ``erasure retrain-pending`` and the whole-story ``erasure demo``.
 
 Flows run in this process. They talk to ``PREFECT_API_URL`` when it is set (a
-real server, where deployments and workers live); without it Prefect starts a
-temporary server for the command, with its home under ``$ERASURE_HOME/prefect``.
+real server, where deployments and workers live), else to the server of an
+``erasure up`` running for the same data home (``api/up_state.py``); without
+either, Prefect starts a temporary server for the command, with its home under
+``$ERASURE_HOME/prefect``.
 Flags are exported to the environment first, because flows read their
 settings from it (as flows on a worker do).
 
@@ -42,12 +44,26 @@ def _prepare(home: Path | None, database_url: str | None) -> Settings:
     settings = settings_from_flags(home, database_url)
     os.environ["ERASURE_HOME"] = str(settings.home)
     os.environ["ERASURE_DATABASE_URL"] = settings.resolved_database_url
+    if "PREFECT_API_URL" not in os.environ:
+        use_running_server(settings)
     if "PREFECT_API_URL" not in os.environ and "PREFECT_HOME" not in os.environ:
         (settings.home / "prefect").mkdir(parents=True, exist_ok=True)
         os.environ["PREFECT_HOME"] = str(settings.home / "prefect")
     import flows.prefect_setup  # noqa: F401
 
     return settings
+
+
+def use_running_server(settings: Settings) -> None:
+    """Point this process at the Prefect server of an ``erasure up`` running for the same
+    data home (its state file names it; it must answer): no temporary server then."""
+    from api.up_state import running_state
+
+    state = running_state(settings.home)
+    if state is None:
+        return
+    os.environ["PREFECT_API_URL"] = state["prefect_api_url"]
+    os.environ.setdefault("PREFECT_HOME", str(settings.home / "prefect-server"))
 
 
 def train(

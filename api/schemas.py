@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationInfo, field_validator
 
-from dedup.tombstones import DEFAULT_SCREEN_JACCARD
+from dedup.policy import DEFAULT_SCREEN_JACCARD
 from pipeline.lifecycle import (
     IDENTIFIER_KINDS,
     MAX_EXTENSION_MONTHS,

@@ -44,6 +44,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from enum import Enum
 
+# Screening incoming texts against the tombstones of earlier erasures (dedup/tombstones.py): the
+# estimated Jaccard similarity at or above which a text is held back. Here, in this light module,
+# so that the API's schemas take the default without loading numpy and the MinHash code.
+DEFAULT_SCREEN_JACCARD = 0.7
+
 
 class Decision(str, Enum):
     ERASE = "erase"

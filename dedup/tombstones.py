@@ -43,8 +43,8 @@ from dedup.minhash import (
     is_empty_signature,
     minhash_signatures,
 )
+from dedup.policy import DEFAULT_SCREEN_JACCARD  # noqa: F401  (re-exported: defined with the other thresholds)
 
-DEFAULT_SCREEN_JACCARD = 0.7
 _FORMAT = 2
 _UNKEYED_FORMAT = 1
 

@@ -64,6 +64,7 @@ IN_FLIGHT = "in_flight"  # a leftover of a process that still runs (or too young
 UNKNOWN = "unknown"  # no rule knows it: reported as an orphan, never removed
 
 KNOWN_ROOT_FILES = ("secret.key", "signing_key.pem")
+UP_STATE_FILE = "up.json"  # api/up_state.py: where a running `erasure up` is (pids, URLs; no secret)
 DATABASE_SUFFIXES = ("", "-wal", "-shm", "-journal")
 
 
@@ -233,10 +234,16 @@ def classify_home(settings: Settings, session: Session, *, grace_s: float = DEFA
             else:
                 entries.append(_entry(path, "unknown_file", UNKNOWN))
         claimed.add(tmp)
-    # Prefect's own home (its database, results, logs): the residue check asks Prefect's API about it
-    if (home / "prefect").is_dir():
-        claimed.add(home / "prefect")
-        entries.append(Entry(home / "prefect", "prefect_home", LIVE, True))
+    # Prefect's own home (its database, results, logs): the residue check asks Prefect's API about it;
+    # prefect-server/ is the one of `erasure up`'s server
+    for name in ("prefect", "prefect-server"):
+        if (home / name).is_dir():
+            claimed.add(home / name)
+            entries.append(Entry(home / name, "prefect_home", LIVE, True))
+    # `erasure up`'s children's output (ids and counts, as every log of ours)
+    if (home / "up-logs").is_dir():
+        claimed.add(home / "up-logs")
+        entries.append(Entry(home / "up-logs", "service_logs", LIVE, True))
     # everything else: keys, the database, ingested source files, the rest
     for path in _walk_files(home):
         if any(parent in claimed for parent in path.parents):
@@ -330,6 +337,8 @@ def _other_kind(path: Path, home: Path, live: _Live, database_files: tuple[Path,
                 grace_s: float) -> tuple[str, str]:
     if path.parent == home and path.name in KNOWN_ROOT_FILES:
         return "key", LIVE
+    if path.parent == home and path.name == UP_STATE_FILE:
+        return "service_state", LIVE
     if path in database_files:
         return "database", LIVE
     if is_temp_name(path.name):

@@ -34,7 +34,7 @@ from shards.placement import (
     place_subjects,
     summarise_identifiers,
 )
-from shards.schedule import DEFAULT_SCHEDULE, RetrainEstimate, SliceSchedule, TrainConfig, retrain_estimate
+from shards.schedule import DEFAULT_SCHEDULE, RetrainEstimate, SliceSchedule, retrain_estimate
 
 
 @dataclass(frozen=True)
@@ -131,19 +131,23 @@ def subject_options(linking_kinds: Iterable[str] | None = None, max_records_per_
 def estimate_schedule(settings: Settings, session: Session, dataset: Dataset) -> SliceSchedule:
     """The slice schedule the dataset's ensemble in service was trained with, or the default schedule's
     shape when nothing was trained yet (the fraction does not depend on the number of epochs)."""
-    from db.training import EnsembleVersionRow
+    from db.training import Checkpoint, EnsembleMemberRow, EnsembleVersionRow
+    from shards.checkpoint_config import read_train_config
 
-    trained = session.scalar(select(EnsembleVersionRow.id).where(EnsembleVersionRow.dataset_id == dataset.id).limit(1))
-    if trained is None:  # nothing trained: the default shape, without importing torch (a fast `erasure locate`)
-        return SliceSchedule.named(DEFAULT_SCHEDULE, dataset.n_slices, 1.0)
-    from pipeline.training import checkpoint_store, current_ensemble  # noqa: PLC0415 - torch only when trained
-
-    ensemble = current_ensemble(session, dataset.id)
-    members = [m for m in ensemble.members if m.checkpoint is not None] if ensemble is not None else []
-    if members:
-        config = TrainConfig.from_dict(checkpoint_store(settings, dataset.name).load(members[0].checkpoint)["config"])
-        if config.num_slices == dataset.n_slices:
-            return config.schedule
+    # the ensemble in service (the newest version) and one member's checkpoint, read without torch
+    # (a fast `erasure locate`): the config is all the estimate needs
+    newest = (select(EnsembleVersionRow.id).where(EnsembleVersionRow.dataset_id == dataset.id)
+              .order_by(EnsembleVersionRow.id.desc()).limit(1).scalar_subquery())
+    path = session.scalar(
+        select(Checkpoint.path)
+        .join(EnsembleMemberRow, (EnsembleMemberRow.dataset_id == Checkpoint.dataset_id)
+              & (EnsembleMemberRow.checkpoint_key == Checkpoint.key))
+        .where(EnsembleMemberRow.ensemble_id == newest).order_by(EnsembleMemberRow.shard).limit(1))
+    if path is not None:
+        # the schedule alone (TrainConfig.from_dict would build the model spec, which imports torch)
+        schedule = SliceSchedule(tuple(float(e) for e in read_train_config(path)["epochs_per_slice"]))
+        if schedule.num_slices == dataset.n_slices:
+            return schedule
     return SliceSchedule.named(DEFAULT_SCHEDULE, dataset.n_slices, 1.0)
 
 

@@ -27,6 +27,7 @@ import hmac
 import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 from sqlalchemy import Engine, select
 
@@ -34,10 +35,11 @@ from db.lineage import get_dataset
 from db.models import Dataset
 from db.session import unit_of_work
 from db.settings import Settings
-from dedup.tombstones import DEFAULT_SCREEN_JACCARD, TombstoneSet
-from pipeline.artefact_cache import ARTEFACTS, file_stamp
+from dedup.policy import DEFAULT_SCREEN_JACCARD
 from pipeline.database import open_database
-from pipeline.locate import dataset_minhash, load_tombstones, tombstone_path
+
+if TYPE_CHECKING:  # numpy and the MinHash code load with the tombstones, when a screen runs
+    from dedup.tombstones import TombstoneSet
 
 MAX_SCREEN_TEXTS = 100
 MAX_SCREEN_TEXT_CHARS = 20_000
@@ -91,6 +93,11 @@ class ScreenResult:
 def _tombstones(settings: Settings, dataset: str) -> TombstoneSet | None:
     """The dataset's tombstones, from the process's artefact cache while the file is unchanged
     and the key the same (the LSH bands built on the set are cached with it)."""
+    # pipeline.locate (pyarrow, FAISS) and the cache (numpy) load here, not at import: the API
+    # schemas, and every CLI command using them, import this module for its limits only
+    from pipeline.artefact_cache import ARTEFACTS, file_stamp
+    from pipeline.locate import dataset_minhash, load_tombstones, tombstone_path
+
     path = tombstone_path(settings, dataset)
     stamp = file_stamp(path)
     if stamp is None:

@@ -221,3 +221,22 @@ def test_retraining_on_cuda_equals_training_from_scratch_on_cuda(tmp_path):
     reference = train_shard(shard.without(removed), config, scratch, device="cuda")
     a, b = live.load(result.final)["model_state"], scratch.load(reference.final)["model_state"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_training_config_reads_back_without_torch(tmp_path):
+    """`erasure locate`'s estimate reads the schedule from a checkpoint without importing torch:
+    the same config as torch's own loader, and a file that is not a checkpoint is refused."""
+    from shards.checkpoint_config import read_checkpoint_fields, read_train_config
+
+    rng = np.random.default_rng(0)
+    shard = ShardData("s", [f"r{i}" for i in range(6)], [0, 0, 0, 1, 1, 1], rng.normal(size=(6, 4)), [0, 1] * 3)
+    config = TrainConfig(ModelSpec(4, 2, hidden=(3,)), SliceSchedule.paper(2, 3.0), batch_size=4)
+    store = CheckpointStore(tmp_path / "store")
+    ref = train_shard(shard, config, store, threads=1).written[-1]
+    assert read_train_config(ref.path) == store.load(ref)["config"]
+    assert TrainConfig.from_dict(read_train_config(ref.path)) == config
+    fields = read_checkpoint_fields(ref.path)
+    assert fields["slice_index"] == 1 and fields["seen_ids"] is None  # tensors are not read
+    (tmp_path / "not.pt").write_bytes(b"plain text")
+    with pytest.raises(ValueError, match="not a readable checkpoint"):
+        read_train_config(tmp_path / "not.pt")
