@@ -64,6 +64,14 @@ def _other_peoples_texts(demo: dict, count: int) -> list[str]:
     raise AssertionError("not enough other records")
 
 
+def _edited(text: str) -> str:
+    """A near-copy: two words changed, so some of its 5-word runs are shared and some are not."""
+    words = text.split()
+    for at in (len(words) // 3, 2 * len(words) // 3):
+        words[at] = "indeed"
+    return " ".join(words)
+
+
 def _shoot(page, folder: Path, name: str) -> None:  # noqa: ANN001
     """The page at 1280x800 (full length) and at 390 px wide."""
     page.set_viewport_size(WIDE)
@@ -95,7 +103,7 @@ def test_a_reviewer_decides_in_the_browser_and_the_request_completes(settings, p
     with served_deployment(env, serve_log), api_server(env, tmp_path / "api.log") as base:
         answer = httpx.post(f"{base}/v1/erasure-requests", timeout=30,
                             json={"identifiers": [{"kind": "email", "value": demo["subject"]["email"]}],
-                                  "samples": _other_peoples_texts(demo, 2)},
+                                  "samples": [_edited(text) for text in _other_peoples_texts(demo, 2)]},
                             headers={"Authorization": f"Bearer {tokens['intake']}", "Idempotency-Key": "console"})
         assert answer.status_code == 202, answer.text
         request_id = answer.json()["id"]
@@ -124,9 +132,13 @@ def test_a_reviewer_decides_in_the_browser_and_the_request_completes(settings, p
             first = items.nth(0)
             assert first.locator("blockquote.query").inner_text().strip()
             assert first.locator("blockquote.record").inner_text().strip()
-            assert first.locator("blockquote.record mark").count() >= 1
+            # the shared runs are highlighted, the changed words are not
+            assert first.locator("blockquote.record mark").count() >= 2
+            marked = "".join(first.locator("blockquote.query mark").all_inner_texts())
+            assert "indeed" not in marked and len(marked) < len(first.locator("blockquote.query").inner_text())
             assert "Jaccard" in first.inner_text() and "cosine" in first.inner_text()
             _shoot(page, shots, "review")
+            page.locator("#review").screenshot(path=str(shots / "review-queue-1280.png"))  # the README's picture
 
             # a form posted without its CSRF token is refused (the browser posts the form as it is)
             page.evaluate("document.querySelector('#deadline form input[name=csrf]').remove()")
