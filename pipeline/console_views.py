@@ -20,7 +20,6 @@ from dedup.policy import default_thresholds
 from pipeline.certificate import CertificateVerdict, IssuedCertificate, stored_certificate, verify_certificate
 from pipeline.erasure import REVIEW, per_method_counts, request_matches
 from pipeline.lifecycle import CLOSED_STATES, REVIEWABLE_STATES, RequestStatus, describe_request
-from pipeline.membership import probe_rows, probe_summary, report_path
 from pipeline.placement import request_retrain_estimates
 from pipeline.review_queue import ReviewItem, review_items
 
@@ -74,6 +73,8 @@ def request_view(settings: Settings, session: Session, request_id: str, *, revie
         from pipeline.signing import load_or_create_signing_key
 
         verdict = verify_certificate(certificate.envelope, load_or_create_signing_key(settings).public_key_pem)
+    from pipeline.membership import probe_rows, probe_summary, report_path  # imports torch: only when a page asks
+
     probes, plots = [], []
     for row in probe_rows(session, request_id):
         dataset = session.get(Dataset, row.dataset_id) if row.dataset_id is not None else None

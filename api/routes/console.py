@@ -46,7 +46,6 @@ from pipeline.lifecycle import (
     deny_request,
     extend_deadline,
 )
-from pipeline.membership import report_path
 
 router = APIRouter(prefix=PREFIX, include_in_schema=False)
 PAGE_SIZE = 50
@@ -193,6 +192,7 @@ def certificate_download(request_id: uuid.UUID, user: Reader, session: SessionDe
 
 @router.get("/requests/{request_id}/probe/{dataset}.png")
 def probe_plot(request_id: uuid.UUID, dataset: str, user: Reader, settings: SettingsDep) -> Response:
+    from pipeline.membership import report_path
     from shards.store import validate_dataset_name
 
     try:
