@@ -15,15 +15,16 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
-from sqlalchemy import and_, func, or_, select
+from sqlalchemy import and_, func, literal, select, tuple_
 from sqlalchemy.orm import Session
 
-from db.models import Dataset, ShardVersion, SourceFile
+from db.models import Dataset, ShardVersion, SourceFile, UTCDateTime
 from db.requests import ErasureRequest
 from db.training import Checkpoint, EnsembleMemberRow, EnsembleVersionRow, RequestMatch
 
 DUE_FILTERS = ("any", "overdue", "week")  # "week": not overdue, due within 7 days
 SOON = timedelta(days=7)
+COUNT_CAP = 10_000  # the table says "10,000+" beyond this
 
 
 @dataclass(frozen=True)
@@ -39,8 +40,9 @@ class RequestRow:
 @dataclass(frozen=True)
 class RequestPage:
     rows: tuple[RequestRow, ...]
-    total: int  # rows matching the filters, all pages
+    total: int  # rows matching the filters, all pages (at most COUNT_CAP)
     next_cursor: str | None  # pass as ``after`` for the next page; None on the last
+    more_than_total: bool = False  # True when more than COUNT_CAP rows match
 
 
 def encode_cursor(due_at: datetime, request_id: str) -> str:
@@ -73,11 +75,14 @@ def request_page(session: Session, *, states: Iterable[str] | None, due: str = "
         where.append(ErasureRequest.due_at < now)
     elif due == "week":
         where += [ErasureRequest.due_at >= now, ErasureRequest.due_at < now + SOON]
-    total = session.scalar(select(func.count()).select_from(ErasureRequest).where(*where)) or 0
+    # counting every row of a large table costs more than the page itself: count up to a cap
+    capped = select(ErasureRequest.id).where(*where).limit(COUNT_CAP + 1).subquery()
+    total = session.scalar(select(func.count()).select_from(capped)) or 0
     if after:
         due_at, last_id = decode_cursor(after)
-        where.append(or_(ErasureRequest.due_at > due_at,
-                         and_(ErasureRequest.due_at == due_at, ErasureRequest.id > last_id)))
+        # a row-value comparison: both PostgreSQL and SQLite seek the (due_at, id) index with it (an OR does not)
+        where.append(tuple_(ErasureRequest.due_at, ErasureRequest.id) > tuple_(literal(due_at, UTCDateTime()),
+                                                                             literal(last_id)))
     found = session.execute(
         select(ErasureRequest.id, ErasureRequest.state, ErasureRequest.received_at, ErasureRequest.due_at,
                ErasureRequest.datasets)
@@ -90,7 +95,7 @@ def request_page(session: Session, *, states: Iterable[str] | None, due: str = "
                             tuple(json.loads(r.datasets)) if r.datasets else None, counts.get(r.id, {}))
                  for r in found)
     cursor = encode_cursor(found[-1].due_at, found[-1].id) if more else None
-    return RequestPage(rows, total, cursor)
+    return RequestPage(rows, min(total, COUNT_CAP), cursor, total > COUNT_CAP)
 
 
 def method_counts(session: Session, request_ids: Sequence[str]) -> dict[str, dict[str, int]]:
