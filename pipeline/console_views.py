@@ -18,7 +18,7 @@ from db.models import Dataset
 from db.settings import Settings
 from dedup.policy import default_thresholds
 from pipeline.certificate import CertificateVerdict, IssuedCertificate, stored_certificate, verify_certificate
-from pipeline.erasure import REVIEW, per_method_counts, request_matches
+from pipeline.erasure import per_method_counts, request_matches
 from pipeline.lifecycle import CLOSED_STATES, REVIEWABLE_STATES, RequestStatus, describe_request
 from pipeline.placement import request_retrain_estimates
 from pipeline.review_queue import ReviewItem, review_items
@@ -88,7 +88,6 @@ def request_view(settings: Settings, session: Session, request_id: str, *, revie
         methods=per_method_counts(matches), matches=lines,
         thresholds={d.name: default_thresholds(d.embedder).to_dict() for d in names.values()},
         retrain_estimate=request_retrain_estimates(settings, session, matches),
-        review=review, undecided=sum(1 for m in matches if m.decision == REVIEW and m.final_decision is None
-                                     and not any(r.match_ref == m.match_ref and r.decision for r in review)),
+        review=review, undecided=sum(1 for item in review if item.decision is None),
         certificate=certificate, certificate_verdict=verdict, probes=tuple(probes), probe_plots=tuple(plots),
     )

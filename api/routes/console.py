@@ -40,6 +40,7 @@ from pipeline.lifecycle import (
     OPEN_STATES,
     DenialGround,
     RequestError,
+    RequestNotFound,
     RequestState,
     ReviewInput,
     ReviewVerdict,
@@ -139,7 +140,10 @@ def requests_table(
 @router.get("/requests/{request_id}")
 def request_detail(request: Request, request_id: uuid.UUID, user: Reader, session: SessionDep,
                    settings: SettingsDep) -> Response:
-    view = request_view(settings, session, str(request_id), reviewer=user.holds("review"))
+    try:
+        view = request_view(settings, session, str(request_id), reviewer=user.holds("review"))
+    except RequestNotFound as exc:
+        raise ConsoleDenied(404, str(exc)) from None
     return render(request, "request.html", user, view=view, grounds=list(DenialGround),
                   max_months=MAX_EXTENSION_MONTHS, verdicts=list(ReviewVerdict))
 

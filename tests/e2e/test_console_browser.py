@@ -138,6 +138,14 @@ def test_a_reviewer_decides_in_the_browser_and_the_request_completes(settings, p
             assert "indeed" not in marked and len(marked) < len(first.locator("blockquote.query").inner_text())
             assert "Jaccard" in first.inner_text() and "cosine" in first.inner_text()
             _shoot(page, shots, "review")
+            # an auditor reads the same page without the texts and without the buttons
+            auditor = browser.new_page(viewport=WIDE)
+            _sign_in(auditor, base, tokens["audit"])
+            auditor.goto(f"{base}/console/requests/{request_id}")
+            assert auditor.locator("#review article.match").count() == items.count()
+            assert auditor.locator("blockquote").count() == 0 and auditor.locator("#review button").count() == 0
+            assert "shown to reviewers only" in auditor.inner_text("#review")
+            auditor.close()
             page.locator("#review").screenshot(path=str(shots / "review-queue-1280.png"))  # the README's picture
 
             # a form posted without its CSRF token is refused (the browser posts the form as it is)

@@ -107,6 +107,8 @@ def test_every_console_route_checks_session_scope_and_csrf(console) -> None:  # 
                 answer = client.get(path, follow_redirects=False)
             expected = ok_status if scope in allowed else 403
             assert answer.status_code == expected, (scope, method, path, answer.status_code, answer.text[-400:])
+    unknown = reviewer.get("/console/requests/00000000-0000-4000-8000-000000000000")
+    assert unknown.status_code == 404 and "no erasure request" in unknown.text and "<html" in unknown.text
 
 
 def test_sign_in_refuses_unknown_tokens_tokens_without_a_console_scope_and_a_missing_csrf(console) -> None:  # noqa: ANN001
