@@ -23,10 +23,12 @@ import json
 import secrets
 import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
 
 from fastapi import Request
 from sqlalchemy import Engine
 
+from db.audit import append_event
 from db.requests import ApiToken, find_active_token
 from db.session import unit_of_work
 
@@ -123,13 +125,27 @@ def session_user(engine: Engine, key: bytes, request: Request) -> ConsoleUser | 
         return ConsoleUser(row.id, row.name, frozenset(row.scope_set), payload["n"], payload["e"])
 
 
-def token_for_signin(engine: Engine, token: str) -> tuple[int, frozenset[str]] | None:
-    """(token id, scopes) of an active token, or None."""
+def sign_in_with(engine: Engine, key: bytes, token: str) -> tuple[str | None, str | None]:
+    """(session cookie, None) for an active token with a console scope, recorded on the
+    audit log (``console.signed_in``); else (None, why not)."""
     if not token or len(token) > 500:
-        return None
+        return None, "That token is unknown or revoked."
     with unit_of_work(engine) as session:
         row = find_active_token(session, token.strip())
-        return None if row is None else (row.id, frozenset(row.scope_set))
+        if row is None:
+            return None, "That token is unknown or revoked."
+        if not row.scope_set & set(CONSOLE_SCOPES):
+            return None, "That token has none of the console's scopes (review, audit, admin)."
+        cookie, expires = new_session_cookie(key, row.id)
+        append_event(session, "console.signed_in",
+                     {"token_id": row.id, "expires_at": datetime.fromtimestamp(expires, timezone.utc).isoformat()},
+                     actor=f"token:{row.name}")
+        return cookie, None
+
+
+def record_sign_out(engine: Engine, user: ConsoleUser) -> None:
+    with unit_of_work(engine) as session:
+        append_event(session, "console.signed_out", {"token_id": user.token_id}, actor=user.actor)
 
 
 def cookie_options(request: Request, max_age: int) -> dict:

@@ -24,11 +24,11 @@ from api.console_auth import (
     cookie_options,
     csrf_token,
     csrf_valid,
-    new_session_cookie,
     new_signin_cookie,
+    record_sign_out,
     session_user,
     signin_nonce,
-    token_for_signin,
+    sign_in_with,
 )
 from api.console_pages import PREFIX, Reader, ReviewAction, home_for, render
 from api.deps import EngineDep, SecretKeyDep, SessionDep, SettingsDep
@@ -83,16 +83,14 @@ def sign_in(request: Request, engine: EngineDep, key: SecretKeyDep, token: Annot
     nonce = signin_nonce(key, request)
     if nonce is None or not csrf_valid(key, nonce, csrf):
         raise ConsoleDenied(403, "The sign-in form's CSRF token is missing or expired; reload the page and sign in.")
-    found = token_for_signin(engine, token)
-    if found is None or not found[1] & {"review", "audit", "admin"}:
+    session_cookie, refusal = sign_in_with(engine, key, token)
+    if session_cookie is None:
         cookie, nonce = new_signin_cookie(key)
-        message = ("That token is unknown or revoked." if found is None else
-                   "That token has none of the console's scopes (review, audit, admin).")
-        answer = render(request, "sign_in.html", None, status=401, csrf=csrf_token(key, nonce), error=message,
+        answer = render(request, "sign_in.html", None, status=401, csrf=csrf_token(key, nonce), error=refusal,
                         next=_safe_next(next) or "")
         answer.set_cookie(SIGNIN_COOKIE, cookie, **cookie_options(request, SIGNIN_SECONDS))
         return answer
-    cookie, _ = new_session_cookie(key, found[0])
+    cookie = session_cookie
     answer = RedirectResponse(_safe_next(next) or f"{PREFIX}/requests", status_code=303)
     answer.set_cookie(SESSION_COOKIE, cookie, **cookie_options(request, SESSION_SECONDS))
     answer.delete_cookie(SIGNIN_COOKIE, path=PREFIX)
@@ -107,6 +105,7 @@ def sign_out_action(request: Request, engine: EngineDep, key: SecretKeyDep,
         raise ConsoleDenied(401, "You are not signed in.")
     if not csrf_valid(key, user.nonce, csrf):
         raise ConsoleDenied(403, "The form's CSRF token is missing or wrong; reload the page and try again.")
+    record_sign_out(engine, user)
     answer = RedirectResponse(f"{PREFIX}/sign-in", status_code=303)
     answer.delete_cookie(SESSION_COOKIE, path=PREFIX)
     return answer

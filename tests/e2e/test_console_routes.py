@@ -59,8 +59,8 @@ def _signed_in(app, token: str) -> tuple[TestClient, str]:  # noqa: ANN001
 
 
 @pytest.fixture
-def console(sqlite_settings):  # noqa: ANN001, ANN201
-    app = create_app(sqlite_settings)
+def console(settings):  # noqa: ANN001, ANN201  (SQLite and PostgreSQL)
+    app = create_app(settings)
     with unit_of_work(app.state.engine) as session:
         tokens = {scope: issue_token(session, f"{scope}-person", [scope])[0] for scope in ("review", "audit", "intake")}
     yield app, tokens
@@ -149,6 +149,17 @@ def test_sign_out_ends_the_session(console) -> None:  # noqa: ANN001
     answer = client.post("/console/sign-out", data={"csrf": csrf}, follow_redirects=False)
     assert answer.status_code == 303
     assert client.get("/console/requests", follow_redirects=False).status_code == 303
+    # who used the console, and when, is on the audit log (ids only)
+    from sqlalchemy import select
+
+    from db.audit import AuditEvent
+
+    with unit_of_work(app.state.engine) as session:
+        events = session.execute(select(AuditEvent.kind, AuditEvent.actor, AuditEvent.details)
+                                 .where(AuditEvent.kind.like("console.%")).order_by(AuditEvent.id)).all()
+    assert [(kind, actor) for kind, actor, _ in events] == [("console.signed_in", "token:review-person"),
+                                                           ("console.signed_out", "token:review-person")]
+    assert tokens["review"] not in "".join(details for _, _, details in events)
 
 
 def test_the_requests_table_pages_by_deadline_and_filters_overdue(console) -> None:  # noqa: ANN001
