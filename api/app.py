@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.console_pages import install_console
 from api.deps import ApiError
 from api.dispatch import RunStarter
 from api.routes.audit import router as audit_router
@@ -179,4 +180,5 @@ def create_app(settings: Settings | None = None, *, max_body_bytes: int = MAX_BO
     app.include_router(requests_router)
     app.include_router(screen_router)
     app.include_router(audit_router)
+    install_console(app)  # /console: the reviewer's and auditor's pages
     return app

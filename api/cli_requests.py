@@ -360,6 +360,7 @@ def serve(
     settings = _settings(home, database_url)
     app = create_app(settings)  # brings the schema to head once, before any worker starts
     typer.echo(f"serving the erasure API on http://{host}:{port} with {workers} worker(s) (docs at /docs)", err=True)
+    typer.echo(f"compliance console: http://{host}:{port}/console (sign in with a review or audit token)", err=True)
     if workers == 1:
         uvicorn.run(app, host=host, port=port, log_level=log_level)
         return

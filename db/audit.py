@@ -399,6 +399,9 @@ EVENT_SCHEMAS: dict[str, tuple[dict[str, FieldType], frozenset[str]]] = {
     "token.created": ({"token_id": INT, "scopes": LIST(ENUM("intake", "review", "audit", "screen", "admin"), 5)},
                       frozenset()),
     "token.revoked": ({"token_id": INT}, frozenset()),
+    # the compliance console's sessions (api/console_auth.py)
+    "console.signed_in": ({"token_id": INT, "expires_at": TIMESTAMP}, frozenset()),
+    "console.signed_out": ({"token_id": INT}, frozenset()),
 }
 
 # Who acts: a principal of a fixed shape ("token:<name>", "cli:<user>", "flow:<step>", "admin"),

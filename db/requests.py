@@ -46,7 +46,11 @@ class ErasureRequest(Base):
     calendar month, + ``extension_months``); ``original_due_at`` never changes."""
 
     __tablename__ = "erasure_requests"
-    __table_args__ = (Index("ix_erasure_requests_state_due_at", "state", "due_at"),)
+    __table_args__ = (
+        Index("ix_erasure_requests_state_due_at", "state", "due_at"),
+        # the console's requests table pages through all states by deadline (migration 0013)
+        Index("ix_erasure_requests_due_at_id", "due_at", "id"),
+    )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
     idempotency_key: Mapped[str] = mapped_column(String(200), unique=True)

@@ -61,6 +61,14 @@ setup_postgres() {
   trap 'su postgres -s /bin/sh -c "$bindir/pg_ctl -D $dir/data -m fast stop >/dev/null" || true' EXIT
 }
 
+setup_browser() {
+  # The console's browser tests drive Debian's chromium headless (Playwright pointed at
+  # /usr/bin/chromium); nothing downloads a browser build.
+  if command -v chromium >/dev/null; then return; fi
+  log "installing chromium from Debian packages (for the console's browser tests)"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+}
+
 cmd="${1:-}"; shift || true
 case "$cmd" in
   demo)
@@ -70,6 +78,7 @@ case "$cmd" in
   test)
     setup_python
     setup_postgres
+    setup_browser
     log "running the test suite (PostgreSQL: ${ERASURE_TEST_POSTGRES_URL##*@})"
     "$VENV/bin/python" -m pytest "$@"
     ;;

@@ -7,8 +7,10 @@ if it did not exist. Review, audit and admin tokens see every request."""
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 
 from fastapi import APIRouter, BackgroundTasks, Request, Response
+from sqlalchemy.orm import Session
 
 from api.deps import EngineDep, IdempotencyKeyHeader, IntakeCaller, ReviewCaller, SecretKeyDep, SessionDep, StatusReader
 from api.schemas import (
@@ -24,6 +26,7 @@ from api.schemas import (
 )
 from pipeline.lifecycle import (
     RequestStatus,
+    ReviewInput,
     deny_request,
     describe_request,
     extend_deadline,
@@ -95,8 +98,15 @@ def review(request_id: uuid.UUID, body: ReviewDecisionsIn, caller: ReviewCaller,
            secret_key: SecretKeyDep, http_request: Request, background: BackgroundTasks) -> RequestStatus:
     """Processing then continues by itself: a run of the processing deployment is started
     once the decisions are committed (one per review: its key counts the timeline)."""
-    status = record_review_decisions(session, str(request_id), body.as_inputs(), reviewer=caller.actor,
-                                     key=secret_key)
+    return decide_and_continue(session, str(request_id), body.as_inputs(), reviewer=caller.actor, key=secret_key,
+                               http_request=http_request, background=background)
+
+
+def decide_and_continue(session: Session, request_id: str, decisions: Sequence[ReviewInput], *, reviewer: str,
+                        key: bytes, http_request: Request, background: BackgroundTasks) -> RequestStatus:
+    """Record review decisions, then start the processing run that carries the request on.
+    The one path of a decision, from the API and from the console alike."""
+    status = record_review_decisions(session, request_id, decisions, reviewer=reviewer, key=key)
     starter = http_request.app.state.run_starter
     if starter is not None:
         # a background task runs after the answer, so after this route's transaction commits

@@ -1,0 +1,61 @@
+"""The review queue's seed case: a near-copy found from the subject's own record (not
+from a sample) is shown beside that record, with the shared runs, Jaccard and cosine;
+once the request is closed, ids and scores only.
+
+Real ingest and locate (the service functions the flow calls, without Prefect)."""
+
+from __future__ import annotations
+
+import json
+
+from db.session import unit_of_work
+from db.settings import use_settings
+from pipeline.database import open_database
+from pipeline.ingest import IngestOptions, ingest_source_file
+from pipeline.lifecycle import RequestState, get_request, submit_request
+from pipeline.processing import decide_after_locating, locate_and_record, start_processing
+from pipeline.review_queue import review_items
+from shards.sources import FieldMap
+
+SUBJECT = ("Our allotment committee met on Tuesday to discuss the broken greenhouse latch near plot seventeen, "
+           "the compost rota for the winter months, and whether the rainwater barrels should be moved closer "
+           "to the northern gate before the frost arrives, since last year three of them cracked badly.")
+
+
+def _near_copy(text: str) -> str:
+    words = text.split()
+    words[12], words[30] = "cracked", "southern"  # two words changed: some 5-word runs survive, some do not
+    return " ".join(words)
+
+
+def test_a_match_found_from_the_subjects_record_is_shown_beside_it(sqlite_settings, tmp_path) -> None:  # noqa: ANN001
+    settings = sqlite_settings
+    rows = [{"id": "own", "text": SUBJECT, "email": "ada@example.org", "label": 0},
+            {"id": "copy", "text": _near_copy(SUBJECT), "label": 1}]
+    rows += [{"id": f"other{i}", "text": f"Unrelated note number {i} about weather, trains and soup recipes "
+              f"for a family of {i + 2} in the autumn season.", "email": f"p{i}@example.org", "label": i % 2}
+             for i in range(20)]
+    source = tmp_path / "records.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ingest_source_file(source, IngestOptions(dataset="club", fields=FieldMap(identifier_fields=(("email", "email"),)),
+                                             n_shards=1, n_slices=1, seed=0, fmt=None, embedder="hashing"), settings)
+    engine = open_database(settings)
+    request_id = submit_request(engine, settings.secret_key_bytes(), idempotency_key="seed-case",
+                                identifiers=[("email", "ada@example.org")], samples=[], actor="test").request_id
+    with use_settings(settings):
+        start_processing(request_id)
+        locate_and_record(request_id, "club")
+        decide_after_locating(request_id)
+    with unit_of_work(engine) as session:
+        assert get_request(session, request_id).state == RequestState.AWAITING_REVIEW
+        [item] = review_items(session, request_id, with_texts=True)
+        assert item.record_id == "copy" and item.query_label == "the subject's record 0/own"
+        assert "".join(s.text for s in item.query_segments) == SUBJECT
+        assert "".join(s.text for s in item.record_segments) == _near_copy(SUBJECT)
+        shared = "".join(s.text for s in item.record_segments if s.shared)
+        assert "southern" not in shared and "allotment committee met" in shared
+        assert 0.5 <= item.jaccard < 0.8 and item.jaccard == item.score  # the verified Jaccard the policy used
+        assert item.cosine is not None and 0.5 < item.cosine < 1.0
+        [hidden] = review_items(session, request_id, with_texts=False)
+        assert hidden.query_segments is None and hidden.record_segments is None and hidden.jaccard is None
+    engine.dispose()
