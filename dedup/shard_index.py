@@ -257,21 +257,42 @@ def build_shard_index(
                       embedder_spec(embedder) if embedder is not None else None, index)
 
 
-def texts_from_parquet(paths: Mapping[int, str | Path]) -> Callable[[int, Sequence[str]], list[str]]:
+def texts_from_parquet(paths: Mapping[int, str | Path],
+                       row_of: Callable[[int, str], int | None] | None = None) -> Callable[[int, Sequence[str]], list[str]]:
     """A ``fetch_texts(shard, record_ids)`` over shard Parquet files (columns record_id, text).
 
-    Each file's two columns are read once, on first use, and kept in memory.
+    With ``row_of(shard, record_id)`` (the row a shard index holds the record at: the file's row,
+    since indexes are built from and shrunk with their file) only the row groups holding the asked
+    rows are read: a request needs tens of texts, and a whole text column of a 125k-row shard costs
+    ~200 ms to decode against ~2 ms per 4,096-row group. The ids read back are the check: a record
+    not found where its row says (or without a row) makes the whole file be read, as without
+    ``row_of``. Texts read are kept for the fetcher's life (one locate).
     """
-    cache: dict[int, dict[str, str]] = {}
+    texts: dict[int, dict[str, str]] = {}
+    whole: set[int] = set()
+
+    def keep(shard: int, table) -> None:  # noqa: ANN001 - a pyarrow Table
+        texts.setdefault(shard, {}).update(zip(table.column("record_id").to_pylist(),
+                                               table.column("text").to_pylist()))
 
     def fetch(shard: int, record_ids: Sequence[str]) -> list[str]:
-        if shard not in cache:
+        missing = [r for r in record_ids if r not in texts.get(shard, {})]
+        if missing and shard not in whole:
             if shard not in paths:
                 raise KeyError(f"no shard file for shard {shard}")
-            table = pq.read_table(paths[shard], columns=["record_id", "text"])
-            cache[shard] = dict(zip(table.column("record_id").to_pylist(), table.column("text").to_pylist()))
-        texts = cache[shard]
-        return [texts[r] for r in record_ids]
+            rows = [row_of(shard, r) for r in missing] if row_of is not None else [None]
+            if all(r is not None for r in rows):
+                file = pq.ParquetFile(paths[shard])
+                sizes = [file.metadata.row_group(g).num_rows for g in range(file.metadata.num_row_groups)]
+                starts = np.cumsum([0] + sizes)
+                groups = sorted({int(np.searchsorted(starts, r, side="right")) - 1 for r in rows})
+                keep(shard, file.read_row_groups([g for g in groups if 0 <= g < len(sizes)],
+                                                 columns=["record_id", "text"]))
+            if any(r not in texts.get(shard, {}) for r in missing):
+                keep(shard, pq.read_table(paths[shard], columns=["record_id", "text"]))
+                whole.add(shard)
+        known = texts.get(shard, {})
+        return [known[r] for r in record_ids]
 
     return fetch
 

@@ -183,7 +183,7 @@ def locate_in_dataset(
     return locate_matches(
         LocateRequest(samples=samples),
         indexes,
-        texts_from_parquet(paths),
+        texts_from_parquet(paths, row_of=lambda shard, record_id: indexes[shard].row(record_id)),
         seeds=seeds,
         embedder=embedder if embedder_for(indexes) is not None else None,
         thresholds=thresholds,

@@ -134,6 +134,29 @@ def test_texts_from_parquet(tmp_path):
     assert fetch(0, ["b", "a"]) == ["y", "x"]
 
 
+def test_texts_from_parquet_reads_the_groups_a_shard_index_points_at_and_falls_back_when_it_is_wrong(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    ids = [f"r{i:04d}" for i in range(1000)]
+    with pq.ParquetWriter(tmp_path / "s.parquet", pa.schema([("record_id", pa.string()), ("text", pa.string())])) as w:
+        w.write_table(pa.table({"record_id": ids, "text": [f"text of {r}" for r in ids]}), row_group_size=100)
+    paths = {0: tmp_path / "s.parquet"}
+    asked = ["r0999", "r0005", "r0512"]
+    expected = [f"text of {r}" for r in asked]
+    row = {r: i for i, r in enumerate(ids)}
+    assert texts_from_parquet(paths, row_of=lambda s, r: row[r])(0, asked) == expected
+    # an index that places rows wrongly (a stale one), or does not know a record: the whole file is read
+    assert texts_from_parquet(paths, row_of=lambda s, r: (row[r] + 300) % 1000)(0, asked) == expected
+    assert texts_from_parquet(paths, row_of=lambda s, r: None)(0, asked) == expected
+    fetch = texts_from_parquet(paths, row_of=lambda s, r: row.get(r))
+    assert fetch(0, ["r0001"]) == ["text of r0001"] and fetch(0, ["r0002", "r0001"]) == ["text of r0002", "text of r0001"]
+    with pytest.raises(KeyError):
+        fetch(0, ["nobody"])
+    with pytest.raises(KeyError, match="no shard file"):
+        fetch(1, ["r0001"])
+
+
 def test_tombstones_screen_erased_content_without_keeping_text(tmp_path):
     ids, texts = _corpus()
     index = build_shard_index(0, 1, ids, texts, [0] * 60, minhash=KEYED)
