@@ -111,7 +111,9 @@ def wilson(hits: int, n: int, confidence: float = 0.95) -> Rate:
     centre = p + z * z / (2 * n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
     scale = 1 + z * z / n
-    return Rate(hits, n, max(0.0, (centre - half) / scale), min(1.0, (centre + half) / scale), confidence)
+    low = 0.0 if hits == 0 else max(0.0, (centre - half) / scale)  # exact bounds at the ends, not rounding noise
+    high = 1.0 if hits == n else min(1.0, (centre + half) / scale)
+    return Rate(hits, n, low, high, confidence)
 
 
 def _z(confidence: float) -> float:

@@ -49,6 +49,7 @@ class ModelFamily:
 
     name: ClassVar[str] = ""
     uses_texts: ClassVar[bool] = False
+    uses_labels: ClassVar[bool] = True  # False: unlabelled records train too (their label reads as 0)
     kind: ClassVar[str] = "classifier"  # or "generative": what /v1/predict and /v1/generate serve
 
     def build(self, spec: ModelSpec) -> nn.Module:

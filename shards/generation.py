@@ -9,11 +9,12 @@ ensemble's own likelihood, so its perplexity is comparable with a single model's
 lets one member veto a byte, and it keeps each member's influence bounded by 1/S.
 
 What that means for a record seen by only one member (SISA places each record in one shard):
-its influence on the ensemble is diluted by 1/S, not removed. If member s memorised it,
-``p_s`` may put mass ~1 on its next byte while the others spread theirs; the mixture still
-puts >= 1/S there, which greedy decoding follows whenever the others disagree among
-themselves. Only retraining member s without the record removes it (``shards.retrain``);
-the extraction probe (``shards.extraction``) measures what remains either way.
+its influence on the ensemble is diluted by 1/S, not removed. Under the mixture each of its
+bytes keeps at least 1/S of the probability that member s gives it, so its likelihood drops by
+at most ``log S`` nats per byte; whether greedy decoding still reproduces it depends on what
+the other S-1 members predict there (a member confident about its own data can outvote it,
+or not). Only retraining member s without the record removes it (``shards.retrain``); the
+extraction probe (``shards.extraction``) measures what remains either way.
 """
 
 from __future__ import annotations
@@ -37,12 +38,13 @@ class EnsembleLM:
             raise ValueError("an ensemble needs at least one member; train the shards first")
         self.members = [m.eval() for m in members]
         self.block_size = block_size
+        self.device = next(self.members[0].parameters()).device
 
     @classmethod
-    def from_checkpoints(cls, store, checkpoints: Sequence) -> EnsembleLM:  # noqa: ANN001
+    def from_checkpoints(cls, store, checkpoints: Sequence, device: str | torch.device = "cpu") -> EnsembleLM:  # noqa: ANN001
         from shards.training import load_submodel
 
-        loaded = [load_submodel(store, c) for c in checkpoints]
+        loaded = [load_submodel(store, c, device) for c in checkpoints]
         families = {cfg.model.family for _, cfg in loaded}
         if families != {"lm"}:
             raise ValueError(f"members are of family {sorted(families)}; generation needs lm sub-models")
@@ -55,8 +57,8 @@ class EnsembleLM:
         ``stop_after_words``, once that many whitespace-separated words are complete."""
         if not prompts:
             return []
-        prompt_tokens = encode_texts(prompts, self.block_size, with_eos=False)
-        lengths = (prompt_tokens != PAD).sum(dim=1)
+        prompt_tokens = encode_texts(prompts, self.block_size, with_eos=False).to(self.device)
+        lengths = (prompt_tokens != PAD).sum(dim=1).cpu()
         primed = [m.prime(prompt_tokens[:, : int(lengths.max())], lengths) for m in self.members]
         hiddens = [h for _, h in primed]
         logits = [lg for lg, _ in primed]
@@ -66,8 +68,9 @@ class EnsembleLM:
             probs = torch.stack([F.softmax(lg, dim=1) for lg in logits]).mean(dim=0)
             probs[:, _NEVER] = -1.0
             nxt = probs.argmax(dim=1)
+            chosen = nxt.tolist()
             for i in torch.nonzero(~done).flatten().tolist():
-                token = int(nxt[i])
+                token = chosen[i]
                 if token == EOS:
                     done[i] = True
                     continue
@@ -86,7 +89,7 @@ class EnsembleLM:
         """(total negative log-likelihood in nats, bytes predicted) of ``texts`` under the mixture."""
         total, count = 0.0, 0
         for begin in range(0, len(texts), batch_size):
-            tokens = encode_texts(texts[begin : begin + batch_size], self.block_size)
+            tokens = encode_texts(texts[begin : begin + batch_size], self.block_size).to(self.device)
             longest = int((tokens != PAD).sum(dim=1).max())
             tokens = tokens[:, :longest]
             target = tokens[:, 1:]

@@ -85,6 +85,7 @@ class LMFamily(ModelFamily):
 
     name = "lm"
     uses_texts = True
+    uses_labels = False
     kind = "generative"
 
     def build(self, spec: ModelSpec) -> nn.Module:

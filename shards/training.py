@@ -186,6 +186,14 @@ def shard_from_table(table: pa.Table, shard_id: str | int, *, unlabeled: str = "
     )
 
 
+def shard_for_config(path: Path | str, shard_id: str | int, config: TrainConfig) -> ShardData:
+    """A shard version read with the columns its family trains on: texts for a text family, unlabelled
+    records kept as untrained (or, for a family that ignores labels, trained with label 0)."""
+    family = family_named(config.model.family)
+    return shard_from_parquet(path, shard_id, unlabeled="skip" if family.uses_labels else "zero",
+                              texts=family.uses_texts)
+
+
 def shard_from_parquet(path: Path | str, shard_id: str | int, *, unlabeled: str = "error",
                        texts: bool = False) -> ShardData:
     columns = ["record_id", "slice", "label", "features"] + (["text"] if texts else [])
