@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -301,7 +302,8 @@ def main(argv: list[str] | None = None) -> int:
                 for k, v in results.items() if k.startswith("gradient_ascent")},
         },
         "environment": {"python": platform.python_version(), "torch": torch.__version__, "device": args.device,
-                        "machine": platform.machine(), "wall_seconds": time.perf_counter() - began},
+                        "machine": platform.machine(), "wall_seconds": time.perf_counter() - began,
+                        "cpu_seconds": time.process_time(), "load_average": list(os.getloadavg())},
     }
     print(json.dumps(doc, indent=2))
     return 0

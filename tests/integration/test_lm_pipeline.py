@@ -1,0 +1,60 @@
+"""A generative (lm) dataset through the real pipeline: trained by family, erased, retrained exactly,
+probed for extraction before and after, and certified with the front-end numbers."""
+
+from __future__ import annotations
+
+import json
+
+from db.audit import AuditEvent, Certificate, verify_chain
+from db.session import unit_of_work
+from db.settings import Settings, use_settings
+from pipeline.database import open_database
+from pipeline.ingest import IngestOptions, ingest_source_file
+from pipeline.training import checkpoint_store, current_ensemble, list_shards, publish_trained_members, train_one_shard
+from shards.demo_data import write_demo
+from shards.ensemble import training_ids
+from shards.sources import FieldMap
+from sqlalchemy import select
+from tests.prefect_server import demo_subject, submit_for
+
+FIELDS = FieldMap(id_field="id", text_field="text", label_field="label",
+                  identifier_fields=(("email", "email"), ("user_id", "user_id"), ("name", "name")))
+LM_OPTIONS = {"epochs": 1.0, "hidden": [16], "batch_size": 32, "family": "lm", "block_size": 48}
+
+
+def test_an_lm_dataset_is_erased_retrained_probed_and_certified(settings: Settings, prefect_env: dict) -> None:
+    from flows.process_request import process_erasure_request
+
+    files = write_demo(settings.home / "demo-data", 120, seed=0)
+    ingest_source_file(files.records, IngestOptions(dataset="gen", fields=FIELDS, n_shards=2, n_slices=2), settings)
+    members = [train_one_shard(settings, "gen", shard, LM_OPTIONS) for shard in list_shards(settings, "gen")]
+    publish_trained_members(settings, "gen", members)
+    store = checkpoint_store(settings, "gen")
+    assert {store.load(m["checkpoint"])["config"]["model"]["family"] for m in members} == {"lm"}
+
+    subject = demo_subject(files.ground_truth)
+    request_id = submit_for(settings, subject)
+    with use_settings(settings):
+        summary = process_erasure_request(request_id, review_timeout_s=0, on_review_timeout="erase")
+    assert summary["state"] == "completed"
+
+    engine = open_database(settings)
+    try:
+        with unit_of_work(engine) as session:
+            version = current_ensemble(session, 1)
+            assert not set(subject["originals"]) & training_ids(version, store)  # retrained without them
+            body = json.loads(session.get(Certificate, request_id).document)["certificate"]
+            events = session.scalars(select(AuditEvent).where(AuditEvent.kind == "extraction.probed")).all()
+            assert verify_chain(session).ok
+    finally:
+        engine.dispose()
+    assert len(events) == 1 and events[0].request_id == request_id
+    probe = body["datasets"][0]["verification"]["extraction_probe"]
+    assert probe["dataset"] == "gen" and set(probe["roles"]) == {"before", "after"}
+    for role in ("before", "after"):
+        erased = probe["roles"][role]["erased"]
+        assert erased["probed"] + erased["skipped_short"] == body["datasets"][0]["erasure"]["records_erased"]
+        assert 0.0 <= erased["ci_low"] <= erased["rate"] <= erased["ci_high"] <= 1.0
+    assert probe["roles"]["before"]["ensemble_version"] != probe["roles"]["after"]["ensemble_version"]
+    assert "Extraction probe" in body["scope"]["output_suppression"]["statement"]
+    assert subject["email"] not in json.dumps(probe)  # counts only
