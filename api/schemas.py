@@ -26,8 +26,7 @@ from pipeline.lifecycle import (
     Submission,
     validate_identifier,
 )
-from pipeline.generation import MAX_PROMPT_CHARS, MAX_WORDS
-from pipeline.screening import MAX_SCREEN_TEXT_CHARS, MAX_SCREEN_TEXTS, REFERENCE_PATTERN
+from pipeline.screening import MAX_PROMPT_CHARS, MAX_SCREEN_TEXT_CHARS, MAX_SCREEN_TEXTS, MAX_WORDS, REFERENCE_PATTERN
 
 IdentifierKind = Literal[IDENTIFIER_KINDS]  # type: ignore[valid-type]  # the kinds dedup/ normalises
 Reason = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_REASON_CHARS)]

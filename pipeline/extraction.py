@@ -119,7 +119,7 @@ def probe_extraction(settings: Settings, engine: Engine, request_id: str, datase
     details = {"dataset": inputs.dataset, "settings": probe.to_dict(), "roles": roles,
                "control_records": len(control)}
     with unit_of_work(engine) as session:
-        append_event(session, EVENT, details, actor=ACTOR, request_id=str(request_id))
+        append_event(session, "extraction.probed", details, actor=ACTOR, request_id=str(request_id))
     return details
 
 

@@ -36,14 +36,11 @@ from dedup.policy import Thresholds
 from pipeline.erasure import dataset_or_fail
 from pipeline.lifecycle import RequestState
 from pipeline.residue import SubjectScreen
-from pipeline.screening import UnknownDataset, _tombstones
-from pipeline.training import checkpoint_store, current_ensemble
+from pipeline.screening import MAX_PROMPT_CHARS, MAX_WORDS, UnknownDataset, _tombstones
 
 REFUSED_IDENTIFIER = "erased_identifier"
 REFUSED_NEAR_COPY = "near_erased_text"
 REASONS = (REFUSED_IDENTIFIER, REFUSED_NEAR_COPY)
-MAX_PROMPT_CHARS = 2_000
-MAX_WORDS = 64
 ACTOR = "api:generate"
 
 
@@ -98,6 +95,7 @@ def _record(engine: Engine, dataset: str, call: str, refused: dict[str, int], bl
 
 
 def _ensemble_of(settings: Settings, engine: Engine, dataset: str, kind: str):  # noqa: ANN202
+    from pipeline.training import checkpoint_store, current_ensemble  # torch: only when a model is served
     from shards.families import family_named
     from shards.schedule import TrainConfig
 

@@ -40,6 +40,8 @@ from pipeline.database import open_database
 from pipeline.locate import dataset_minhash, load_tombstones, tombstone_path
 
 MAX_SCREEN_TEXTS = 100
+MAX_PROMPT_CHARS = 2_000  # /v1/generate (pipeline.generation): a prompt's length
+MAX_WORDS = 64  # and the most words it may ask for
 MAX_SCREEN_TEXT_CHARS = 20_000
 REFERENCE_PATTERN = r"^scr_[0-9a-f]{32}$"
 SCREEN_NOTE = (
