@@ -130,6 +130,35 @@ def _numbers(report: ProbeReport) -> dict[str, Any]:
             "exact": report.exact.hits, "rate": rate.rate, "ci_low": rate.low, "ci_high": rate.high}
 
 
+def extraction_markdown(request_id: str, details: dict) -> str:
+    """The probe of one dataset as markdown (the flow's artifact): counts, rates, intervals and a bar plot."""
+    import base64
+
+    from shards.extraction import Rate, render_extraction_png
+
+    def rate(numbers: dict | None) -> Rate | None:
+        if not numbers:
+            return None
+        return Rate(numbers["extracted"], numbers["probed"], numbers["ci_low"], numbers["ci_high"])
+
+    groups = {role: {"erased": rate(n.get("erased")), "control": rate(n.get("control"))}
+              for role, n in details["roles"].items()}
+    png = render_extraction_png(groups, f"extraction probe, dataset {details['dataset']}")
+    lines = [f"# Extraction probe of erasure request {request_id}, dataset {details['dataset']}", "",
+             "| version | ensemble | set | probed | extracted | exact | rate | 95% interval |",
+             "|---|---|---|---:|---:|---:|---:|---|"]
+    for role, numbers in details["roles"].items():
+        for name in ("erased", "control"):
+            n = numbers.get(name)
+            if n:
+                lines.append(f"| {role} | {(numbers['ensemble_version'] or '')[:12]} | {name} | {n['probed']} | "
+                             f"{n['extracted']} | {n['exact']} | {n['rate']:.3f} | "
+                             f"[{n['ci_low']:.3f}, {n['ci_high']:.3f}] |")
+    lines += ["", extraction_sentence(details) or "", "",
+              f"![extraction rates](data:image/png;base64,{base64.b64encode(png).decode('ascii')})"]
+    return "\n".join(lines)
+
+
 def extraction_sentence(details: dict | None) -> str | None:
     """One sentence for the certificate's front-end section (None for the "not run" placeholder)."""
     if not details or "settings" not in details:

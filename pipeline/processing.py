@@ -423,13 +423,13 @@ def verify_and_complete(request_id: str) -> dict:
                         "membership": None, "sweep": None}
         membership = {name: probe_membership(settings, engine, request_id, name) for name in names
                       if not generative_dataset(settings, engine, name)}
-        for name in names:  # front end: only a generative ensemble has text to extract
-            probe_extraction(settings, engine, request_id, name)
+        extraction = {name: found for name in names  # front end: only a generative ensemble has text to extract
+                      if (found := probe_extraction(settings, engine, request_id, name)) is not None}
         crash_point("verify:after_probe")
         swept = _complete(settings, engine, request_id, _all_verified(verifications))
         return {"state": _state_in(engine, request_id),
                 "verification": {n: v.to_dict() for n, v in verifications.items()},
-                "membership": membership, "sweep": swept}
+                "membership": membership, "extraction": extraction, "sweep": swept}
     finally:
         engine.dispose()
 

@@ -173,3 +173,37 @@ def ensemble_generator(ensemble: Any, bytes_per_word: int = 16) -> Generate:
         return ensemble.continue_greedily(prompts, max_new_bytes=bytes_per_word * words, stop_after_words=words)
 
     return generate
+
+
+def render_extraction_png(groups: dict[str, dict[str, Rate | None]], title: str) -> bytes:
+    """Bars of extraction rates with their intervals: ``groups[label][series]`` (e.g. before/after x erased/control)."""
+    import io
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    series = sorted({name for rates in groups.values() for name in rates})
+    figure = Figure(figsize=(1.8 + 1.6 * len(groups), 3.4), dpi=100)
+    FigureCanvasAgg(figure)
+    axes = figure.subplots()
+    width = 0.8 / max(len(series), 1)
+    for j, name in enumerate(series):
+        xs, heights, low, high = [], [], [], []
+        for i, rates in enumerate(groups.values()):
+            rate = rates.get(name)
+            if rate is None or not rate.n:
+                continue
+            xs.append(i + (j - (len(series) - 1) / 2) * width)
+            heights.append(rate.rate)
+            low.append(rate.rate - rate.low)
+            high.append(rate.high - rate.rate)
+        axes.bar(xs, heights, width=width * 0.95, yerr=[low, high], capsize=3, label=name)
+    axes.set_xticks(range(len(groups)), list(groups))
+    axes.set_ylim(0, 1)
+    axes.set_ylabel("extraction rate (95% Wilson)")
+    axes.set_title(title, fontsize=9)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return buffer.getvalue()

@@ -58,3 +58,8 @@ def test_an_lm_dataset_is_erased_retrained_probed_and_certified(settings: Settin
     assert probe["roles"]["before"]["ensemble_version"] != probe["roles"]["after"]["ensemble_version"]
     assert "Extraction probe" in body["scope"]["output_suppression"]["statement"]
     assert subject["email"] not in json.dumps(probe)  # counts only
+
+    from pipeline.extraction import extraction_markdown
+
+    markdown = extraction_markdown(request_id, probe)  # the flow's artifact: the table and the plot
+    assert "| before |" in markdown and "| after |" in markdown and "data:image/png;base64,iVBOR" in markdown
