@@ -294,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
                  "located_per_hop": located["per_hop"], "control_records": len(control)},
         "results": results,
         "ratios": {
-            "naive_over_ours_extraction": _ratio(results["naive_identifier_only"], results["ours_near_copies_two_hops"]),
+            "naive_over_ours_extraction": _ratio(results["naive_identifier_only"],
+                                                 results["ours_near_copies_two_hops"]),
             "before_over_control_extraction": (before_rate / results["control"]["records"]["extraction"]["rate"]
                                                if results["control"]["records"]["extraction"]["rate"] else None),
             "gradient_ascent_perplexity_over_exact": {

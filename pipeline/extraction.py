@@ -25,7 +25,7 @@ from db.audit import AuditEvent, append_event
 from db.session import unit_of_work
 from db.settings import Settings
 from pipeline.erasure import dataset_or_fail
-from pipeline.membership import _inputs
+from pipeline.membership import probe_inputs
 from pipeline.training import checkpoint_store
 from shards.ensemble import EnsembleVersion, training_ids
 from shards.extraction import ProbeReport, ProbeSettings, ensemble_generator, probe_records
@@ -95,7 +95,7 @@ def probe_extraction(settings: Settings, engine: Engine, request_id: str, datase
         stored = stored_extraction(session, request_id, dataset)
         if stored is not None:
             return stored
-        inputs = _inputs(session, request_id, dataset)
+        inputs = probe_inputs(session, request_id, dataset)
     store = checkpoint_store(settings, dataset)
     versions = {role: inputs.versions[role][1] for role in ROLES}
     if not any(_is_generative(v, store) for v in versions.values()):

@@ -36,7 +36,7 @@ from dedup.policy import Thresholds
 from pipeline.erasure import dataset_or_fail
 from pipeline.lifecycle import RequestState
 from pipeline.residue import SubjectScreen
-from pipeline.screening import MAX_PROMPT_CHARS, MAX_WORDS, UnknownDataset, _tombstones
+from pipeline.screening import MAX_PROMPT_CHARS, MAX_WORDS, UnknownDataset, dataset_tombstones
 
 REFUSED_IDENTIFIER = "erased_identifier"
 REFUSED_NEAR_COPY = "near_erased_text"
@@ -75,7 +75,7 @@ def _screen(settings: Settings, engine: Engine, dataset: str) -> SubjectScreen:
             select(RequestIdentifier.kind, RequestIdentifier.keyed_hash)
             .join(ErasureRequest, ErasureRequest.id == RequestIdentifier.request_id)
             .where(ErasureRequest.state != RequestState.DENIED)).all())
-    tombstones = _tombstones(settings, dataset)
+    tombstones = dataset_tombstones(settings, dataset)
     return SubjectScreen(settings.secret_key_bytes(), hashes, (tombstones,) if tombstones is not None else (),
                          Thresholds().jaccard_review)
 

@@ -102,6 +102,9 @@ def _tombstones(settings: Settings, dataset: str) -> TombstoneSet | None:
                          lambda: load_tombstones(settings, dataset))
 
 
+dataset_tombstones = _tombstones  # the serving screens (pipeline/generation.py) read the same cached set
+
+
 def screen_texts(
     settings: Settings,
     dataset: str,

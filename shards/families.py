@@ -20,7 +20,7 @@ family with the MLP's training step (cross-entropy on features and labels).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -191,10 +191,6 @@ def family_names() -> tuple[str, ...]:
     if not _entry_points_loaded:
         load_entry_points()
     return tuple(sorted(set(_FAMILIES) | set(model_registry.model_families())))
-
-
-def iter_family_names() -> Iterator[str]:
-    yield from family_names()
 
 
 class MLPFamily(ModelFamily):

@@ -41,7 +41,8 @@ class EnsembleLM:
         self.device = next(self.members[0].parameters()).device
 
     @classmethod
-    def from_checkpoints(cls, store, checkpoints: Sequence, device: str | torch.device = "cpu") -> EnsembleLM:  # noqa: ANN001
+    def from_checkpoints(cls, store, checkpoints: Sequence,  # noqa: ANN001
+                         device: str | torch.device = "cpu") -> EnsembleLM:
         from shards.training import load_submodel
 
         loaded = [load_submodel(store, c, device) for c in checkpoints]

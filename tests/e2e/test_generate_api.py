@@ -105,10 +105,29 @@ def test_generate_screens_prompts_and_outputs_and_counts_them(serving_api: Servi
         ({}, 0, 1), ({"erased_identifier": 1}, 0, 0), ({"near_erased_text": 1}, 0, 0), ({}, 0, 1), ({}, 1, 0)]
     assert api.subject["email"] not in json.dumps(events) and prompt not in json.dumps(events)
 
+    # the same screens through `erasure generate`
+    from typer.testing import CliRunner
+
+    from api.cli import app
+
+    def cli(text: str):  # noqa: ANN202
+        return CliRunner().invoke(app, ["generate", text, "--dataset", "gen", "--max-words", "4", "--json", "--home",
+                                        str(api.settings.home), "--database-url", api.settings.database_url],
+                                  env={"ERASURE_SECRET_KEY": api.settings.secret_key.get_secret_value()})
+
+    served = cli("The parcel arrived")
+    assert served.exit_code == 0, served.output
+    assert json.loads(served.stdout)["refused"] is False
+    refused = cli(f"mail {api.subject['email']}")
+    assert refused.exit_code == 3 and json.loads(refused.stdout)["reason"] == "erased_identifier"
+    missing = cli("")
+    assert missing.exit_code == 2 and "prompt must be" in missing.output
+
 
 def test_predict_classifies_unscreened_texts_only(serving_api: ServingApi) -> None:
     api = serving_api
-    texts = ["My invoice shows a double charge for the annual plan", f"Contact {api.subject['email'].upper()} now", api.erased_text]
+    texts = ["My invoice shows a double charge for the annual plan", f"Contact {api.subject['email'].upper()} now",
+             api.erased_text]
     response = api.post("/v1/predict", {"dataset": "cls", "texts": texts})
     assert response.status_code == 200, response.text
     results = response.json()["results"]
