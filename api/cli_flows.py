@@ -78,6 +78,8 @@ def train(
     as_json: JsonOpt = False,
 ) -> None:
     """Train one SISA sub-model per shard (resuming from stored checkpoints) and publish the ensemble."""
+    if baseline and family != "mlp":
+        _fail(f"--baseline trains a monolithic classifier for the mlp family only; drop it with --family {family}")
     _prepare(home, database_url)
     from flows.training import train_ensemble
 

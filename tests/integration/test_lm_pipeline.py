@@ -10,7 +10,7 @@ from db.session import unit_of_work
 from db.settings import Settings, use_settings
 from pipeline.database import open_database
 from pipeline.ingest import IngestOptions, ingest_source_file
-from pipeline.training import checkpoint_store, current_ensemble, list_shards, publish_trained_members, train_one_shard
+from pipeline.training import checkpoint_store, current_ensemble
 from shards.demo_data import write_demo
 from shards.ensemble import training_ids
 from shards.sources import FieldMap
@@ -19,18 +19,20 @@ from tests.prefect_server import demo_subject, submit_for
 
 FIELDS = FieldMap(id_field="id", text_field="text", label_field="label",
                   identifier_fields=(("email", "email"), ("user_id", "user_id"), ("name", "name")))
-LM_OPTIONS = {"epochs": 1.0, "hidden": [16], "batch_size": 32, "family": "lm", "block_size": 48}
 
 
 def test_an_lm_dataset_is_erased_retrained_probed_and_certified(settings: Settings, prefect_env: dict) -> None:
     from flows.process_request import process_erasure_request
+    from flows.training import train_ensemble
 
     files = write_demo(settings.home / "demo-data", 120, seed=0)
     ingest_source_file(files.records, IngestOptions(dataset="gen", fields=FIELDS, n_shards=2, n_slices=2), settings)
-    members = [train_one_shard(settings, "gen", shard, LM_OPTIONS) for shard in list_shards(settings, "gen")]
-    publish_trained_members(settings, "gen", members)
+    with use_settings(settings):  # what `erasure train --family lm --block-size 48 ...` runs
+        trained = train_ensemble("gen", family="lm", block_size=48, epochs=1.0, hidden=[16], batch_size=32,
+                                 budget="per-shard")
     store = checkpoint_store(settings, "gen")
-    assert {store.load(m["checkpoint"])["config"]["model"]["family"] for m in members} == {"lm"}
+    configs = [store.load(m["checkpoint"])["config"]["model"] for m in trained["shards"]]
+    assert {c["family"] for c in configs} == {"lm"} and {c["input_dim"] for c in configs} == {48}
 
     subject = demo_subject(files.ground_truth)
     request_id = submit_for(settings, subject)
@@ -57,6 +59,8 @@ def test_an_lm_dataset_is_erased_retrained_probed_and_certified(settings: Settin
         assert 0.0 <= erased["ci_low"] <= erased["rate"] <= erased["ci_high"] <= 1.0
     assert probe["roles"]["before"]["ensemble_version"] != probe["roles"]["after"]["ensemble_version"]
     assert "Extraction probe" in body["scope"]["output_suppression"]["statement"]
+    retraining = body["datasets"][0]["retraining"]
+    assert retraining and all(j["exactness"]["status"] == "exact" for j in retraining)
     assert subject["email"] not in json.dumps(probe)  # counts only
 
     from pipeline.extraction import extraction_markdown
