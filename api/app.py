@@ -24,6 +24,7 @@ from api.deps import ApiError
 from api.dispatch import RunStarter
 from api.routes.audit import router as audit_router
 from api.routes.requests import router as requests_router
+from api.routes.generate import router as generate_router
 from api.routes.screen import router as screen_router
 from db.settings import Settings, load_settings
 from pipeline.database import open_database
@@ -168,7 +169,7 @@ def create_app(settings: Settings | None = None, *, max_body_bytes: int = MAX_BO
         version="0.1.0",
         summary="GDPR Art. 17 erasure requests for ML training data",
         description="Submit and follow erasure requests. Authenticate with `Authorization: Bearer <token>` "
-        "(tokens come from `erasure token create`; scopes: intake, review, audit, screen, admin).",
+        "(tokens come from `erasure token create`; scopes: intake, review, audit, screen, admin, generate).",
         lifespan=lifespan,
     )
     app.state.settings = settings
@@ -179,6 +180,7 @@ def create_app(settings: Settings | None = None, *, max_body_bytes: int = MAX_BO
     _install_error_handlers(app)
     app.include_router(requests_router)
     app.include_router(screen_router)
+    app.include_router(generate_router)
     app.include_router(audit_router)
     install_console(app)  # /console: the reviewer's and auditor's pages
     return app

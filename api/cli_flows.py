@@ -84,18 +84,25 @@ def train(
     batch_size: Annotated[int, typer.Option(help="Batch size.")] = 128,
     learning_rate: Annotated[float, typer.Option(help="Learning rate (Adam).")] = 2e-3,
     seed: Annotated[int, typer.Option(help="Training seed.")] = 0,
+    family: Annotated[str, typer.Option(
+        help="Model family (shards.families): mlp (classifier on the embeddings), lm (byte-level language model "
+             "on the texts), or one an installed package declares in the erasure.model_families entry point group."
+    )] = "mlp",
+    block_size: Annotated[int, typer.Option(help="Bytes of each text an lm reads (text families only).")] = 256,
     home: HomeOpt = None,
     database_url: DbOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Train one SISA sub-model per shard (resuming from stored checkpoints) and publish the ensemble."""
+    if baseline and family != "mlp":
+        _fail(f"--baseline trains a monolithic classifier for the mlp family only; drop it with --family {family}")
     _prepare(home, database_url)
     from flows.training import train_ensemble
 
     try:
         result = train_ensemble(dataset, epochs=epochs, hidden=list(hidden), batch_size=batch_size,
                                 learning_rate=learning_rate, seed=seed, budget=budget, schedule=schedule,
-                                baseline=baseline)
+                                baseline=baseline, family=family, block_size=block_size)
     except (LookupError, ValueError) as exc:
         _fail(str(exc))
     _emit(result, as_json, f"ensemble {result['ensemble_version'][:12]} of {dataset!r}: {result['members']} sub-model(s)"

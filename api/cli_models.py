@@ -1,4 +1,5 @@
-"""``erasure evaluate`` and ``erasure predict``: use the ensemble in service on a file.
+"""``erasure evaluate`` and ``erasure predict``: use the ensemble in service on a file;
+``erasure generate``: continue a prompt with an lm ensemble, behind the erasure screens.
 
 ``register_commands(app)`` mounts them on the main ``erasure`` app.
 """
@@ -18,6 +19,7 @@ from api.cli_common import fail as _fail
 def register_commands(app: typer.Typer) -> None:
     app.command("evaluate")(evaluate)
     app.command("predict")(predict)
+    app.command("generate")(generate)
 
 
 FileArg = Annotated[Path, typer.Argument(help="JSONL, CSV or Parquet file (read like ingest reads it).")]
@@ -94,3 +96,38 @@ def predict(
             typer.echo(json.dumps(row, ensure_ascii=False))
         return
     _emit(result, as_json, f"{result['records']} prediction(s) written to {result.get('out')}")
+
+
+def generate(
+    prompt: Annotated[str, typer.Argument(help="The text to continue (screened first; never stored or logged).")],
+    dataset: Annotated[str, typer.Option(help="Dataset whose lm ensemble in service generates.")] = "default",
+    max_words: Annotated[int, typer.Option(help="Words to generate at most (1..64).")] = 16,
+    home: HomeOpt = None,
+    database_url: DbOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Continue PROMPT with the dataset's lm ensemble. A prompt carrying an erased subject's identifier, or
+    near an erased record, is refused (exit code 3, with the reason code); a continuation near erased content
+    is withheld (blocked). Both are counted in the audit log."""
+    from pipeline.database import open_database
+    from pipeline.generation import NotGenerative, generate_screened
+
+    settings = settings_from_flags(home, database_url)
+    engine = open_database(settings)
+    try:
+        result = generate_screened(settings, engine, dataset, prompt, max_words)
+    except (LookupError, NotGenerative, ValueError) as exc:
+        _fail(str(exc))
+    finally:
+        engine.dispose()
+    from dataclasses import asdict
+
+    if result.refused:
+        human = f"refused: {result.reason} (the prompt matches erased data; nothing was generated)"
+    elif result.blocked:
+        human = "blocked: the continuation matched erased content and was withheld"
+    else:
+        human = result.continuation
+    _emit(asdict(result), as_json, human)
+    if result.refused:
+        raise typer.Exit(3)

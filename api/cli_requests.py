@@ -290,7 +290,7 @@ def _token_json(row: object) -> dict:
 def token_create(
     name: Annotated[str, typer.Option("--name", help="A unique name, e.g. the client's (shown in request timelines).")],
     scope: Annotated[
-        list[str], typer.Option("--scope", help="intake, review, audit, screen or admin (all). Repeatable.")
+        list[str], typer.Option("--scope", help="intake, review, audit, screen, generate or admin (all). Repeatable.")
     ] = [],  # noqa: B006
     home: HomeOpt = None,
     database_url: DbOpt = None,

@@ -26,7 +26,7 @@ from pipeline.lifecycle import (
     Submission,
     validate_identifier,
 )
-from pipeline.screening import MAX_SCREEN_TEXT_CHARS, MAX_SCREEN_TEXTS, REFERENCE_PATTERN
+from pipeline.screening import MAX_PROMPT_CHARS, MAX_SCREEN_TEXT_CHARS, MAX_SCREEN_TEXTS, MAX_WORDS, REFERENCE_PATTERN
 
 IdentifierKind = Literal[IDENTIFIER_KINDS]  # type: ignore[valid-type]  # the kinds dedup/ normalises
 Reason = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_REASON_CHARS)]
@@ -224,6 +224,44 @@ class ScreenOut(_Out):
     results: list[TextScreenOut]
     tombstones: int = Field(description="How many tombstones the dataset has.")
     note: str
+
+
+class GenerateIn(_In):
+    dataset: Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
+    prompt: Annotated[str, StringConstraints(min_length=1, max_length=MAX_PROMPT_CHARS)] = Field(
+        description="The text to continue; screened first, never stored, logged or returned.")
+    max_words: int = Field(default=16, ge=1, le=MAX_WORDS, description="Words to generate at most.")
+
+
+class GenerateOut(_Out):
+    dataset: str
+    ensemble_version: str | None
+    refused: bool = Field(description="True: the prompt was refused by the input screen (see `reason`).")
+    reason: Literal["erased_identifier", "near_erased_text"] | None = Field(
+        description="Why the prompt was refused: it carries an identifier of a subject who asked for erasure, or "
+                    "it is a near-copy of an erased record.")
+    continuation: str = Field(description="The ensemble's greedy continuation; empty when refused or blocked.")
+    blocked: bool = Field(description="True: a continuation was generated but withheld by the output screen.")
+    note: str
+
+
+class PredictIn(_In):
+    dataset: Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
+    texts: list[ScreenText] = Field(min_length=1, max_length=MAX_SCREEN_TEXTS,
+                                    description="Texts to classify; screened first, never stored or logged.")
+
+
+class PredictionOut(_Out):
+    refused: bool
+    reason: Literal["erased_identifier", "near_erased_text"] | None
+    label: int | None = Field(description="The ensemble's most probable class; null when refused.")
+    probabilities: list[float] | None
+
+
+class PredictOut(_Out):
+    dataset: str
+    ensemble_version: str
+    results: list[PredictionOut]
 
 
 # ---------------------------------------------------------------- errors

@@ -299,6 +299,8 @@ COUNT_NAMES = ("erase", "review", "undecided", "decided", "records", "shards", "
                "deferred_shards", "keep")
 NOTE_REF = OBJECT({"id": INT, "kind": ENUM(*NOTE_KINDS), "hmac": HEX64})
 NOTES = LIST(NOTE_REF, 1001)
+_EXTRACTION_NUMBERS = OBJECT({"probed": INT, "skipped_short": INT, "extracted": INT, "exact": INT, "rate": FLOAT,
+                              "ci_low": FLOAT, "ci_high": FLOAT})
 MATCH_METHODS = ENUM("identifier", "minhash", "embedding", "second-hop")
 SAMPLE_ONLY_POLICIES = ("review", "score")
 
@@ -394,9 +396,19 @@ EVENT_SCHEMAS: dict[str, tuple[dict[str, FieldType], frozenset[str]]] = {
         "power_ci_low": NULLABLE(FLOAT), "power_ci_high": NULLABLE(FLOAT)},
         frozenset({"groups", "heldout_groups", "members", "power_auc", "power_ci_low", "power_ci_high"})))},
                           frozenset({"dataset"})),
+    "extraction.probed": ({"dataset": DATASET_NAME,  # pipeline/extraction.py: counts and rates only, no text
+                           "settings": OBJECT({"prompt_words": INT, "continuation_words": INT, "span": INT}),
+                           "control_records": INT,
+                           "roles": MAP(ENUM("before", "after"), OBJECT({
+        "ensemble_version": NULLABLE(HEX()),
+        "erased": NULLABLE(_EXTRACTION_NUMBERS), "control": NULLABLE(_EXTRACTION_NUMBERS)}))}, frozenset()),
+    # front-end suppression (pipeline/generation.py): counts per call, never the prompt or the output
+    "generation.screened": ({"dataset": DATASET_NAME, "call": ENUM("generate", "predict"),
+                             "refused": MAP(ENUM("erased_identifier", "near_erased_text"), INT), "blocked": INT,
+                             "served": INT}, frozenset()),
     "certificate.issued": ({"sha256": HEX64, "key_id": HEX64}, frozenset()),
     # API tokens (db/requests.py)
-    "token.created": ({"token_id": INT, "scopes": LIST(ENUM("intake", "review", "audit", "screen", "admin"), 5)},
+    "token.created": ({"token_id": INT, "scopes": LIST(ENUM("intake", "review", "audit", "screen", "admin", "generate"), 6)},
                       frozenset()),
     "token.revoked": ({"token_id": INT}, frozenset()),
     # the compliance console's sessions (api/console_auth.py)

@@ -191,7 +191,7 @@ class RequestNote(Base):
 
 # ------------------------------------------------------------------ API tokens
 
-TOKEN_SCOPES = ("intake", "review", "audit", "screen", "admin")
+TOKEN_SCOPES = ("intake", "review", "audit", "screen", "admin", "generate")
 TOKEN_PREFIX = "er_"
 
 

@@ -54,6 +54,7 @@ from flows.retries import RETRY
 from pipeline import processing
 from pipeline.lifecycle import CLOSED_STATES, RequestState
 from pipeline.erasure import crash_point
+from pipeline.extraction import extraction_markdown
 from pipeline.membership import probe_markdown, report_path
 from db.settings import load_settings
 
@@ -141,6 +142,8 @@ def verify_and_complete(request_id: str) -> dict:
     result = processing.verify_and_complete(request_id)
     for dataset, summaries in (result["membership"] or {}).items():
         publish_probe_artifact(request_id, dataset, summaries)
+    for dataset, details in (result.get("extraction") or {}).items():
+        publish_extraction_artifact(request_id, dataset, details)
     return result
 
 
@@ -164,6 +167,16 @@ def publish_probe_artifact(request_id: str, dataset: str, summaries: list[dict])
                                                          png.read_bytes() if png.exists() else b"", dataset),
                                  description="membership-inference probe before and after retraining (counts only)")
     except Exception as exc:  # noqa: BLE001 - an artifact is a convenience (the database holds the record): warn, go on
+        get_run_logger().warning("artifact not written: %s", type(exc).__name__)
+
+
+def publish_extraction_artifact(request_id: str, dataset: str, details: dict) -> None:
+    """A markdown artifact ``extraction-<request id>-<dataset>``: the front-end probe's rates and plot."""
+    key = re.sub(r"[^a-z0-9-]", "-", f"extraction-{request_id}-{dataset}".lower())
+    try:
+        create_markdown_artifact(key=key, markdown=extraction_markdown(request_id, details),
+                                 description="extraction probe before and after retraining (counts only)")
+    except Exception as exc:  # noqa: BLE001 - an artifact is a convenience (the audit log holds the record): warn, go on
         get_run_logger().warning("artifact not written: %s", type(exc).__name__)
 
 

@@ -44,12 +44,13 @@ def train_baseline_task(dataset: str, options: dict) -> dict:
 @flow(name="train-ensemble", log_prints=False)
 def train_ensemble(dataset: str, epochs: float = 4.0, hidden: list[int] | None = None, batch_size: int = 128,
                    learning_rate: float = 2e-3, seed: int = 0, num_classes: int | None = None,
-                   budget: str = "par", schedule: str = "equal-samples", baseline: bool = False) -> dict:
+                   budget: str = "par", schedule: str = "equal-samples", baseline: bool = False,
+                   family: str = "mlp", block_size: int = 256) -> dict:
     """Train every shard's sub-model (resuming from stored checkpoints), then publish the ensemble;
     with ``baseline``, also one monolithic model under the same options (``pipeline.training.TrainingOptions``)."""
     options = TrainingOptions(epochs=epochs, hidden=tuple(hidden or [64]), batch_size=batch_size,
                               learning_rate=learning_rate, seed=seed, num_classes=num_classes, budget=budget,
-                              schedule=schedule).to_flow()  # bad options fail here, before any training
+                              schedule=schedule, family=family, block_size=block_size).to_flow()  # bad options fail here, before any training
     shards = list_shards(load_settings(), dataset)
     members = [train_shard_task(dataset, shard, options) for shard in shards]
     published = publish_ensemble_task(dataset, members)

@@ -379,7 +379,13 @@ def _verification_section(settings: Settings, session: Session, request_id: str,
     else:
         probe = {"status": "not run", "reason": "no probe is stored for this dataset of the request (it runs after "
                                                 "retraining when records were erased from it)"}
-    return {"training_manifest": manifest, "membership_probe": probe}
+    from pipeline.extraction import stored_extraction
+
+    extraction = stored_extraction(session, request_id, dataset.name if dataset is not None else None)
+    return {"training_manifest": manifest, "membership_probe": probe,
+            "extraction_probe": extraction if extraction is not None else {
+                "status": "not run", "reason": "the dataset's ensembles are not generative, or no records were "
+                                               "erased from it"}}
 
 
 def _retained_section(settings: Settings, session: Session, request_id: str, dataset: Dataset | None,
@@ -477,6 +483,7 @@ def _back_end_statement(sections: list[dict], erased: int) -> str:
 
 
 def _scope(sections: list[dict]) -> dict:
+    from pipeline.extraction import extraction_sentence
     from pipeline.membership import forgetting_sentence
 
     erased = sum(s["erasure"]["records_erased"] for s in sections)
@@ -510,6 +517,8 @@ def _scope(sections: list[dict]) -> dict:
                           + "".join(f"{s['dataset']['name']}: {line} " if len(sections) > 1 else f"{line} "
                                     for s in sections
                                     if (line := forgetting_sentence(s["verification"]["membership_probe"])))
+                          + "".join(f"{line} " for s in sections
+                                    if (line := extraction_sentence(s["verification"].get("extraction_probe"))))
                           + "Nothing else: no control stops a model from producing output that resembles the "
                           "subject's data."),
         },

@@ -197,6 +197,9 @@ def _inputs(session: Session, request_id: str, dataset: str) -> ProbeInputs:
     )
 
 
+probe_inputs = _inputs  # the extraction probe (pipeline/extraction.py) reads the same erased records and versions
+
+
 @dataclass
 class _Rows:
     """Ids, labels, features and texts of some labelled records of one shard file."""

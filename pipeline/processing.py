@@ -57,6 +57,7 @@ from pipeline.lifecycle import (
     transition,
     verify_review_ticket,
 )
+from pipeline.extraction import generative_dataset, probe_extraction
 from pipeline.membership import probe_membership
 from pipeline.placement import request_retrain_estimates
 
@@ -420,12 +421,15 @@ def verify_and_complete(request_id: str) -> dict:
                 return {"state": _state_in(engine, request_id),
                         "verification": {n: v.to_dict() for n, v in verifications.items()},
                         "membership": None, "sweep": None}
-        membership = {name: probe_membership(settings, engine, request_id, name) for name in names}
+        membership = {name: probe_membership(settings, engine, request_id, name) for name in names
+                      if not generative_dataset(settings, engine, name)}
+        extraction = {name: found for name in names  # front end: only a generative ensemble has text to extract
+                      if (found := probe_extraction(settings, engine, request_id, name)) is not None}
         crash_point("verify:after_probe")
         swept = _complete(settings, engine, request_id, _all_verified(verifications))
         return {"state": _state_in(engine, request_id),
                 "verification": {n: v.to_dict() for n, v in verifications.items()},
-                "membership": membership, "sweep": swept}
+                "membership": membership, "extraction": extraction, "sweep": swept}
     finally:
         engine.dispose()
 

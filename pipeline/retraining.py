@@ -46,7 +46,7 @@ from pipeline.training import checkpoint_store, current_ensemble, publish_ensemb
 from shards.checkpoints import CheckpointStore
 from shards.device import DEVICE_ENV, THREADS_ENV, Runtime
 from shards.retrain import RuntimeMismatchError, chain_facts, retrain_from_slice, retrain_runtime
-from shards.training import TrainConfig, checkpoint_chain, shard_from_parquet, train_shard
+from shards.training import TrainConfig, checkpoint_chain, shard_for_config, train_shard
 
 ACTOR = "flow:retrain"
 
@@ -132,8 +132,8 @@ def _train(settings: Settings, engine, dataset: str, shard: int, claim: dict) ->
             ShardVersion.version == base_row.shard_version)).one()
     payload = store.load(member.checkpoint.key)
     config = TrainConfig.from_dict(payload["config"])
-    base_data = shard_from_parquet(base.path, str(shard), unlabeled="skip")
-    target_data = shard_from_parquet(target.path, str(shard), unlabeled="skip")
+    base_data = shard_for_config(base.path, str(shard), config)
+    target_data = shard_for_config(target.path, str(shard), config)
     removed = sorted(base_data.all_ids() - target_data.all_ids())
     added = target_data.all_ids() - base_data.all_ids()
     device, threads = worker_runtime_request()

@@ -42,6 +42,8 @@ if TYPE_CHECKING:  # numpy and the MinHash code load with the tombstones, when a
     from dedup.tombstones import TombstoneSet
 
 MAX_SCREEN_TEXTS = 100
+MAX_PROMPT_CHARS = 2_000  # /v1/generate (pipeline.generation): a prompt's length
+MAX_WORDS = 64  # and the most words it may ask for
 MAX_SCREEN_TEXT_CHARS = 20_000
 REFERENCE_PATTERN = r"^scr_[0-9a-f]{32}$"
 SCREEN_NOTE = (
@@ -105,6 +107,9 @@ def _tombstones(settings: Settings, dataset: str) -> TombstoneSet | None:
     # a file is replaced atomically, never rewritten in place: a new file is a new inode
     return ARTEFACTS.get(("tombstones", str(path)), (stamp, dataset_minhash(settings, dataset).key_id),
                          lambda: load_tombstones(settings, dataset))
+
+
+dataset_tombstones = _tombstones  # the serving screens (pipeline/generation.py) read the same cached set
 
 
 def screen_texts(

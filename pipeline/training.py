@@ -36,7 +36,7 @@ from pipeline.labels import vocabulary
 from shards.checkpoints import CheckpointStore
 from shards.ensemble import EnsembleMember, EnsembleVersion
 from shards.model import ModelSpec
-from shards.training import DEFAULT_SCHEDULE, SCHEDULE_KINDS, EmptyShardError, SliceSchedule, TrainConfig, checkpoint_chain, shard_from_parquet, train_shard
+from shards.training import DEFAULT_SCHEDULE, SCHEDULE_KINDS, EmptyShardError, SliceSchedule, TrainConfig, checkpoint_chain, shard_for_config, shard_from_parquet, train_shard
 
 
 BUDGETS = ("par", "per-shard")
@@ -65,8 +65,13 @@ class TrainingOptions:
     num_classes: int | None = None  # default: the dataset's label vocabulary size, or highest label + 1
     budget: str = "par"
     schedule: str = DEFAULT_SCHEDULE
+    family: str = "mlp"  # a shards.families name; "lm" trains byte-level language models on the texts
+    block_size: int = 256  # bytes of each text an lm reads (text families only)
 
     def __post_init__(self) -> None:
+        from shards.families import family_named
+
+        family_named(self.family)  # an unknown family fails here, naming the known ones
         if self.budget not in BUDGETS:
             raise ValueError(f"budget must be one of {', '.join(BUDGETS)}, got {self.budget!r}")
         if self.schedule not in SCHEDULE_KINDS:
@@ -82,7 +87,8 @@ class TrainingOptions:
         """The options as the train flow's JSON parameters."""
         return {"epochs": self.epochs, "hidden": list(self.hidden), "batch_size": self.batch_size,
                 "learning_rate": self.learning_rate, "seed": self.seed, "num_classes": self.num_classes,
-                "budget": self.budget, "schedule": self.schedule}
+                "budget": self.budget, "schedule": self.schedule, "family": self.family,
+                "block_size": self.block_size}
 
 
 def checkpoint_store(settings: Settings, dataset: str) -> CheckpointStore:
@@ -171,8 +177,14 @@ def _num_classes(settings: Settings, versions: dict, options: TrainingOptions, v
 def train_config(feature_dim: int, num_classes: int, num_slices: int, options: TrainingOptions,
                  num_shards: int = 1) -> TrainConfig:
     """The sub-models' config: ``options`` on a dataset of ``num_shards`` shards of ``num_slices`` slices."""
+    if options.family == "lm":
+        from shards.lm import lm_spec
+
+        spec = lm_spec(block_size=options.block_size, width=options.hidden[0], layers=len(options.hidden))
+    else:
+        spec = ModelSpec(input_dim=feature_dim, num_classes=num_classes, hidden=options.hidden, family=options.family)
     return TrainConfig(
-        model=ModelSpec(input_dim=feature_dim, num_classes=num_classes, hidden=options.hidden),
+        model=spec,
         schedule=SliceSchedule.named(options.schedule, num_slices, options.submodel_epochs(num_shards)),
         batch_size=options.batch_size, learning_rate=options.learning_rate, seed=options.seed,
     )
@@ -209,7 +221,7 @@ def _train_latest(settings: Settings, engine, dataset: str, shard: int, config: 
         version = latest_shard_versions(session, ds.id)[shard]
         dataset_id = ds.id
     store = checkpoint_store(settings, dataset)
-    data = shard_from_parquet(version.path, str(shard), unlabeled="skip")
+    data = shard_for_config(version.path, str(shard), config)
     try:
         result = train_shard(data, config, store)
     except EmptyShardError:
@@ -314,6 +326,9 @@ def train_baseline(settings: Settings, dataset: str, options: dict) -> dict:
             versions = latest_shard_versions(session, ds.id)
             config = _dataset_train_config(settings, session, ds, options, monolithic=True)
             dataset_id = ds.id
+        if config.model.family != "mlp":
+            raise ValueError(f"a baseline is trained for the mlp family only, not {config.model.family!r}; "
+                             "train without --baseline")
         parts = [shard_from_parquet(v.path, str(s), unlabeled="skip") for s, v in sorted(versions.items())]
         parts = [p for p in parts if p.num_records]
         if not parts:

@@ -1,6 +1,8 @@
 """The sub-model family: a small classifier over a shard's stored feature vectors.
 
-A family is a function ``ModelSpec -> torch.nn.Module`` registered under a name;
+A family's builder is a function ``ModelSpec -> torch.nn.Module`` registered under a name
+(the whole plug-in interface — training step, checkpoint state, scoring — is
+``shards.families.ModelFamily``);
 the default ``mlp`` is ``Linear(d, h1) -> ReLU -> ... -> Linear(h_k, C)``
 (``hidden=()`` gives multinomial logistic regression). The module must map a
 float32 batch ``(n, d)`` to logits ``(n, C)``.
@@ -85,15 +87,17 @@ def model_families() -> tuple[str, ...]:
     return tuple(sorted(_FAMILIES))
 
 
+def registered_builder(name: str) -> ModelBuilder | None:
+    return _FAMILIES.get(name)
+
+
 def build_model(spec: ModelSpec, init_seed: int, device: torch.device | str = "cpu") -> nn.Module:
     """A freshly initialised model; equal ``(spec, init_seed)`` give bitwise equal weights."""
-    try:
-        builder = _FAMILIES[spec.family]
-    except KeyError:
-        raise ValueError(
-            f"unknown model family {spec.family!r}; known: {', '.join(model_families())} "
-            "(register one with shards.model.register_model_family)"
-        ) from None
+    builder = _FAMILIES.get(spec.family)
+    if builder is None:  # a family from shards.families: the built-in lm or an installed package's entry point
+        from shards.families import family_named
+
+        builder = family_named(spec.family).build
     with torch.random.fork_rng(devices=[]):
         torch.default_generator.manual_seed(init_seed)
         model = builder(spec)

@@ -23,7 +23,7 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,11 +33,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from shards.checkpoints import CheckpointRef, CheckpointStore, chain_next, chain_root
 from shards.device import Runtime, deterministic_mode, resolve_runtime
+from shards.families import ModelFamily, family_named
 from shards.model import ModelSpec, build_model
 
 from shards.schedule import (  # noqa: F401  (re-exported: their home before shards.schedule)
@@ -78,12 +78,16 @@ class ShardData:
     features: np.ndarray  # float32 (n, d)
     labels: np.ndarray  # int64 (n,)
     untrained_ids: tuple[str, ...] = field(default=())
+    texts: tuple[str, ...] = field(default=())  # one per record when a text family trains on it, else empty
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "shard_id", str(self.shard_id))
         object.__setattr__(self, "record_ids", tuple(str(r) for r in self.record_ids))
         object.__setattr__(self, "untrained_ids", tuple(str(r) for r in self.untrained_ids))
+        object.__setattr__(self, "texts", tuple(str(t) for t in self.texts))
         n = len(self.record_ids)
+        if self.texts and len(self.texts) != n:
+            raise ValueError(f"shard {self.shard_id}: {n} record ids but {len(self.texts)} texts; give one per record")
         slices = np.array(self.slices, dtype=np.int32, copy=True).reshape(-1)
         labels = np.array(self.labels, dtype=np.int64, copy=True).reshape(-1)
         features = np.array(self.features, dtype=np.float32, copy=True, order="C")
@@ -125,6 +129,7 @@ class ShardData:
             features=self.features[keep],
             labels=self.labels[keep],
             untrained_ids=tuple(rid for rid in self.untrained_ids if rid not in removed),
+            texts=tuple(t for t, k in zip(self.texts, keep) if k) if self.texts else (),
         )
 
     def training_order(self) -> np.ndarray:
@@ -136,21 +141,28 @@ class ShardData:
         return [int(c) for c in np.cumsum(counts)]
 
 
-def shard_from_table(table: pa.Table, shard_id: str | int, *, unlabeled: str = "error") -> ShardData:
+def shard_from_table(table: pa.Table, shard_id: str | int, *, unlabeled: str = "error",
+                     texts: bool = False) -> ShardData:
     """Adapter from a shard version table (``record_id, slice, label, features`` columns).
 
     Rows with a null label fail by default; ``unlabeled="skip"`` keeps them as
-    untrained records of the shard instead.
+    untrained records of the shard instead, ``unlabeled="zero"`` trains them with
+    label 0 (for a family that ignores labels, such as ``lm``). ``texts`` also reads
+    the ``text`` column (for a family with ``uses_texts``).
     """
     needed = ("record_id", "slice", "label", "features")
     missing = [c for c in needed if c not in table.column_names]
     if missing:
         raise ValueError(f"shard table lacks column(s) {missing}; write it with shards.store.build_shard_table")
-    if unlabeled not in ("error", "skip"):
-        raise ValueError(f"unlabeled must be 'error' or 'skip', got {unlabeled!r}")
+    if unlabeled not in ("error", "skip", "zero"):
+        raise ValueError(f"unlabeled must be 'error', 'skip' or 'zero', got {unlabeled!r}")
+    if texts and "text" not in table.column_names:
+        raise ValueError("shard table lacks the text column a text family trains on; read it with texts=True")
     null_labels = table["label"].null_count
     untrained: tuple[str, ...] = ()
-    if null_labels:
+    if null_labels and unlabeled == "zero":
+        table = table.set_column(table.column_names.index("label"), "label", pc.fill_null(table["label"], 0))
+    elif null_labels:
         if unlabeled == "error":
             raise ValueError(
                 f"shard {shard_id}: {null_labels} record(s) have no label; label them or pass unlabeled='skip'"
@@ -170,12 +182,23 @@ def shard_from_table(table: pa.Table, shard_id: str | int, *, unlabeled: str = "
         features=np.asarray(flat, dtype=np.float32).reshape(table.num_rows, dim),
         labels=table["label"].to_numpy(),
         untrained_ids=untrained,
+        texts=tuple(table["text"].to_pylist()) if texts else (),
     )
 
 
-def shard_from_parquet(path: Path | str, shard_id: str | int, *, unlabeled: str = "error") -> ShardData:
-    table = pq.read_table(path, columns=["record_id", "slice", "label", "features"])
-    return shard_from_table(table, shard_id, unlabeled=unlabeled)
+def shard_for_config(path: Path | str, shard_id: str | int, config: TrainConfig) -> ShardData:
+    """A shard version read with the columns its family trains on: texts for a text family, unlabelled
+    records kept as untrained (or, for a family that ignores labels, trained with label 0)."""
+    family = family_named(config.model.family)
+    return shard_from_parquet(path, shard_id, unlabeled="skip" if family.uses_labels else "zero",
+                              texts=family.uses_texts)
+
+
+def shard_from_parquet(path: Path | str, shard_id: str | int, *, unlabeled: str = "error",
+                       texts: bool = False) -> ShardData:
+    columns = ["record_id", "slice", "label", "features"] + (["text"] if texts else [])
+    table = pq.read_table(path, columns=columns)
+    return shard_from_table(table, shard_id, unlabeled=unlabeled, texts=texts)
 
 
 @dataclass(frozen=True)
@@ -229,10 +252,11 @@ def checkpoint_chain(shard: ShardData, config: TrainConfig) -> list[str]:
     """The content addresses ``key_0..key_{R-1}`` of the shard's checkpoints (see ``shards.checkpoints``)."""
     order = shard.training_order()
     key = chain_root(config.digest, shard.shard_id)
+    with_texts = family_named(config.model.family).uses_texts
     keys = []
     for r in range(config.num_slices):
         rows = order[shard.slices[order] == r]
-        key = chain_next(key, r, _slice_digest(shard, rows))
+        key = chain_next(key, r, _slice_digest(shard, rows, with_texts))
         keys.append(key)
     return keys
 
@@ -246,14 +270,7 @@ def latest_stored(keys: Sequence[str], store: CheckpointStore) -> int:
 
 
 def check_compatible(shard: ShardData, config: TrainConfig) -> None:
-    """Fail early, with the fix, when the shard cannot train under ``config``."""
-    spec = config.model
-    if shard.num_records and shard.feature_dim != spec.input_dim:
-        raise ValueError(
-            f"shard {shard.shard_id} has {shard.feature_dim}-dimensional features but the model expects "
-            f"{spec.input_dim}; embed with the same embedder as at ingest "
-            f"or set ModelSpec(input_dim={shard.feature_dim})"
-        )
+    """Fail early, with the fix, when the shard cannot train under ``config`` (then the family's own checks)."""
     if shard.num_records:
         bad_slice = (shard.slices < 0) | (shard.slices >= config.num_slices)
         if bad_slice.any():
@@ -261,12 +278,7 @@ def check_compatible(shard: ShardData, config: TrainConfig) -> None:
                 f"shard {shard.shard_id} has slice numbers outside 0..{config.num_slices - 1} "
                 f"(e.g. {int(shard.slices[bad_slice][0])}); give the schedule one entry per slice"
             )
-        bad_label = (shard.labels < 0) | (shard.labels >= spec.num_classes)
-        if bad_label.any():
-            raise ValueError(
-                f"shard {shard.shard_id} has labels outside 0..{spec.num_classes - 1} "
-                f"(e.g. {int(shard.labels[bad_label][0])}); set ModelSpec(num_classes=...) to the label count"
-            )
+    family_named(config.model.family).check(shard, config.model)
 
 
 def train_shard(
@@ -322,18 +334,18 @@ def train_slices(
     slice_seconds: list[float] = []
     samples = 0
     with deterministic_mode(runtime) as dev, torch.random.fork_rng(devices=_cuda_devices(dev)):
+        family = family_named(config.model.family)
         model, optimizer = _initial_state(config, shard.shard_id, dev)
         if restored is not None:
-            _restore_state(store.load(restored), model, optimizer)
+            _restore_state(family, store.load(restored), model, optimizer)
         order = shard.training_order()
-        features = torch.from_numpy(shard.features).to(dev)
-        labels = torch.from_numpy(shard.labels).to(dev)
+        columns = family.columns(shard, config.model, dev)
         for r in range(start, config.num_slices):
             rows = torch.from_numpy(order[: sizes[r]].astype(np.int64))
             slice_began = time.perf_counter()
             passes = config.schedule.passes(r, sizes[r])
-            for epoch, visits in enumerate(passes):
-                _train_epoch(model, optimizer, features, labels, rows, visits, config, shard.shard_id, r, epoch, dev)
+            model.train()
+            family.train_slice(model, optimizer, _slice_batches(columns, rows, passes, config, shard.shard_id, r, dev))
             slice_samples = sum(passes)
             samples += slice_samples
             _synchronize(dev)
@@ -347,8 +359,7 @@ def train_slices(
                 "config_digest": config.digest,
                 "seen_ids": [shard.record_ids[i] for i in order[: sizes[r]]],
                 "slice_sizes": [sizes[0]] + [sizes[j] - sizes[j - 1] for j in range(1, r + 1)],
-                "model_state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-                "optimizer_state": optimizer.state_dict(),
+                **family.state(model, optimizer),
                 "rng_state": _rng_state(dev),
                 "runtime": runtime.to_dict(),
                 "cost": {
@@ -383,7 +394,7 @@ def load_submodel(
     payload = store.load(checkpoint)
     config = TrainConfig.from_dict(payload["config"])
     model = build_model(config.model, 0, device)
-    model.load_state_dict(payload["model_state"])
+    family_named(config.model.family).load_state(payload, model)
     model.eval()
     return model, config
 
@@ -405,33 +416,33 @@ def _initial_state(config: TrainConfig, shard_id: str, device: torch.device):
     return model, optimizer
 
 
-def _restore_state(payload: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    model.load_state_dict(payload["model_state"])
-    optimizer.load_state_dict(payload["optimizer_state"])
+def _restore_state(family: ModelFamily, payload: dict[str, Any], model: nn.Module,
+                   optimizer: torch.optim.Optimizer) -> None:
+    family.load_state(payload, model, optimizer)
     torch.set_rng_state(payload["rng_state"]["cpu"])
     if payload["rng_state"].get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(payload["rng_state"]["cuda"])
 
 
-def _train_epoch(
-    model, optimizer, features, labels, rows, visits: int, config: TrainConfig, shard_id, r, epoch, device
-) -> None:
-    """One pass over the first ``visits`` of the cumulative set ``rows`` in an order fixed by
-    (seed, shard, slice, epoch) and |rows| alone."""
-    model.train()
-    shuffle = torch.Generator().manual_seed(derive_seed(config.seed, shard_id, "shuffle", r, epoch))
-    batches = rows[torch.randperm(len(rows), generator=shuffle)[:visits]].to(device)
-    _seed_layers(device, derive_seed(config.seed, shard_id, "layers", r, epoch))  # dropout and similar layers
-    for begin in range(0, len(batches), config.batch_size):
-        batch = batches[begin : begin + config.batch_size]
-        loss = F.cross_entropy(model(features[batch]), labels[batch])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+def _slice_batches(
+    columns: dict[str, torch.Tensor], rows: torch.Tensor, passes: list[int], config: TrainConfig, shard_id: str,
+    r: int, device: torch.device,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """The batches of slice r: pass t visits the first ``passes[t]`` of the cumulative set ``rows`` in an order
+    fixed by (seed, shard, slice, t) and |rows| alone. Layers' RNG is seeded when a pass begins (lazily, so the
+    family's step for the pass's first batch runs after it, as in one loop)."""
+    for epoch, visits in enumerate(passes):
+        shuffle = torch.Generator().manual_seed(derive_seed(config.seed, shard_id, "shuffle", r, epoch))
+        order = rows[torch.randperm(len(rows), generator=shuffle)[:visits]].to(device)
+        _seed_layers(device, derive_seed(config.seed, shard_id, "layers", r, epoch))  # dropout and similar layers
+        for begin in range(0, len(order), config.batch_size):
+            batch = order[begin : begin + config.batch_size]
+            yield {name: column[batch] for name, column in columns.items()}
 
 
-def _slice_digest(shard: ShardData, rows: np.ndarray) -> str:
-    """sha256 over the slice's ids (length-prefixed), labels and feature bytes, in training order."""
+def _slice_digest(shard: ShardData, rows: np.ndarray, with_texts: bool = False) -> str:
+    """sha256 over the slice's ids (length-prefixed), labels and feature bytes, in training order
+    (and the texts, length-prefixed, for a family that trains on them)."""
     encoded = [shard.record_ids[i].encode() for i in rows]
     digest = hashlib.sha256()
     digest.update(len(rows).to_bytes(8, "little"))
@@ -439,6 +450,12 @@ def _slice_digest(shard: ShardData, rows: np.ndarray) -> str:
     digest.update(b"".join(encoded))
     digest.update(np.ascontiguousarray(shard.labels[rows], dtype="<i8").tobytes())
     digest.update(np.ascontiguousarray(shard.features[rows], dtype="<f4").tobytes())
+    if with_texts:
+        if not shard.texts:
+            raise ValueError(f"shard {shard.shard_id} was read without texts; a text family needs them (texts=True)")
+        texts = [shard.texts[i].encode() for i in rows]
+        digest.update(np.array([len(t) for t in texts], dtype="<u8").tobytes())
+        digest.update(b"".join(texts))
     return digest.hexdigest()
 
 

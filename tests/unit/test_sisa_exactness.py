@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from shards.checkpoints import CheckpointStore
+from shards.families import family_named, family_names
 from shards.model import ModelSpec
 from shards.retrain import plan_retrain, retrain_from_slice, route_removals
 from shards.training import (
@@ -203,3 +204,53 @@ def test_sgd_optimizer_is_exact_too(tmp_path):
     )
     shard = make_shard("s", 20, 2, 4)
     check_exact(shard, {shard.record_ids[3], shard.record_ids[17]}, config, tmp_path)
+
+
+# ---- every registered model family (shards.families): built-ins and installed entry points alike ----
+
+_WORDS = "order parcel refund login crash invoice delivery late broken app screen card hotel flight".split()
+
+
+def make_family_shard(spec, shard_id: str, n: int, num_slices: int, seed: int) -> ShardData:
+    """Features of the spec's input width, labels in range, and a short text per record (for text families)."""
+    rng = np.random.default_rng(seed)
+    slices = np.sort(rng.integers(0, num_slices, n))
+    features = rng.normal(size=(n, spec.input_dim)).astype(np.float32)
+    labels = rng.integers(0, spec.num_classes, n)
+    texts = [" ".join(rng.choice(_WORDS, rng.integers(1, 6))) for _ in range(n)]
+    return ShardData(shard_id, [f"{shard_id}-r{i:03d}" for i in range(n)], slices, features, labels, texts=texts)
+
+
+@pytest.mark.parametrize("family_name", family_names())
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                 HealthCheck.function_scoped_fixture])
+@given(
+    n=st.integers(1, 24),
+    num_slices=st.integers(1, 3),
+    data_seed=st.integers(0, 2**16),
+    picks=st.lists(st.integers(0, 10_000), min_size=1, max_size=4),
+    schedule=st.sampled_from(SCHEDULE_KINDS),
+)
+def test_every_family_retrains_exactly(family_name, n, num_slices, data_seed, picks, schedule):
+    spec = family_named(family_name).example_spec()
+    shard = make_family_shard(spec, "s", n, num_slices, data_seed)
+    removed = {shard.record_ids[p % n] for p in picks}
+    config = TrainConfig(model=spec, schedule=SliceSchedule.named(schedule, num_slices, 2), batch_size=4,
+                         learning_rate=0.01, seed=data_seed % 3)
+    with tempfile.TemporaryDirectory() as tmp:
+        check_exact(shard, removed, config, Path(tmp))
+
+
+def test_a_text_family_addresses_checkpoints_by_text(tmp_path):
+    # the same ids, labels and features with one text changed must not reuse a checkpoint of the old text
+    spec = family_named("lm").example_spec()
+    shard = make_family_shard(spec, "s", 10, 2, 1)
+    config = TrainConfig(model=spec, schedule=SliceSchedule.paper(2, 2), batch_size=4)
+    edited = ShardData("s", shard.record_ids, shard.slices, shard.features, shard.labels,
+                       texts=shard.texts[:-1] + ("an edited text",))
+    assert checkpoint_chain(shard, config)[0] == checkpoint_chain(edited, config)[0]
+    assert checkpoint_chain(shard, config)[1] != checkpoint_chain(edited, config)[1]
+    mlp = make_config(2)
+    plain = make_shard("s", 10, 2, 1)
+    with_texts = ShardData("s", plain.record_ids, plain.slices, plain.features, plain.labels, texts=["x"] * 10)
+    assert checkpoint_chain(plain, mlp) == checkpoint_chain(with_texts, mlp)  # classifiers ignore texts
