@@ -1,5 +1,5 @@
 """The README's usage block is a test: every `erasure ...` line of the first ```bash block
-under "## Using it" runs, in order, in a fresh directory (the default home `./.erasure`,
+under "### Step by step" (in "## Using it") runs, in order, in a fresh directory (the default home `./.erasure`,
 no ERASURE_* variables: what a newcomer has), and must exit 0.
 
 Rules, so that the block can stay readable:
@@ -34,8 +34,8 @@ GROUPS = {"audit", "request", "token", "lineage", "db"}
 
 
 def usage_lines(text: str) -> list[str]:
-    """The `erasure ...` lines of the first bash block under '## Using it' (continuations joined)."""
-    section = text.split("\n## Using it", 1)[1]
+    """The `erasure ...` lines of the first bash block under '### Step by step' (continuations joined)."""
+    section = text.split("\n## Using it", 1)[1].split("\n### Step by step", 1)[1]
     block = section.split("```bash\n", 1)[1].split("\n```", 1)[0]
     joined, lines = "", []
     for raw in block.splitlines():
