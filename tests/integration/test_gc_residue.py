@@ -264,7 +264,6 @@ def test_the_sqlite_wal_holds_no_sample_after_completion(sqlite_settings: Settin
     settings = sqlite_settings
     demo = _ingest(settings)
     sample = "my very private words about the parcel that never came " + "zqxj " * 5
-    request_id = _submit(settings, [("email", demo["subject"]["email"])], [sample], "wal")
     wal = Path(settings.resolved_database_url.split("///", 1)[1] + "-wal")
     # A long-lived process (the API, a worker) keeps a connection open: SQLite then never
     # deletes the log on the last close, and the sample's page images stay in it.
@@ -273,6 +272,7 @@ def test_the_sqlite_wal_holds_no_sample_after_completion(sqlite_settings: Settin
         with server.connect() as idle:
             idle.execute(text("SELECT 1")).all()
             idle.commit()
+            request_id = _submit(settings, [("email", demo["subject"]["email"])], [sample], "wal")
             assert sample.encode() in wal.read_bytes()
             _process(settings, request_id)
             for path in (wal, Path(str(wal)[:-4])):
