@@ -50,15 +50,19 @@ class Caller:
         return bool(self.scopes & {"review", "audit", "admin"})
 
 
-def get_settings(request: Request) -> Settings:
+# Attribute reads are ``async def``: FastAPI runs a plain ``def`` dependency in the thread
+# pool, a thread hop per dependency per request (intake paid five of them).
+
+
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_engine(request: Request) -> Engine:
+async def get_engine(request: Request) -> Engine:
     return request.app.state.engine
 
 
-def get_secret_key(request: Request) -> bytes:
+async def get_secret_key(request: Request) -> bytes:
     return request.app.state.secret_key
 
 
@@ -122,7 +126,7 @@ class TokenCache:
         return caller
 
 
-def get_token_cache(request: Request) -> TokenCache:
+async def get_token_cache(request: Request) -> TokenCache:
     cache = getattr(request.app.state, "token_cache", None)
     if cache is None:
         cache = request.app.state.token_cache = TokenCache(TOKEN_CACHE_SECONDS)

@@ -176,6 +176,19 @@ def _measure(base: str, path: str, token: str, args: argparse.Namespace) -> dict
     }
 
 
+def _group_cpu_s(pgid: int) -> float:
+    """CPU seconds (user + system) used so far by the live processes of group ``pgid`` (Linux /proc)."""
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:  # fields after the name: state, ppid, pgrp, ..., utime (11), stime (12)
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def _serve_and_measure(app: str, path: str, token: str, env: dict[str, str], log: Path,
                        args: argparse.Namespace) -> dict:
     port = free_port()
@@ -183,7 +196,10 @@ def _serve_and_measure(app: str, path: str, token: str, env: dict[str, str], log
     server = _start_server(app, port, args.workers, env, log)
     try:
         _wait_until_up(server, base, log)
+        cpu_before = _group_cpu_s(server.pid)
         figures = _measure(base, path, token, args)
+        figures["server_cpu_ms_per_request"] = round(
+            1000 * (_group_cpu_s(server.pid) - cpu_before) / max(1, figures["requests"] + WARMUP_PER_CLIENT * args.clients), 3)
     finally:
         stop_process_group(server)
     failed = figures["errors"] or figures["hung_clients"]

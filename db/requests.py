@@ -28,6 +28,7 @@ from datetime import datetime
 from enum import StrEnum
 
 from sqlalchemy import (
+    Engine,
     ForeignKey,
     Index,
     Integer,
@@ -296,28 +297,34 @@ SELECT event_id FROM audit_append(:audit_at, :audit_actor, :audit_request_id, :a
 """)
 
 
-def insert_request(session: Session, request: dict, identifiers: list[tuple[str, str]], samples: list[str],
+def insert_request(engine: Engine, request: dict, identifiers: list[tuple[str, str]], samples: list[str],
                    timeline: dict, audit_event: dict) -> None:
-    """Insert a new request (``request``: its ``erasure_requests`` columns) with its
-    identifier hashes (kind, keyed hash), samples, first timeline line (``timeline``:
-    ``request_events`` columns) and its audit event (``db.audit.prepare_event``'s
-    parameters), as Core statements in the session's transaction. A reused
-    idempotency key raises IntegrityError. On PostgreSQL: one statement."""
-    from db.audit import append_prepared  # db.audit imports db.models, which imports this module
+    """Insert and commit a new request (``request``: its ``erasure_requests`` columns)
+    with its identifier hashes (kind, keyed hash), samples, first timeline line
+    (``timeline``: ``request_events`` columns) and audit event (``db.audit.prepare_event``'s
+    parameters), as Core statements. A reused idempotency key raises IntegrityError.
 
-    if session.get_bind().dialect.name == "postgresql":
+    On PostgreSQL one statement in autocommit: the server commits it at once, so the
+    audit chain's lock (taken inside it, held to commit) is never held across a round
+    trip to this process. Elsewhere one transaction of a few statements."""
+    from db.audit import append_prepared  # db.audit imports db.models, which imports this module
+    from db.session import unit_of_work
+
+    if engine.dialect.name == "postgresql":
         params = {**request, "identifier_kinds": [kind for kind, _ in identifiers],
                   "identifier_hashes": [digest for _, digest in identifiers], "samples": list(samples),
                   **{f"event_{k}": v for k, v in timeline.items()}, **{f"audit_{k}": v for k, v in audit_event.items()}}
-        session.execute(_INSERT_REQUEST_ON_POSTGRES, params)
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+            connection.execute(_INSERT_REQUEST_ON_POSTGRES, params)
         return
     request_id = request["id"]
-    session.execute(insert(ErasureRequest), [request])
-    if identifiers:
-        session.execute(insert(RequestIdentifier), [{"request_id": request_id, "kind": kind, "keyed_hash": digest}
-                                                    for kind, digest in identifiers])
-    if samples:
-        session.execute(insert(RequestSample), [{"request_id": request_id, "position": i, "text": sample}
-                                                for i, sample in enumerate(samples)])
-    session.execute(insert(RequestEvent), [{"request_id": request_id, **timeline}])
-    append_prepared(session, audit_event)
+    with unit_of_work(engine) as session:
+        session.execute(insert(ErasureRequest), [request])
+        if identifiers:
+            session.execute(insert(RequestIdentifier), [{"request_id": request_id, "kind": kind, "keyed_hash": digest}
+                                                        for kind, digest in identifiers])
+        if samples:
+            session.execute(insert(RequestSample), [{"request_id": request_id, "position": i, "text": sample}
+                                                    for i, sample in enumerate(samples)])
+        session.execute(insert(RequestEvent), [{"request_id": request_id, **timeline}])
+        append_prepared(session, audit_event)

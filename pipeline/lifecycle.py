@@ -370,30 +370,30 @@ def submit_request(
     fingerprint = _fingerprint(key, hashed, samples, named)
     try:
         # Insert first: a replay is rare, and the unique key catches it (one round trip fewer).
-        with unit_of_work(engine) as session:
-            if named is not None:
+        if named is not None:
+            with unit_of_work(engine) as session:
                 _check_datasets_exist(session, named)
-            received_at = (now or utcnow()).astimezone(timezone.utc)  # calendar months count in UTC
-            due = due_date(received_at)
-            request_id = str(uuid.uuid4())
-            # Core statements, not the ORM: intake is the hot path (one round trip on PostgreSQL).
-            insert_request(
-                session,
-                {"id": request_id, "idempotency_key": idempotency_key, "body_fingerprint": fingerprint,
-                 "state": RequestState.RECEIVED.value, "received_at": received_at, "original_due_at": due,
-                 "due_at": due, "extension_months": 0, "submitted_by": actor, "submitted_by_token_id": token_id,
-                 "identifier_count": len(hashed), "sample_count": len(samples),
-                 "datasets": json.dumps(named) if named is not None else None, "updated_at": received_at},
-                hashed, samples,
-                {"at": received_at, "actor": actor, "action": "submitted", "from_state": None,
-                 "to_state": RequestState.RECEIVED.value,
-                 "reason": f"{len(hashed)} identifier(s), {len(samples)} sample(s); due {due.isoformat()}"},
-                prepare_event("request.submitted", {
-                    "from_state": None, "to_state": RequestState.RECEIVED.value, "identifiers": len(hashed),
-                    "samples": len(samples), "due_at": due.isoformat()}, actor=actor, request_id=request_id,
-                    at=received_at),
-            )
-            return Submission(request_id, received_at, due, replayed=False)
+        received_at = (now or utcnow()).astimezone(timezone.utc)  # calendar months count in UTC
+        due = due_date(received_at)
+        request_id = str(uuid.uuid4())
+        # Core statements, not the ORM: intake is the hot path (one statement on PostgreSQL).
+        insert_request(
+            engine,
+            {"id": request_id, "idempotency_key": idempotency_key, "body_fingerprint": fingerprint,
+             "state": RequestState.RECEIVED.value, "received_at": received_at, "original_due_at": due,
+             "due_at": due, "extension_months": 0, "submitted_by": actor, "submitted_by_token_id": token_id,
+             "identifier_count": len(hashed), "sample_count": len(samples),
+             "datasets": json.dumps(named) if named is not None else None, "updated_at": received_at},
+            hashed, samples,
+            {"at": received_at, "actor": actor, "action": "submitted", "from_state": None,
+             "to_state": RequestState.RECEIVED.value,
+             "reason": f"{len(hashed)} identifier(s), {len(samples)} sample(s); due {due.isoformat()}"},
+            prepare_event("request.submitted", {
+                "from_state": None, "to_state": RequestState.RECEIVED.value, "identifiers": len(hashed),
+                "samples": len(samples), "due_at": due.isoformat()}, actor=actor, request_id=request_id,
+                at=received_at),
+        )
+        return Submission(request_id, received_at, due, replayed=False)
     except IntegrityError:
         with unit_of_work(engine) as session:
             existing = _by_idempotency_key(session, idempotency_key)
