@@ -1,20 +1,30 @@
-"""PostgreSQL goes down under a running API (a private cluster, stopped and
-started again mid-test): while it is down every call answers 503 with
-Retry-After, never 500; once it is back the same server answers again by
-itself, and a submission retried with its Idempotency-Key is stored once."""
+"""PostgreSQL goes down (a private cluster, stopped and started again mid-test).
+Under a running API: while it is down every call answers 503 with Retry-After,
+never 500; once it is back the same server answers again by itself, and a
+submission retried with its Idempotency-Key is stored once. Under a running
+flow (marked ``reliability``): the run ends as an undisturbed one."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import httpx
+import psycopg
+import pytest
 from sqlalchemy import select
 
 from db.requests import ErasureRequest, issue_token
 from db.session import make_engine, unit_of_work, upgrade_to_head
+from db.settings import Settings
+from tests.conftest import TEST_SECRET
 from tests.e2e.test_api import BASE, cli_env
-from tests.prefect_server import api_server
+from tests.e2e.test_kill_resume import PROCESS, ROOT, _final_state, _restore, _run_to_end
+from tests.prefect_server import api_server, submit_for, trained_demo
 from tests.private_postgres import private_postgres
 
 BODY = {"identifiers": [{"kind": "email", "value": "jane@example.org"}], "samples": ["my kettle review"]}
@@ -65,3 +75,50 @@ def test_the_api_answers_503_while_postgres_is_down_and_recovers_by_itself(tmp_p
         engine.dispose()
         assert keys == ["before-outage", "during-outage"]
         assert "Traceback" not in (tmp_path / "api.log").read_text()
+
+
+RESTART_AT_STATES = ("erasing", "awaiting_retrain", "retraining")
+
+
+@pytest.mark.reliability
+def test_a_postgres_restart_in_the_middle_of_processing_ends_as_an_undisturbed_run(
+        tmp_path: Path, prefect_api_url: str) -> None:
+    """The flow runs in a subprocess; once the request is past locate, PostgreSQL goes
+    down for a few seconds (fast shutdown: every connection is cut). The tasks' transient
+    retries carry the run to ``completed`` with the same shard versions, matches, erased
+    records, tombstones and ensemble as an undisturbed run from the same start."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with private_postgres() as cluster:
+        home = tmp_path / "home"
+        settings = Settings(home=home, database_url=cluster.url, secret_key=TEST_SECRET)
+        with temporary_settings({PREFECT_API_URL: prefect_api_url}):
+            demo = trained_demo(settings, records=800)
+        request_id = submit_for(settings, demo["subject"])
+        shutil.copytree(home, tmp_path / "template")
+        with psycopg.connect(cluster.admin_url, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = 'erasure'")
+            admin.execute("CREATE DATABASE undisturbed TEMPLATE erasure")
+        undisturbed = Settings(home=home, database_url=cluster.url.rsplit("/", 1)[0] + "/undisturbed",
+                               secret_key=TEST_SECRET)
+        reference = _run_to_end(undisturbed, tmp_path, request_id, prefect_api_url)
+
+        _restore(tmp_path)
+        env = {**os.environ, "ERASURE_HOME": str(home), "ERASURE_DATABASE_URL": cluster.url,
+               "ERASURE_SECRET_KEY": TEST_SECRET, "PYTHONPATH": str(ROOT), "PREFECT_API_URL": prefect_api_url}
+        code = ("from flows.process_request import process_erasure_request as p; "
+                f"print(p({request_id!r}, 'demo', **{PROCESS!r})['state'])")
+        run = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+        state, deadline = "received", time.monotonic() + 300
+        while state not in RESTART_AT_STATES and run.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+            with psycopg.connect(cluster.admin_url.rsplit("/", 1)[0] + "/erasure") as watch:
+                state = watch.execute("SELECT state FROM erasure_requests WHERE id = %s", (request_id,)).fetchone()[0]
+        assert state in RESTART_AT_STATES, f"the run ended before the restart ({state})"
+        cluster.stop()
+        time.sleep(3)
+        cluster.start()
+        out, err = run.communicate(timeout=600)
+        assert run.returncode == 0 and out.decode().strip().endswith("completed"), err.decode()[-3000:]
+        assert _final_state(settings, request_id) == reference
