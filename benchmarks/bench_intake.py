@@ -8,11 +8,12 @@ distinct requests (unique Idempotency-Key, identifier and sample) for
 ``--seconds`` or until ``--max-requests`` in all. Afterwards every 202 answer's
 id must be a row of ``erasure_requests`` (``lost`` counts those that are not).
 
-In the same run, with the same uvicorn settings, clients and duration, it then
+In the same run, with the same uvicorn settings, clients and duration, it
 measures the physical limit: a bare FastAPI endpoint doing one INSERT of the
 same body (``benchmarks/bare_intake_app.py``) on the same PostgreSQL, and
-reports ours as a ratio of it. The servers are stopped and the database
-dropped in every case.
+reports ours as a ratio of it. Both servers run at once and are measured in
+alternating windows (``--rounds``), so that other load on the machine falls on
+both alike. The servers are stopped and the database dropped in every case.
 
 Prints one JSON document. Goals: ours/bare >= 0.5; >= 1,000 requests/s, p99 <= 50 ms, 0 lost.
 
@@ -30,6 +31,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections import Counter
 from pathlib import Path
 
 import psycopg
@@ -135,8 +137,8 @@ class _Client(threading.Thread):
                     self.accepted_ids.append(rid)
 
 
-def _measure(base: str, path: str, token: str, args: argparse.Namespace) -> dict:
-    """``args.clients`` threads against ``base + path`` for ``args.seconds``: the figures and the accepted ids."""
+def _window(base: str, path: str, token: str, seconds: float, args: argparse.Namespace) -> dict:
+    """``args.clients`` threads against ``base + path`` for ``seconds`` (after their warm-up): raw figures."""
     run_id = uuid.uuid4().hex[:8]
     barrier = threading.Barrier(args.clients + 1)
     stop_at = [float("inf")]
@@ -146,33 +148,21 @@ def _measure(base: str, path: str, token: str, args: argparse.Namespace) -> dict
         client.start()
     barrier.wait(timeout=120)
     started = time.perf_counter()
-    stop_at[0] = started + args.seconds
+    stop_at[0] = started + seconds
     for client in clients:
-        client.join(timeout=args.seconds + REQUEST_TIMEOUT_S + 30)
-    elapsed = time.perf_counter() - started
-    latencies = sorted(ms for client in clients for ms in client.latencies_ms)
-    sent = sum(client.sent for client in clients)
-    errors: dict[str, int] = {}
+        client.join(timeout=seconds + REQUEST_TIMEOUT_S + 30)
+    errors: Counter = Counter()
     for client in clients:
-        for kind, count in client.errors.items():
-            errors[kind] = errors.get(kind, 0) + count
-    ok = sent - sum(errors.values())
-    rps = ok / elapsed if elapsed > 0 else 0.0
-    p50, p95, p99 = (_percentile(latencies, q) for q in (0.50, 0.95, 0.99))
+        errors.update(client.errors)
     return {
-        "requests": sent,
-        "accepted_202": ok,
+        "seconds": time.perf_counter() - started,
+        "latencies_ms": [ms for client in clients for ms in client.latencies_ms],
+        "sent": sum(client.sent for client in clients),
+        "errors": errors,
         "warmup_errors": sum(sum(getattr(c, "warmup_errors", {}).values()) for c in clients),
-        "seconds": round(elapsed, 3),
-        "requests_per_s": round(rps, 1),
-        "p50_ms": round(p50, 2),
-        "p95_ms": round(p95, 2),
-        "p99_ms": round(p99, 2),
-        "max_ms": round(latencies[-1], 2) if latencies else None,
-        "errors": sum(errors.values()),
-        "errors_by_kind": errors,
         "hung_clients": sum(client.is_alive() for client in clients),
-        "_accepted": {rid for client in clients for rid in client.accepted_ids},
+        "accepted": {rid for client in clients for rid in client.accepted_ids},
+        "requests_with_warmup": sum(client.sent for client in clients) + WARMUP_PER_CLIENT * args.clients,
     }
 
 
@@ -189,36 +179,48 @@ def _group_cpu_s(pgid: int) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
-def _serve_and_measure(app: str, path: str, token: str, env: dict[str, str], log: Path,
-                       args: argparse.Namespace) -> dict:
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    server = _start_server(app, port, args.workers, env, log)
-    try:
-        _wait_until_up(server, base, log)
-        cpu_before = _group_cpu_s(server.pid)
-        figures = _measure(base, path, token, args)
-        figures["server_cpu_ms_per_request"] = round(
-            1000 * (_group_cpu_s(server.pid) - cpu_before) / max(1, figures["requests"] + WARMUP_PER_CLIENT * args.clients), 3)
-    finally:
-        stop_process_group(server)
-    failed = figures["errors"] or figures["hung_clients"]
-    figures["server_log_tail"] = log.read_text(errors="replace")[-2000:] if failed else ""
-    return figures
+def _summary(windows: list[dict], cpu_s: float) -> dict:
+    """One server's windows together: throughput over their summed duration, latency percentiles."""
+    latencies = sorted(ms for w in windows for ms in w["latencies_ms"])
+    elapsed = sum(w["seconds"] for w in windows)
+    errors: Counter = sum((w["errors"] for w in windows), Counter())
+    sent = sum(w["sent"] for w in windows)
+    ok = sent - sum(errors.values())
+    rps = ok / elapsed if elapsed > 0 else 0.0
+    p50, p95, p99 = (_percentile(latencies, q) for q in (0.50, 0.95, 0.99))
+    return {
+        "requests": sent,
+        "accepted_202": ok,
+        "warmup_errors": sum(w["warmup_errors"] for w in windows),
+        "seconds": round(elapsed, 3),
+        "requests_per_s": round(rps, 1),
+        "p50_ms": round(p50, 2),
+        "p95_ms": round(p95, 2),
+        "p99_ms": round(p99, 2),
+        "max_ms": round(latencies[-1], 2) if latencies else None,
+        "errors": sum(errors.values()),
+        "errors_by_kind": dict(errors),
+        "hung_clients": max(w["hung_clients"] for w in windows),
+        "server_cpu_ms_per_request": round(1000 * cpu_s / max(1, sum(w["requests_with_warmup"] for w in windows)), 3),
+        "_accepted": set().union(*(w["accepted"] for w in windows)),
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, default=8, help="concurrent client threads (default 8)")
     parser.add_argument("--seconds", type=float, default=20.0, help="measured duration of each server (default 20)")
-    parser.add_argument("--max-requests", type=int, default=200_000, help="stop after this many in all")
+    parser.add_argument("--rounds", type=int, default=4,
+                        help="alternating windows per server, of seconds/rounds each (default 4)")
+    parser.add_argument("--max-requests", type=int, default=200_000, help="stop a window after this many")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                         help="uvicorn worker processes (default: one per core)")
     parser.add_argument("--postgres-url", default=os.environ.get(
         "ERASURE_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"))
     args = parser.parse_args()
-    if not (1 <= args.clients <= 256 and 0 < args.seconds <= 600 and args.max_requests > 0 and 1 <= args.workers <= 32):
-        parser.error("need 1..256 clients, 0 < seconds <= 600, max-requests > 0, 1..32 workers")
+    if not (1 <= args.clients <= 256 and 0 < args.seconds <= 600 and args.max_requests > 0 and 1 <= args.workers <= 32
+            and 1 <= args.rounds <= 20):
+        parser.error("need 1..256 clients, 0 < seconds <= 600, max-requests > 0, 1..32 workers, 1..20 rounds")
 
     from sqlalchemy import select, text
 
@@ -240,9 +242,32 @@ def main() -> None:
                 session.execute(CREATE_TABLE)
             env = {**os.environ, "ERASURE_HOME": str(Path(tmp) / "home"), "ERASURE_DATABASE_URL": url,
                    "ERASURE_SECRET_KEY": SECRET, "PYTHONPATH": str(ROOT)}
-            ours = _serve_and_measure("api.app:create_app", PATH, token, env, Path(tmp) / "ours.log", args)
-            bare = _serve_and_measure("benchmarks.bare_intake_app:create_bare_app", BARE_PATH, token, env,
-                                      Path(tmp) / "bare.log", args)
+            # Both servers up at once; measured in alternating windows, so that a change in the
+            # machine's load during the run falls on both alike.
+            servers, logs = {}, {"ours": Path(tmp) / "ours.log", "bare": Path(tmp) / "bare.log"}
+            apps = {"ours": ("api.app:create_app", PATH), "bare": ("benchmarks.bare_intake_app:create_bare_app",
+                                                                   BARE_PATH)}
+            windows: dict[str, list[dict]] = {"ours": [], "bare": []}
+            cpu_s = {"ours": 0.0, "bare": 0.0}
+            try:
+                for name_, (app, _) in apps.items():
+                    port = free_port()
+                    servers[name_] = (_start_server(app, port, args.workers, env, logs[name_]),
+                                      f"http://127.0.0.1:{port}")
+                for name_, (server, base) in servers.items():
+                    _wait_until_up(server, base, logs[name_])
+                for _ in range(args.rounds):
+                    for name_, (server, base) in servers.items():
+                        before = _group_cpu_s(server.pid)
+                        windows[name_].append(_window(base, apps[name_][1], token, args.seconds / args.rounds, args))
+                        cpu_s[name_] += _group_cpu_s(server.pid) - before
+            finally:
+                for server, _ in servers.values():
+                    stop_process_group(server)
+            ours, bare = (_summary(windows[n], cpu_s[n]) for n in ("ours", "bare"))
+            for name_, figures in (("ours", ours), ("bare", bare)):
+                failed = figures["errors"] or figures["hung_clients"]
+                figures["server_log_tail"] = logs[name_].read_text(errors="replace")[-2000:] if failed else ""
             with unit_of_work(engine) as session:
                 stored = set(session.scalars(select(ErasureRequest.id)))
                 bare_stored = set(session.scalars(select(text("id")).select_from(text(TABLE))))
@@ -261,11 +286,13 @@ def main() -> None:
         "backend": "postgresql",
         "endpoint": f"POST {PATH}",
         "baseline": f"POST {BARE_PATH}: a bare FastAPI endpoint doing one INSERT (benchmarks/bare_intake_app.py)",
-        "server": f"uvicorn on 127.0.0.1 (loopback), {args.workers} worker process(es), the same for both",
+        "server": f"uvicorn on 127.0.0.1 (loopback), {args.workers} worker process(es), the same for both; "
+                  f"measured in {args.rounds} alternating windows each",
         "uvicorn_workers": args.workers,
         "clients": args.clients,
         "cpu_count": os.cpu_count(),
-        "warmup_requests_per_server": WARMUP_PER_CLIENT * args.clients,
+        "warmup_requests_per_window": WARMUP_PER_CLIENT * args.clients,
+        "rounds": args.rounds,
         "ours": ours,
         "bare_insert": bare,
         "ratio_requests_per_s_ours_to_bare": round(ratio, 3),
