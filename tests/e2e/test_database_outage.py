@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -105,11 +106,15 @@ def test_a_postgres_restart_in_the_middle_of_processing_ends_as_an_undisturbed_r
 
         _restore(tmp_path)
         env = {**os.environ, "ERASURE_HOME": str(home), "ERASURE_DATABASE_URL": cluster.url,
-               "ERASURE_SECRET_KEY": TEST_SECRET, "PYTHONPATH": str(ROOT), "PREFECT_API_URL": prefect_api_url}
+               "ERASURE_SECRET_KEY": TEST_SECRET, "PYTHONPATH": str(ROOT), "PREFECT_API_URL": prefect_api_url,
+               "PREFECT_LOGGING_LEVEL": "INFO"}  # task retries are logged at INFO
         code = ("from flows.process_request import process_erasure_request as p; "
                 f"print(p({request_id!r}, 'demo', **{PROCESS!r})['state'])")
         run = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=ROOT, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE)
+                               stderr=subprocess.PIPE, text=True)
+        logged: list[str] = []
+        reader = threading.Thread(target=lambda: logged.extend(iter(run.stderr.readline, "")), daemon=True)
+        reader.start()
         state, deadline = "received", time.monotonic() + 300
         while state not in RESTART_AT_STATES and run.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -117,8 +122,17 @@ def test_a_postgres_restart_in_the_middle_of_processing_ends_as_an_undisturbed_r
                 state = watch.execute("SELECT state FROM erasure_requests WHERE id = %s", (request_id,)).fetchone()[0]
         assert state in RESTART_AT_STATES, f"the run ended before the restart ({state})"
         cluster.stop()
-        time.sleep(3)
+        # Down until a task has met the outage and is waiting to retry (Prefect logs "Retry 1/3 will
+        # start ..."), at most 12 s: within the retries' 1 + 4 + 15 s.
+        down_until = time.monotonic() + 12
+        while not any(" - Retry " in line for line in logged) and time.monotonic() < down_until:
+            time.sleep(0.2)
         cluster.start()
-        out, err = run.communicate(timeout=600)
-        assert run.returncode == 0 and out.decode().strip().endswith("completed"), err.decode()[-3000:]
+        out, _ = run.communicate(timeout=600)
+        reader.join(timeout=10)
+        err = "".join(logged)
+        assert run.returncode == 0 and out.strip().endswith("completed"), err[-3000:]
+        retries = err.count(" - Retry ")
+        print(f"restarted in state {state}; task retries logged: {retries}")
+        assert retries >= 1, "no task met the outage: the restart proved nothing"
         assert _final_state(settings, request_id) == reference
