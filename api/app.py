@@ -5,7 +5,10 @@ at import time). Every 4xx answer has one shape::
                "fields": [{"location": "body", "field": "identifiers.0.value", "message": "..."}]}}
 
 Bodies larger than ``max_body_bytes`` (256 KiB) are refused with 413 before
-they are parsed. Error answers never echo the submitted values.
+they are parsed. Error answers never echo the submitted values. While the
+database cannot be reached every route answers 503 with ``Retry-After``
+(resend the same request, with the same Idempotency-Key);
+the pool's pre-ping replaces dead connections, so service resumes by itself.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -47,6 +51,7 @@ _STATUS_CODES = {
     413: "payload_too_large",
     415: "unsupported_media_type",
 }
+DATABASE_RETRY_AFTER_S = 5
 
 
 def error_response(status: int, code: str, message: str, fields: list[dict] | None = None,
@@ -121,6 +126,17 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def _http(_: Request, exc: HTTPException) -> JSONResponse:
         code = _STATUS_CODES.get(exc.status_code, f"http_{exc.status_code}")
         return error_response(exc.status_code, code, str(exc.detail), headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(DBAPIError)
+    async def _database(_: Request, exc: DBAPIError) -> JSONResponse:
+        # A lost or refused connection (server down, restarting, failed over): 503, try again.
+        # Anything else from the database is a bug and stays a 500.
+        if isinstance(exc, OperationalError | InterfaceError) or exc.connection_invalidated:
+            return error_response(503, "database_unavailable", "the database cannot be reached just now; send the "
+                                  "same request again in a few seconds (with the same Idempotency-Key: if it was "
+                                  "stored after all, you get the first answer back)",
+                                  headers={"Retry-After": str(DATABASE_RETRY_AFTER_S)})
+        raise exc
 
     @app.exception_handler(ApiError)
     async def _api(_: Request, exc: ApiError) -> JSONResponse:

@@ -6,6 +6,7 @@ stdout; progress bars go to stderr. Bad input exits with status 2 and a message.
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -126,6 +127,12 @@ def ingest(
         _fail(str(exc))
     except ShardChangedDuringIngest as exc:  # not bad input: a race; exit 1
         _fail(str(exc), code=1)
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        # The ingest rolled back (no version published, no lineage row): nothing to clean up by hand.
+        _fail(f"{exc}. Nothing was ingested: free space under {settings.home} and run the same command again",
+              code=1)
     human = (
         f"{summary.status}: {summary.new_records} new record(s) of {summary.rows} row(s) into dataset "
         f"{summary.dataset!r} ({summary.shards} shards x {summary.slices} slices, placed by {summary.placement}) "

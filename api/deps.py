@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Header, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
@@ -50,15 +51,19 @@ class Caller:
         return bool(self.scopes & {"review", "audit", "admin"})
 
 
-def get_settings(request: Request) -> Settings:
+# Attribute reads are ``async def``: FastAPI runs a plain ``def`` dependency in the thread
+# pool, a thread hop per dependency per request (intake paid five of them).
+
+
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_engine(request: Request) -> Engine:
+async def get_engine(request: Request) -> Engine:
     return request.app.state.engine
 
 
-def get_secret_key(request: Request) -> bytes:
+async def get_secret_key(request: Request) -> bytes:
     return request.app.state.secret_key
 
 
@@ -102,13 +107,18 @@ class TokenCache:
         self._entries: dict[str, tuple[float, Caller]] = {}
         self._lock = threading.Lock()
 
-    def lookup(self, engine: Engine, token: str) -> Caller | None:
-        digest = token_digest(token)
-        now = time.monotonic()
+    def cached(self, token: str) -> Caller | None:
+        """The caller if ``token`` was verified less than ``ttl_s`` ago (no I/O); else None."""
         with self._lock:
-            hit = self._entries.get(digest)
-        if hit is not None and hit[0] > now:
-            return hit[1]
+            hit = self._entries.get(token_digest(token))
+        return hit[1] if hit is not None and hit[0] > time.monotonic() else None
+
+    def lookup(self, engine: Engine, token: str) -> Caller | None:
+        """The caller, from the cache or the database (blocking: run it in a thread)."""
+        hit = self.cached(token)
+        if hit is not None:
+            return hit
+        digest, now = token_digest(token), time.monotonic()
         with unit_of_work(engine) as session:
             row = find_active_token(session, token)
             caller = None if row is None else Caller(row.name, row.scope_set, row.id)
@@ -122,7 +132,7 @@ class TokenCache:
         return caller
 
 
-def get_token_cache(request: Request) -> TokenCache:
+async def get_token_cache(request: Request) -> TokenCache:
     cache = getattr(request.app.state, "token_cache", None)
     if cache is None:
         cache = request.app.state.token_cache = TokenCache(TOKEN_CACHE_SECONDS)
@@ -134,7 +144,7 @@ def require_scope(*scopes: str) -> Callable[..., Caller]:
     ``scopes`` (admin holds them all): 401 without one, 403 without the scope."""
     wanted = " or ".join(repr(s) for s in scopes)
 
-    def authorised_caller(
+    async def authorised_caller(
         credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
         engine: EngineDep,
         cache: Annotated[TokenCache, Depends(get_token_cache)],
@@ -142,7 +152,9 @@ def require_scope(*scopes: str) -> Callable[..., Caller]:
         if credentials is None:
             raise ApiError(401, "unauthorized", "a bearer token is required (Authorization: Bearer <token>)",
                            {"WWW-Authenticate": "Bearer"})
-        caller = cache.lookup(engine, credentials.credentials)
+        # A cache hit answers on the event loop; only a database lookup goes to the thread pool.
+        caller = cache.cached(credentials.credentials) or await run_in_threadpool(
+            cache.lookup, engine, credentials.credentials)
         if caller is None:
             raise ApiError(401, "unauthorized", "the bearer token is unknown or revoked",
                            {"WWW-Authenticate": 'Bearer error="invalid_token"'})

@@ -4,6 +4,11 @@ Prints one JSON document: records/s overall and for the lineage insert (COPY)
 alone, the time of each phase, and the peak memory of the ingest process.
 Goal (issue 2): >= 20,000 records/s for the lineage insert, peak < 2 GB at 1M.
 
+The physical limit, measured in the same run (issue 12): the same ``records``
+and ``record_identifiers`` rows, read back and held in memory, written with a
+plain COPY (psycopg, one transaction, committed) into tables of the same columns
+without any index, key or constraint. Goal: lineage records/s >= 0.5 x that.
+
     .venv/bin/python benchmarks/bench_ingest.py --records 1000000
 """
 
@@ -27,6 +32,28 @@ sys.path.insert(0, str(ROOT))
 
 GOAL_LINEAGE_RPS = 20_000
 GOAL_PEAK_MB = 2048
+GOAL_RATIO_TO_PLAIN_COPY = 0.5
+LINEAGE_TABLES = {"records": "dataset_id, record_id, shard, slice, content_hmac, source_file_id, row_number, "
+                             "first_shard_version",
+                  "record_identifiers": "dataset_id, record_id, kind, keyed_hash"}
+
+
+def _plain_copy_s(url: str) -> tuple[float, int]:
+    """Seconds to COPY the ingested lineage rows into unindexed twins of their tables; rows copied."""
+    with psycopg.connect(url) as conn:
+        rows = {table: conn.execute(f"SELECT {columns} FROM {table}").fetchall()
+                for table, columns in LINEAGE_TABLES.items()}
+        for table in LINEAGE_TABLES:  # same column types, no index, key, default or constraint
+            conn.execute(f"CREATE TABLE plain_{table} (LIKE {table})")
+        conn.commit()
+        started = time.perf_counter()
+        with conn.cursor() as cursor:
+            for table, columns in LINEAGE_TABLES.items():
+                with cursor.copy(f"COPY plain_{table} ({columns}) FROM STDIN") as copy:
+                    for row in rows[table]:
+                        copy.write_row(row)
+        conn.commit()
+        return time.perf_counter() - started, sum(len(r) for r in rows.values())
 
 
 def _ingest_child(records: str, home: str, url: str) -> None:
@@ -74,11 +101,13 @@ def main() -> None:
             )
             wall = time.perf_counter() - started
             result = json.loads(child.stdout.strip().splitlines()[-1])
+            plain_s, plain_rows = _plain_copy_s(url.replace("postgresql+psycopg://", "postgresql://"))
         finally:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     summary = result["summary"]
     timings = summary["timings"]
     lineage_rps = summary["new_records"] / timings["lineage_s"]
+    plain_rps = summary["new_records"] / plain_s
     print(json.dumps({
         "benchmark": "ingest",
         "records": summary["new_records"],
@@ -93,6 +122,12 @@ def main() -> None:
         "records_per_s_lineage_insert": round(lineage_rps),
         "lineage_goal_records_per_s": GOAL_LINEAGE_RPS,
         "lineage_ratio_to_goal": round(lineage_rps / GOAL_LINEAGE_RPS, 2),
+        "baseline": "plain COPY of the same records + record_identifiers rows into unindexed tables",
+        "plain_copy_s": round(plain_s, 3),
+        "plain_copy_rows": plain_rows,
+        "records_per_s_plain_copy": round(plain_rps),
+        "ratio_lineage_to_plain_copy": round(lineage_rps / plain_rps, 3),
+        "goal_ratio_to_plain_copy": GOAL_RATIO_TO_PLAIN_COPY,
         "peak_rss_mb": result["peak_rss_mb"],
         "peak_goal_mb": GOAL_PEAK_MB,
     }, indent=2))

@@ -444,6 +444,23 @@ _APPEND_ON_POSTGRES = text(
     "SELECT event_id, event_hash FROM audit_append(:at, :actor, :request_id, :kind, :details, :body)")
 
 
+def prepare_event(kind: str, details: dict[str, Any] | None = None, *, actor: str, request_id: str | None = None,
+                  at: datetime | None = None) -> dict[str, Any]:
+    """The checked parameters of ``audit_append`` (at, actor, request_id, kind, details, body);
+    ValueError when ``details`` fail ``EVENT_SCHEMAS[kind]`` or the actor is not a principal."""
+    if not kind or len(kind) > 48:
+        raise ValueError("an audit event kind is 1-48 characters")
+    check_details(kind, details or {})
+    if not isinstance(actor, str) or not ACTOR.fullmatch(actor):
+        raise ValueError(f"audit event {kind!r}: the actor must be a principal such as token:NAME or cli:USER "
+                         "(up to 200 letters, digits and _.:@/+-), not a sentence")
+    # In UTC, as it reads back; microseconds survive both backends: the hash recomputes.
+    moment = (at or utcnow()).astimezone(timezone.utc)
+    details_json = canonical_json(details or {})
+    return {"at": moment, "actor": actor, "request_id": request_id, "kind": kind, "details": details_json,
+            "body": event_body(moment, actor, request_id, kind, details_json)}
+
+
 def append_event(
     session: Session,
     kind: str,
@@ -459,25 +476,20 @@ def append_event(
     On PostgreSQL one call of ``audit_append`` takes the lock, reads the head and
     inserts (one round trip: the lock is held until commit, so every round trip
     inside it costs every concurrent writer). Elsewhere the same steps in Python."""
-    if not kind or len(kind) > 48:
-        raise ValueError("an audit event kind is 1-48 characters")
-    check_details(kind, details or {})
-    if not isinstance(actor, str) or not ACTOR.fullmatch(actor):
-        raise ValueError(f"audit event {kind!r}: the actor must be a principal such as token:NAME or cli:USER "
-                         "(up to 200 letters, digits and _.:@/+-), not a sentence")
-    # In UTC, as it reads back; microseconds survive both backends: the hash recomputes.
-    moment = (at or utcnow()).astimezone(timezone.utc)
-    details_json = canonical_json(details or {})
-    body = event_body(moment, actor, request_id, kind, details_json)
+    return append_prepared(session, prepare_event(kind, details, actor=actor, request_id=request_id, at=at))
+
+
+def append_prepared(session: Session, event: dict[str, Any]) -> int:
+    """Append an event from ``prepare_event`` inside the caller's transaction; its id."""
     if session.get_bind().dialect.name == "postgresql":
         session.flush()  # earlier events of this transaction first
-        row = session.execute(_APPEND_ON_POSTGRES, {"at": moment, "actor": actor, "request_id": request_id,
-                                                    "kind": kind, "details": details_json, "body": body}).one()
+        row = session.execute(_APPEND_ON_POSTGRES, event).one()
         return int(row.event_id)
     last_id, prev = chain_head(session)
     event_id = last_id + 1
-    session.add(AuditEvent(id=event_id, at=moment, actor=actor, request_id=request_id, kind=kind,
-                           details=details_json, prev_hash=prev, hash=event_hash(prev, event_id, body)))
+    session.add(AuditEvent(id=event_id, at=event["at"], actor=event["actor"], request_id=event["request_id"],
+                           kind=event["kind"], details=event["details"], prev_hash=prev,
+                           hash=event_hash(prev, event_id, event["body"])))
     session.flush()
     return event_id
 

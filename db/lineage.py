@@ -21,6 +21,11 @@ RECORD_COLUMNS = (
     "first_shard_version",
 )
 IDENTIFIER_COLUMNS = ("dataset_id", "record_id", "kind", "keyed_hash")
+# PostgreSQL types of the columns above, for binary COPY (no text formatting or parsing of each value).
+_COPY_TYPES = {
+    "records": ("int4", "varchar", "int4", "int4", "varchar", "int4", "int4", "int4"),
+    "record_identifiers": ("int4", "varchar", "varchar", "varchar"),
+}
 
 
 class DatasetConflict(ValueError):
@@ -131,13 +136,21 @@ def latest_shard_versions(session: Session, dataset_id: int) -> dict[int, ShardV
 
 def bulk_insert(session: Session, table: str, columns: Sequence[str], rows: Iterable[Sequence[object]]) -> int:
     """Insert rows (tuples in ``columns`` order) into ``records`` or
-    ``record_identifiers`` inside the session's transaction; COPY on PostgreSQL."""
+    ``record_identifiers`` inside the session's transaction; binary COPY on
+    PostgreSQL (rows in primary-key order insert fastest: the index grows at its end)."""
     model = {"records": Record, "record_identifiers": RecordIdentifier}[table]
     connection = session.connection()
     count = 0
     if connection.dialect.name == "postgresql":
+        if tuple(columns) != (RECORD_COLUMNS if table == "records" else IDENTIFIER_COLUMNS):
+            raise ValueError(f"bulk_insert into {table} takes its columns in the order of db.lineage's constants")
+        from psycopg.copy import QueuedLibpqWriter
+
         cursor = connection.connection.driver_connection.cursor()
-        with cursor.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy:
+        # A writer thread sends while this one formats rows: the server's index and key work overlaps ours.
+        with cursor.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN (FORMAT BINARY)",
+                         writer=QueuedLibpqWriter(cursor)) as copy:
+            copy.set_types(list(_COPY_TYPES[table]))
             for row in rows:
                 copy.write_row(row)
                 count += 1

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
+import pyarrow.compute as pc
 
 from db.lineage import (
     IDENTIFIER_COLUMNS,
@@ -467,6 +468,7 @@ def ingest_source_file(
 
 
 def _record_rows(spill: pa.Table, dataset_id: int, ref: ShardVersionRef, source_id: int):
+    spill = spill.sort_by("record_id")  # primary-key order: the index is appended to, not split at random
     for rid, slc, digest, number in zip(
         spill["record_id"].to_pylist(), spill["slice"].to_pylist(),
         spill["content_hmac"].to_pylist(), spill["row_number"].to_pylist(),
@@ -475,6 +477,14 @@ def _record_rows(spill: pa.Table, dataset_id: int, ref: ShardVersionRef, source_
 
 
 def _identifier_rows(spill: pa.Table, dataset_id: int):
-    for rid, idents in zip(spill["record_id"].to_pylist(), spill["identifiers"].to_pylist()):
-        for ident in idents:
-            yield (dataset_id, rid, ident["kind"], ident["keyed_hash"])
+    """(dataset, record, kind, keyed hash) in primary-key order (kind, keyed hash, ...): keyed
+    hashes are random, and sorted rows fill the index page by page instead of splitting it."""
+    identifiers = spill["identifiers"].combine_chunks()
+    flat = pc.list_flatten(identifiers)
+    rows = pa.table({
+        "kind": flat.field("kind"), "keyed_hash": flat.field("keyed_hash"),
+        "record_id": pc.take(spill["record_id"], pc.list_parent_indices(identifiers)),
+    }).sort_by([("kind", "ascending"), ("keyed_hash", "ascending"), ("record_id", "ascending")])
+    for kind, digest, rid in zip(rows["kind"].to_pylist(), rows["keyed_hash"].to_pylist(),
+                                 rows["record_id"].to_pylist()):
+        yield (dataset_id, rid, kind, digest)

@@ -47,15 +47,14 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, object_session
 
 from db.models import utcnow
-from db.audit import ACTOR, append_event, note_hmac
+from db.audit import ACTOR, append_event, note_hmac, prepare_event
 from db.requests import (
     ErasureRequest,
     NoteKind,
     RequestEvent,
-    RequestIdentifier,
     RequestNote,
-    RequestSample,
     ReviewDecision,
+    insert_request,
 )
 from db.session import unit_of_work
 # IDENTIFIER_KINDS is also read from here by api/ (which does not import dedup/).
@@ -371,18 +370,30 @@ def submit_request(
     fingerprint = _fingerprint(key, hashed, samples, named)
     try:
         # Insert first: a replay is rare, and the unique key catches it (one round trip fewer).
-        with unit_of_work(engine) as session:
-            if named is not None:
+        if named is not None:
+            with unit_of_work(engine) as session:
                 _check_datasets_exist(session, named)
-            received_at = (now or utcnow()).astimezone(timezone.utc)  # calendar months count in UTC
-            request = _new_request(idempotency_key, fingerprint, hashed, samples, actor, received_at)
-            request.submitted_by_token_id = token_id
-            request.datasets = json.dumps(named) if named is not None else None
-            session.add(request)
-            session.flush()
-            _audit(session, request, "submitted", None, RequestState.RECEIVED, actor, received_at,
-                   {"identifiers": len(hashed), "samples": len(samples), "due_at": request.due_at.isoformat()})
-            return Submission(request.id, request.received_at, request.original_due_at, replayed=False)
+        received_at = (now or utcnow()).astimezone(timezone.utc)  # calendar months count in UTC
+        due = due_date(received_at)
+        request_id = str(uuid.uuid4())
+        # Core statements, not the ORM: intake is the hot path (one statement on PostgreSQL).
+        insert_request(
+            engine,
+            {"id": request_id, "idempotency_key": idempotency_key, "body_fingerprint": fingerprint,
+             "state": RequestState.RECEIVED.value, "received_at": received_at, "original_due_at": due,
+             "due_at": due, "extension_months": 0, "submitted_by": actor, "submitted_by_token_id": token_id,
+             "identifier_count": len(hashed), "sample_count": len(samples),
+             "datasets": json.dumps(named) if named is not None else None, "updated_at": received_at},
+            hashed, samples,
+            {"at": received_at, "actor": actor, "action": "submitted", "from_state": None,
+             "to_state": RequestState.RECEIVED.value,
+             "reason": f"{len(hashed)} identifier(s), {len(samples)} sample(s); due {due.isoformat()}"},
+            prepare_event("request.submitted", {
+                "from_state": None, "to_state": RequestState.RECEIVED.value, "identifiers": len(hashed),
+                "samples": len(samples), "due_at": due.isoformat()}, actor=actor, request_id=request_id,
+                at=received_at),
+        )
+        return Submission(request_id, received_at, due, replayed=False)
     except IntegrityError:
         with unit_of_work(engine) as session:
             existing = _by_idempotency_key(session, idempotency_key)
@@ -436,31 +447,6 @@ def _replay(existing: ErasureRequest, fingerprint: str, token_id: int | None) ->
             "use a new key for a new request, or resend exactly the first body"
         )
     return Submission(existing.id, existing.received_at, existing.original_due_at, replayed=True)
-
-
-def _new_request(
-    idempotency_key: str, fingerprint: str, hashed: list[tuple[str, str]], samples: list[str], actor: str, now: datetime
-) -> ErasureRequest:
-    due = due_date(now)
-    request = ErasureRequest(
-        id=str(uuid.uuid4()),
-        idempotency_key=idempotency_key,
-        body_fingerprint=fingerprint,
-        state=RequestState.RECEIVED.value,
-        received_at=now,
-        original_due_at=due,
-        due_at=due,
-        extension_months=0,
-        submitted_by=actor,
-        identifier_count=len(hashed),
-        sample_count=len(samples),
-        updated_at=now,
-    )
-    request.identifiers = [RequestIdentifier(kind=kind, keyed_hash=digest) for kind, digest in hashed]
-    request.samples = [RequestSample(position=i, text=text) for i, text in enumerate(samples)]
-    _record(request, "submitted", None, RequestState.RECEIVED, actor, now,
-            f"{len(hashed)} identifier(s), {len(samples)} sample(s); due {due.isoformat()}")
-    return request
 
 
 # ---------------------------------------------------------------- reading

@@ -21,6 +21,7 @@ Rows are in training order (slice, order_key, record_id); see ``shards.assign``.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 from collections.abc import Callable, Iterable
@@ -44,6 +45,10 @@ WRITER_MARK = ".writer-"  # ".vNNNNNN.parquet.writer-<pid>": who publishes that 
 
 _VERSION_FILE = re.compile(r"^v(\d{6})\.parquet$")
 _DATASET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,199}$")
+
+
+class StorageFull(OSError):
+    """The device filled up while a shard version was written (nothing was published)."""
 
 
 def shard_schema(feature_dim: int) -> pa.Schema:
@@ -189,6 +194,7 @@ class ShardStore:
         version = (numbers[-1] if numbers else 0) + 1
         final = directory / f"v{version:06d}.parquet"
         tmp = directory / f".v{version:06d}.parquet.tmp-{os.getpid()}"
+        marker = self.writer_marker(final)
         try:
             with pq.ParquetWriter(tmp, table.schema, compression="zstd") as writer:
                 writer.write_table(table, row_group_size=ROW_GROUP_ROWS)
@@ -196,7 +202,6 @@ class ShardStore:
                 os.fsync(fh.fileno())
             if _before_publish is not None:
                 _before_publish(tmp)
-            marker = self.writer_marker(final)
             marker.write_text(this_host(), encoding="utf-8")
             try:
                 os.link(tmp, final)
@@ -206,6 +211,15 @@ class ShardStore:
                     f"shard {shard} version {version} of {dataset!r} was written concurrently; retry the operation"
                 ) from None
             _fsync_dir(directory)
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+            if not final.exists():
+                marker.unlink(missing_ok=True)
+            raise StorageFull(
+                errno.ENOSPC, f"no space left on the device of {directory} while writing version {version} of "
+                f"shard {shard} of {dataset!r} ({table.num_rows} rows); the version was not published and earlier "
+                "versions are untouched") from exc
         finally:
             tmp.unlink(missing_ok=True)
         return ShardVersionRef(dataset, shard, version, final, _sha256(final), table.num_rows)

@@ -8,7 +8,8 @@ database) and the uninterrupted reference run is done once. Each case restores
 the home directory from the template (the lineage stores absolute paths, so a
 backend's cases all run in the same home) and, on PostgreSQL, gets a fresh
 database (``postgres_url``) recreated as a copy of the template database.
-The slow boundaries run on SQLite only.
+The slow boundaries run on SQLite in the suite; on PostgreSQL they are marked
+``reliability`` (``python -m pytest -m reliability tests/e2e/test_kill_resume.py``).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from tests.conftest import ADMIN_URL, TEST_SECRET, _libpq
 from tests.prefect_server import submit_for, trained_demo
 
 ROOT = Path(__file__).resolve().parents[2]
+SLOW_BOUNDARIES = ["after:locate", "retrain:trained"]
 BOUNDARIES = [
     pytest.param("after:locate", marks=pytest.mark.slow),
     "erase:after_shard_file",  # new shard file written, not yet recorded
@@ -148,7 +150,21 @@ def _final_state(settings: Settings, request_id: str) -> dict:
 @pytest.mark.parametrize("boundary", BOUNDARIES)
 def test_kill_at_boundary_then_resume(case, boundary: str, request: pytest.FixtureRequest) -> None:  # noqa: ANN001
     if case["backend"] == "postgres" and request.node.get_closest_marker("slow"):
-        pytest.skip("the slow boundaries run on SQLite only (the non-slow ones cover both backends)")
+        pytest.skip("on PostgreSQL the slow boundaries are marked reliability: "
+                    "test_kill_at_a_slow_boundary_on_postgres_then_resume")
+    _kill_and_resume(case, boundary, request)
+
+
+@pytest.mark.reliability
+@pytest.mark.postgres
+@pytest.mark.parametrize("case", ["postgres"], indirect=True)
+@pytest.mark.parametrize("boundary", SLOW_BOUNDARIES)
+def test_kill_at_a_slow_boundary_on_postgres_then_resume(case, boundary: str,  # noqa: ANN001
+                                                        request: pytest.FixtureRequest) -> None:
+    _kill_and_resume(case, boundary, request)
+
+
+def _kill_and_resume(case: dict, boundary: str, request: pytest.FixtureRequest) -> None:
     _restore(case["base"])
     settings: Settings = case["settings"]
     if case["template_db"] is not None:
