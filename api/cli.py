@@ -193,6 +193,11 @@ def locate(
             f"  {match.decision.value:6} shard {match.shard} slice {match.slice} {match.record_id}  "
             f"{match.method.value} {match.metric.value}={match.score:.3f} (hop {match.hop})"
         )
+        if match.paraphrase is not None:  # what a reviewer judges a paraphrase by
+            ev = match.paraphrase
+            spans = "; ".join(f"'{s}'" for s in ev.shared_spans[:3]) or "none"
+            lines.append(f"         margin {ev.margin:.3f}, rank {ev.rank} among the query's neighbours, "
+                         f"shared spans: {spans}")
     lines.append(f"erasing the 'erase' matches would retrain {estimate['shards_touched']} shard(s) from slice(s) "
                  f"{estimate['earliest_slice']}: {estimate['samples']} samples, {estimate['fraction']:.1%} of a full "
                  "retraining")
