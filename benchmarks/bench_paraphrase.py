@@ -1,7 +1,7 @@
 """Paraphrase benchmark on real paraphrases: the old absolute cosine cut against the neighbourhood margin,
 and embedding speed; ONE JSON document on stdout, progress on stderr.
 
-    python benchmarks/bench_paraphrase.py                       # 20k background records (~15 min on 2 cores)
+    python benchmarks/bench_paraphrase.py --vector-cache /tmp/vc  # 20k background records (~35 min on 2 busy cores)
     python benchmarks/bench_paraphrase.py --background 1000 --max-pairs 150 --speed-texts 100   # a quick look
 
 Data: ``tests/resources/paraphrase/bible_kjv_web.jsonl.gz`` (``benchmarks/paraphrase_data.py``):
@@ -66,6 +66,9 @@ console = Console(stderr=True)
 TOP_K = 8  # per shard; ranks above this are reached only through the absolute cut
 OLD_FLOOR = 0.5  # the lowest absolute cut swept
 PRECISION_GOAL, RECALL_GOAL, FALSE_GOAL = 0.9, 0.9, 5.0
+# With a third of the requests holding nothing in the data, "review the nearest record" has precision
+# ~0.7 while it looks perfect when every request's text is there: the chosen point must keep this much.
+ABSENT_PRECISION_FLOOR = 0.85
 
 
 def log(msg: str) -> None:
@@ -162,9 +165,32 @@ def margin_rule(m: float, m_lower: float, max_rank: int, floor: float, absolute:
     return flag
 
 
-def sweep(cands, truth) -> dict:
+def flatten_demo(cands: list[dict], related: list[set[str]]) -> dict:
+    """Demo queries' candidates, flat; ``true`` marks the query's planted copies (not false reviews)."""
+    flat = flatten(cands, [None] * len(cands))
+    flat["true"] = np.concatenate([np.array([x in rel for x in c["ids"]], bool) for c, rel in zip(cands, related)])
+    return flat
+
+
+def false_at_100k(demo: dict | None, records: int, flag, absolute_only, worst: bool = False) -> float | None:
+    """False review items per request at 100k records (mean, or the worst request with ``worst``), from
+    demo queries at ``records``: what the rank-capped margin part flags stays (at most margin_max_rank
+    per sample, whatever the size); what only an absolute cut flags grows with the corpus, linearly."""
+    if demo is None:
+        return None
+    false = flag(demo) & ~demo["true"]
+    grows = absolute_only(demo) & false
+    per_query = (np.bincount(demo["q"], weights=(false & ~grows).astype(float), minlength=demo["n"])
+                 + np.bincount(demo["q"], weights=grows.astype(float), minlength=demo["n"]) * 100_000 / records)
+    return round(float(per_query.max() if worst else per_query.mean()), 3) if demo["n"] else 0.0
+
+
+def sweep(cands, truth, demo: dict | None = None, records: int = 1) -> dict:
     cands = flatten(cands, truth)
-    old = [{"cosine": round(t, 3), **evaluate(cands, truth, old_rule(t))} for t in np.arange(OLD_FLOOR, 0.951, 0.025)]
+    old = [{"cosine": round(t, 3), **evaluate(cands, truth, old_rule(t)),
+            "est_false_100k": false_at_100k(demo, records, old_rule(t), old_rule(t)),
+            "est_max_false_100k": false_at_100k(demo, records, old_rule(t), old_rule(t), worst=True)}
+           for t in np.arange(OLD_FLOOR, 0.951, 0.025)]
     new = []
     for max_rank in (1, 2, 3):
         for lower_extra in ((0.0,) if max_rank == 1 else (0.0, 0.1)):
@@ -174,13 +200,18 @@ def sweep(cands, truth) -> dict:
                         point = {"margin_review": round(m, 3), "margin_review_lower": round(m + lower_extra, 3),
                                  "margin_max_rank": max_rank, "cosine_floor": floor,
                                  "cosine_review": round(min(absolute, 1.0), 3)}
-                        new.append({**point, **evaluate(cands, truth, margin_rule(m, m + lower_extra, max_rank,
-                                                                                  floor, absolute))})
+                        rule = margin_rule(m, m + lower_extra, max_rank, floor, absolute)
+                        by_margin = margin_rule(m, m + lower_extra, max_rank, floor, 9.0)
+                        grows = lambda c, r=rule, b=by_margin: r(c) & ~b(c)  # noqa: E731
+                        new.append({**point, **evaluate(cands, truth, rule),
+                                    "est_false_100k": false_at_100k(demo, records, rule, grows),
+                                    "est_max_false_100k": false_at_100k(demo, records, rule, grows, worst=True)})
     return {"old_cosine": old, "margin": new}
 
 
 def choose(points: list[dict]) -> dict | None:
-    ok = [p for p in points if p["precision"] >= PRECISION_GOAL and p["false_per_request"] <= FALSE_GOAL]
+    ok = [p for p in points if p["precision"] >= PRECISION_GOAL and p["false_per_request"] <= FALSE_GOAL
+          and (p.get("est_max_false_100k") is None or p["est_max_false_100k"] <= FALSE_GOAL)]
     return max(ok, key=lambda p: (p["recall"], p["precision"], p.get("margin_review", 0))) if ok else None
 
 
@@ -236,11 +267,12 @@ def top1_agreement(rows: list[dict], fp32: dict, int8: dict) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--embedder", default="minilm", help="the embedder the figures are for")
+    parser.add_argument("--embedder", default="minilm-int8",
+                        help="the embedder the quality figures are for (minilm: the same neighbours, ~3x slower)")
     parser.add_argument("--background", type=int, default=20_000, help="demo records ingested beside each split")
     parser.add_argument("--shards", type=int, default=4)
     parser.add_argument("--demo-queries", type=int, default=200)
-    parser.add_argument("--speed-texts", type=int, default=1000)
+    parser.add_argument("--speed-texts", type=int, default=300, help="0 skips the speed figures")
     parser.add_argument("--locate-queries", type=int, default=100)
     parser.add_argument("--absent-every", type=int, default=3, help="every n-th query's own verse is not ingested")
     parser.add_argument("--agreement-pairs", type=int, default=1000,
@@ -264,9 +296,11 @@ def main() -> None:
     mix = [r["web"] for r in rows[: args.speed_texts // 2]] + \
         [demo.records[i]["text"] for i in rng.choice(len(demo.records), args.speed_texts - args.speed_texts // 2,
                                                      replace=False)]
-    log(f"speed: {len(mix)} texts, raw encode / ingest / int8, interleaved")
-    speed_out = speed(mix)
-    log(f"speed: {speed_out['texts_per_s']}")
+    speed_out = None
+    if args.speed_texts:
+        log(f"speed: {len(mix)} texts, raw encode / ingest / int8, interleaved")
+        speed_out = speed(mix)
+        log(f"speed: {speed_out['texts_per_s']}")
 
     vecs = {args.embedder: {side: embed_timed(embedder, [r[side] for r in rows], f"{args.embedder} {side}")[0]
                             for side in ("kjv", "web")}}
@@ -318,17 +352,33 @@ def main() -> None:
             protocols[protocol][split] = {"indexes": indexes, "cands": cands, "truth": truth, "sel": sel,
                                           "texts": texts, "ids": ids}
 
-    curves = {p: sweep(protocols[p]["tune"]["cands"], protocols[p]["tune"]["truth"]) for p in protocols}
-    # Chosen under the stricter protocol: a rule that flags "the nearest record" always looks perfect
-    # when every request's text is in the data.
-    chosen_new, chosen_old = choose(curves["absent"]["margin"]), choose(curves["absent"]["old_cosine"])
+    # Demo queries (held-out demo posts; their planted copies are not false) against the tune corpus.
+    related = [copies_of[r["id"]] for r in held]
+    tune_all = protocols["all"]["tune"]
+    demo_flat = flatten_demo(candidates(tune_all["indexes"], demo_q_vectors, embedder), related)
+    curves = {p: sweep(protocols[p]["tune"]["cands"], protocols[p]["tune"]["truth"], demo_flat,
+                       len(protocols[p]["tune"]["ids"])) for p in protocols}
+    # Chosen under the issue's protocol (every request's text is in the data), with false review
+    # items at 100k records within the goal; the "absent" figures at the same point are reported beside.
+    keys = ("margin_review", "margin_review_lower", "margin_max_rank", "cosine_floor", "cosine_review")
+    absent_of = {tuple(x[k] for k in keys): x for x in curves["absent"]["margin"]}
+    absent_old = {x["cosine"]: x for x in curves["absent"]["old_cosine"]}
+    chosen_new = choose([x for x in curves["all"]["margin"]
+                         if absent_of[tuple(x[k] for k in keys)]["precision"] >= ABSENT_PRECISION_FLOOR])
+    chosen_old = choose([x for x in curves["all"]["old_cosine"]
+                         if absent_old[x["cosine"]]["precision"] >= ABSENT_PRECISION_FLOOR])
+    if chosen_new:
+        chosen_new = {**chosen_new, "tune_absent": absent_of[tuple(chosen_new[k] for k in keys)]}
+    if chosen_old:
+        chosen_old = {**chosen_old, "tune_absent": absent_old[chosen_old["cosine"]]}
     out["curves"] = {"tune": {p: {"old_cosine": curves[p]["old_cosine"],
                                   # the full grid is large: rank 1 and 2 with the absolute cut off
                                   "margin": [x for x in curves[p]["margin"] if x["cosine_review"] == 1.0
                                              and x["margin_review_lower"] == x["margin_review"]
                                              and x["margin_max_rank"] <= 2 and x["cosine_floor"] == 0.5]}
                               for p in protocols}}
-    out["operating_point"] = {"chosen_on": "tune, protocol 'absent'", "margin": chosen_new,
+    out["operating_point"] = {"chosen_on": "tune: most recall at precision >= 0.9 (protocol 'all'), "
+                                            f">= {ABSENT_PRECISION_FLOOR} (protocol 'absent'), worst request <= 5 false items at 100k", "margin": chosen_new,
                               "old_cosine": chosen_old,
                               "current_default": default_thresholds(args.embedder).to_dict()}
     held_out: dict = {}
@@ -351,24 +401,24 @@ def main() -> None:
     check = protocols["absent"]["check"]
     if chosen_new:
         # Demo queries: their planted copies are true; everything else flagged is a false review item.
-        demo_cands = candidates(check["indexes"], demo_q_vectors, embedder)
-        false = []
-        for r, c in zip(held, demo_cands):
-            f = rule(c)
-            false.append(sum(1 for i, x in zip(c["ids"], f) if x and i not in copies_of[r["id"]]))
+        demo_check = flatten_demo(candidates(check["indexes"], demo_q_vectors, embedder), related)
+        false = np.bincount(demo_check["q"], weights=(rule(demo_check) & ~demo_check["true"]).astype(float),
+                            minlength=demo_check["n"])
+        by_margin = margin_rule(chosen_new["margin_review"], chosen_new["margin_review_lower"],
+                                chosen_new["margin_max_rank"], chosen_new["cosine_floor"], 9.0)
+        demo_100k = false_at_100k(demo_check, len(check["ids"]), rule, lambda c: rule(c) & ~by_margin(c))
+        demo_100k_worst = false_at_100k(demo_check, len(check["ids"]), rule, lambda c: rule(c) & ~by_margin(c),
+                                        worst=True)
         bible_false = held_out["absent"]["margin"]["false_per_request"]
-        scale = 100_000 / (len(check["ids"]))
-        absolute = chosen_new["cosine_review"]
-        abs_false = np.mean([np.sum((c["cos"] >= absolute) & (c["rank"] > chosen_new["margin_max_rank"]))
-                             for c in demo_cands]) if absolute < 1.0 else 0.0
         out["false_reviews"] = {
             "records": len(check["ids"]), "demo_queries": len(held),
-            "demo_false_per_request": round(float(np.mean(false)), 3), "demo_max_false": int(max(false)),
-            "calibration_false_per_request": bible_false,
-            "estimate_100k_per_request": round(float(max(np.mean(false), bible_false)
-                                                     + abs_false * (scale - 1)), 3),
-            "how": "measured at 'records'; the margin rule flags at most margin_max_rank records per sample "
-                   "whatever the corpus size; the absolute-cosine part is scaled linearly to 100k"}
+            "demo_false_per_request": round(float(false.mean()), 3), "demo_max_false": int(false.max()),
+            "calibration_false_per_request": bible_false, "demo_estimate_100k_per_request": demo_100k,
+            "demo_estimate_100k_worst_request": demo_100k_worst,
+            "estimate_100k_per_request": round(max(demo_100k, bible_false), 3),
+            "how": "measured at 'records' (the check corpus); what the rank-capped margin rule flags stays "
+                   "(at most margin_max_rank per sample whatever the size), what only the absolute cut "
+                   "flags is scaled linearly to 100k; demo queries' planted copies are not false"}
     out["held_out"] = held_out
 
     # The same decisions through the locate code path (what `erasure locate` runs).

