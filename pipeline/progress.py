@@ -50,10 +50,11 @@ def _rate_column_class():
     from rich.text import Text
 
     class RateColumn(ProgressColumn):
-        """Items per second over rich's recent window (blank until it has two samples)."""
+        """Items per second over rich's recent window (the mean so far until it has two samples)."""
 
         def render(self, task) -> Text:  # noqa: ANN001
-            return Text(f"{task.speed:,.1f}/s" if task.speed else "", style="progress.data.speed")
+            speed = task.finished_speed or task.speed or (task.completed / task.elapsed if task.elapsed else None)
+            return Text(f"{speed:,.1f}/s" if speed else "", style="progress.data.speed")
 
     return RateColumn
 
