@@ -366,8 +366,10 @@ def bench_paraphrases(corpus: Corpus, vectors: np.ndarray, minilm_subset: int, s
             row["false_per_query_scaled_to_all_records"] = round(
                 false / len(queries) * (corpus.n - len(rel)) / max(1, len(subset) - len(rel)), 1)
         out["minilm"] = {"records": len(subset), "queries": len(queries), "cosine_review": review,
-                         **minilm[str(review)], "sweep": minilm,
-                         "note": "subset: the queries, all their copies and random others"}
+                         **minilm.get(str(review), {}), "sweep": minilm,
+                         "note": "subset: the queries, all their copies and random others; the MiniLM default "
+                                 "reviews by neighbourhood margin (bench_paraphrase), the sweep is the absolute "
+                                 "cut alone"}
         hashing_sub = _paraphrase_scores(vectors[subset][q_local], vectors[subset], q_local, rel_local, para_local,
                                          sweep_at)
         out["hashing_on_minilm_subset"] = {"cosine_review": default_thresholds("hashing").cosine_review,

@@ -9,7 +9,8 @@ The walk for one request::
 
 Every query text looks in every shard: MinHash LSH candidates, each verified by
 the exact Jaccard similarity of word-shingle sets, and FAISS neighbours at or
-above the review cosine. A record found more than once keeps its strongest
+above the review cosine or standing out of its neighbourhood by the margin
+(:mod:`dedup.paraphrase`; each such match carries its evidence). A record found more than once keeps its strongest
 match (:meth:`Match.outranks`). Matches found from a record's text are marked
 ``second-hop``: copies of the subject's posts reposted by others without the
 identifier. A record is used as a query at most once, and only once it is
@@ -33,9 +34,12 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from dedup.embeddings import Embedder
 from dedup.minhash import MinHashParams, minhash_signatures
 from dedup.normalize import exact_jaccard, shingle_set, words
+from dedup.paraphrase import ParaphraseEvidence, knn_means, ratio_margin, shared_spans
 from dedup.policy import Decision, Match, Method, Metric, Provenance, SampleOnly, Thresholds, default_thresholds
 from dedup.shard_index import ShardIndex
 
@@ -226,11 +230,57 @@ class _Search:
                             score = exact_jaccard(query_sets[q], sets[r])
                             self.offer(self._match(idx, r, near, Metric.JACCARD, score, hop, fresh[q][0],
                                                    fresh[q][2]))
-            if vectors is not None and idx.vectors is not None:
-                found = idx.embedding_neighbours(vectors, self.thresholds.cosine_review, self.embedder, self.nprobe)
-                for q, (rows_q, sims) in enumerate(found):
-                    for r, s in zip(rows_q.tolist(), sims.tolist()):
-                        self.offer(self._match(idx, r, para, Metric.COSINE, s, hop, fresh[q][0], fresh[q][2]))
+        if vectors is not None:
+            self._paraphrases(fresh, query_sets, vectors, hop, para)
+
+    def _paraphrases(self, fresh: list[tuple[str, str, Provenance]], query_sets: list, vectors, hop: int,
+                     method: Method) -> None:
+        """Embedding neighbours decided by margin and cosine (:meth:`Thresholds.decide_paraphrase`).
+
+        Per shard: the query's top ``K`` records (its neighbourhood mean and the candidates for the
+        margin rule) and every record at ``cosine_review`` or above; ranks are taken over all shards."""
+        t = self.thresholds
+        found: list[list[tuple[ShardIndex, int, float, float]]] = [[] for _ in fresh]
+        for idx in self.indexes.values():
+            if idx.vectors is None:
+                continue
+            top_k = max(idx.knn_k, t.margin_max_rank, 1)
+            rows, sims = idx.nearest(vectors, top_k, self.embedder, self.nprobe)
+            query_means = knn_means(sims[:, :idx.knn_k])
+            ranged = idx.embedding_neighbours(vectors, t.cosine_review, self.embedder, self.nprobe)
+            for q in range(len(fresh)):
+                cands = {int(r): float(c) for r, c in zip(rows[q], sims[q]) if r >= 0}
+                cands.update((int(r), float(c)) for r, c in zip(*ranged[q]))
+                found[q] += [(idx, r, c, float(query_means[q])) for r, c in cands.items()]
+        k = self.minhash.shingle_size
+        for q, cands in enumerate(found):
+            cosines = np.array(sorted((c for _, _, c, _ in cands), reverse=True))
+            label, text, provenance = fresh[q]
+            chosen = []
+            for idx, row, cos, query_mean in cands:
+                rank = int(np.searchsorted(-cosines, -cos, side="left")) + 1  # 1 + how many are strictly closer
+                if self.is_erased(idx.shard, idx.record_ids[row]):
+                    continue
+                in_reach = (t.margin_max_rank and rank <= t.margin_max_rank) or cos >= t.cosine_review
+                if not (in_reach or (self.report_keep and rank <= max(t.margin_max_rank, 1))):
+                    continue
+                record_mean = float(idx.knn_mean[row]) if idx.knn_mean is not None else float("nan")
+                chosen.append((idx, row, cos, rank, query_mean, record_mean))
+            by_shard: dict[int, list[tuple]] = {}
+            for item in chosen:
+                by_shard.setdefault(item[0].shard, []).append(item)
+            for shard, items in by_shard.items():
+                texts = self.fetch_texts(shard, [it[0].record_ids[it[1]] for it in items])
+                for (idx, row, cos, rank, query_mean, record_mean), other in zip(items, texts):
+                    margin = ratio_margin(cos, query_mean, record_mean)
+                    spans = tuple(shared_spans(text, other))
+                    jaccard = exact_jaccard(query_sets[q], shingle_set(other, k))
+                    longest = max((len(s.split()) for s in spans), default=0)
+                    decision, reasons = t.decide_paraphrase(cos, margin, rank, provenance, longest, jaccard)
+                    evidence = ParaphraseEvidence(cos, margin, rank, query_mean, record_mean, jaccard, spans,
+                                                  reasons)
+                    self.offer(Match(idx.shard, idx.version, int(idx.slices[row]), idx.record_ids[row], method,
+                                     Metric.COSINE, float(cos), decision, hop, label, provenance, evidence))
 
     def _match(self, idx: ShardIndex, row: int, method: Method, metric: Metric, score: float, hop: int,
                query: str, provenance: Provenance) -> Match:

@@ -10,7 +10,12 @@ artefacts live in the directory ``P.dedup/``:
   them under the dataset's keyed parameters; the manifest holds only the key's
   fingerprint, and :meth:`ShardIndex.load` takes the key back with ``minhash=``);
 * ``band_keys.npy``, ``band_rows.npy``: the sorted LSH band table;
-* ``vectors.faiss``: the embeddings in a FAISS index (absent without an embedder).
+* ``vectors.faiss``: the embeddings in a FAISS index (absent without an embedder);
+* ``knn_mean.npy``: float32 (n,) mean cosine of each record's k nearest other
+  records in this shard version (k in the manifest), the candidate side of the
+  paraphrase margin (:mod:`dedup.paraphrase`), computed once here so that a query
+  needs only its own neighbours. An index written before it has none: its
+  margins use the query's side alone.
 
 The directory is written under a temporary name, every file fsynced, and then
 renamed into place, so ``P.dedup/`` either holds a complete index or does not
@@ -37,6 +42,7 @@ import pyarrow.parquet as pq
 from dedup.embeddings import Embedder, check_embedder, embedder_spec
 from dedup.lsh import DEFAULT_THRESHOLD, BandIndex, LSHParams, choose_params
 from dedup.minhash import MinHashKeyMismatch, MinHashParams, minhash_signatures
+from dedup.paraphrase import DEFAULT_K, knn_means
 from dedup.vector_index import VectorIndex, VectorIndexParams
 
 FORMAT_VERSION = 1
@@ -73,6 +79,8 @@ class ShardIndex:
     bands: BandIndex
     embedder: dict | None
     vectors: VectorIndex | None
+    knn_mean: np.ndarray | None = None  # float32 (n,), see the module doc
+    knn_k: int = DEFAULT_K
 
     @property
     def n(self) -> int:
@@ -99,6 +107,17 @@ class ShardIndex:
         found = self.vectors.range_search(vectors, min_similarity, nprobe)
         return [(np.searchsorted(self.vector_ids, ids), sims) for ids, sims in found]
 
+    def nearest(self, vectors: np.ndarray, k: int, embedder: Embedder,
+                nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The ``k`` nearest records of each query vector: (rows, cosines), each (len(vectors), k),
+        best first, padded with row -1 and cosine NaN where the shard has fewer."""
+        if self.vectors is None or self.embedder is None:
+            return np.full((len(vectors), k), -1, np.int64), np.full((len(vectors), k), np.nan, np.float32)
+        check_embedder(embedder, self.embedder)
+        ids, sims = self.vectors.search(vectors, k, nprobe)
+        rows = np.where(ids >= 0, np.searchsorted(self.vector_ids, np.maximum(ids, 0)), -1)
+        return rows, sims
+
     def without(self, record_ids: Sequence[str], new_version: int) -> tuple[ShardIndex, RemovedRecords]:
         """The index of the next shard version, which no longer holds ``record_ids``."""
         if new_version <= self.version:
@@ -113,9 +132,12 @@ class ShardIndex:
         removed = RemovedRecords(self.shard, self.version, tuple(self.record_ids[rows].tolist()),
                                  np.array(self.signatures[rows]), self.minhash)
         vectors = self.vectors.without(self.vector_ids[rows]) if self.vectors is not None else None
+        # The kept records' neighbourhood means stay as built: a removed neighbour still counts,
+        # which can only lower a margin (the conservative side for review).
+        knn_mean = self.knn_mean[keep] if self.knn_mean is not None else None
         index = ShardIndex(self.shard, new_version, self.record_ids[keep], self.slices[keep],
                            self.vector_ids[keep], self.next_vector_id, np.ascontiguousarray(self.signatures[keep]),
-                           self.minhash, self.bands.without(rows), self.embedder, vectors)
+                           self.minhash, self.bands.without(rows), self.embedder, vectors, knn_mean, self.knn_k)
         return index, removed
 
     # ------------------------------------------------------------------ files
@@ -142,6 +164,9 @@ class ShardIndex:
                 self.vectors.save(tmp / "vectors.faiss")
                 files["vectors.faiss"] = (tmp / "vectors.faiss").stat().st_size
                 vector_meta = {"kind": self.vectors.kind, "nprobe": self.vectors.nprobe, "dim": self.vectors.dim}
+            if self.knn_mean is not None:
+                files["knn_mean.npy"] = _write(tmp / "knn_mean.npy", lambda f: np.save(f, self.knn_mean))
+                vector_meta = {**(vector_meta or {}), "knn_k": self.knn_k}
             manifest = {
                 "format": FORMAT_VERSION, "shard": self.shard, "version": self.version, "rows": self.n,
                 "next_vector_id": self.next_vector_id, "minhash": self.minhash.to_dict(),
@@ -200,15 +225,19 @@ class ShardIndex:
         signatures = np.load(base / "signatures.npy", mmap_mode="r" if mmap else None)
         lsh = LSHParams.from_dict(manifest["lsh"])
         bands = BandIndex(lsh, np.load(base / "band_keys.npy"), np.load(base / "band_rows.npy"), len(record_ids))
-        vectors = None
+        vectors, knn_mean, knn_k = None, None, DEFAULT_K
         if manifest["vector_index"] is not None:
             meta = manifest["vector_index"]
             vectors = VectorIndex.load(base / "vectors.faiss", meta["kind"], meta["nprobe"])
+            if "knn_mean.npy" in manifest["files"]:
+                knn_mean, knn_k = np.load(base / "knn_mean.npy"), int(meta["knn_k"])
+                if len(knn_mean) != len(record_ids):
+                    raise ValueError(f"{base}: knn_mean.npy and the records disagree in length; rebuild the index")
         if len(signatures) != len(record_ids) or (vectors is not None and vectors.ntotal != len(record_ids)):
             raise ValueError(f"{base}: the signatures, vectors and records disagree in length; rebuild the index")
         return cls(int(manifest["shard"]), int(manifest["version"]), record_ids, slices, vector_ids,
                    int(manifest["next_vector_id"]), signatures, minhash if minhash is not None else stored,
-                   bands, manifest["embedder"], vectors)
+                   bands, manifest["embedder"], vectors, knn_mean, knn_k)
 
 
 def build_shard_index(
@@ -224,6 +253,7 @@ def build_shard_index(
     vector_params: VectorIndexParams = VectorIndexParams(),
     vectors: np.ndarray | None = None,
     workers: int = 1,
+    knn_k: int = DEFAULT_K,
 ) -> ShardIndex:
     """Signatures, LSH bands and (with an embedder) the FAISS index of one shard version's records.
 
@@ -242,7 +272,7 @@ def build_shard_index(
                          f"{minhash.num_perm}")
     signatures = minhash_signatures(texts, minhash, workers=workers)
     vector_ids = np.arange(n, dtype=np.int64)
-    index = None
+    index, knn_mean = None, None
     if embedder is not None:
         if vectors is None:
             vectors = embedder.embed(texts)
@@ -250,11 +280,25 @@ def build_shard_index(
             raise ValueError(f"vectors must be ({n}, {embedder.dim}) for embedder {embedder.name!r}, "
                              f"got {vectors.shape}")
         index = VectorIndex.build(vectors, vector_ids, vector_params)
+        knn_mean = record_knn_means(index, vectors, vector_ids, knn_k)
     elif vectors is not None:
         raise ValueError("vectors were given without the embedder that made them; pass embedder= too")
     return ShardIndex(int(shard), int(version), ids, np.asarray(slices, dtype=np.int32), vector_ids, n,
                       signatures, minhash, BandIndex.build(signatures, lsh),
-                      embedder_spec(embedder) if embedder is not None else None, index)
+                      embedder_spec(embedder) if embedder is not None else None, index, knn_mean, knn_k)
+
+
+def record_knn_means(index: VectorIndex, vectors: np.ndarray, vector_ids: np.ndarray, k: int,
+                     batch: int = 4096) -> np.ndarray:
+    """Each record's mean cosine to its ``k`` nearest other records (itself left out; NaN if alone)."""
+    out = np.empty(len(vectors), dtype=np.float32)
+    for start in range(0, len(vectors), batch):
+        stop = min(start + batch, len(vectors))
+        ids, sims = index.search(vectors[start:stop], k + 1)
+        sims = np.where(ids == vector_ids[start:stop, None], np.nan, sims)  # itself (ties: wherever it sits)
+        best = -np.sort(-sims, axis=1)[:, :k]  # NaNs sort last
+        out[start:stop] = knn_means(best)
+    return out
 
 
 def texts_from_parquet(paths: Mapping[int, str | Path],

@@ -149,6 +149,20 @@ class VectorIndex:
             out.append((d[order], s[order]))
         return out
 
+    def search(self, queries: np.ndarray, k: int, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The ``k`` most similar stored vectors of each query: (ids, similarities), each (len(q), k),
+        best first; where fewer than ``k`` are found the row is padded with id -1 and similarity NaN."""
+        q = _check_vectors(np.atleast_2d(queries), self.dim)
+        if k < 1:
+            raise ValueError(f"k must be at least 1, got {k}")
+        if len(q) == 0 or self.ntotal == 0:
+            return np.full((len(q), k), -1, np.int64), np.full((len(q), k), np.nan, np.float32)
+        params = faiss.SearchParametersIVF(nprobe=nprobe) if nprobe and self.kind == "ivf" else None
+        with _omp_threads(1) if len(q) < _SERIAL_QUERIES else nullcontext():
+            sims, ids = self._index.search(q, k, params=params)
+        sims = np.where(ids < 0, np.nan, sims).astype(np.float32)
+        return ids.astype(np.int64), sims
+
     def without(self, ids: Sequence[int] | np.ndarray) -> VectorIndex:
         """A copy with ``ids`` removed (unknown ids are ignored)."""
         index = faiss.clone_index(self._index)

@@ -238,7 +238,9 @@ def _locate_section(session: Session, request: ErasureRequest, dataset: Dataset 
         "thresholds": {**_thresholds(dataset), "sample_only": request.sample_only_policy or "review"},
         "thresholds_source": "dedup.policy defaults for the dataset's embedder: identifier matches are erased; "
                              "jaccard >= jaccard_erase erase, >= jaccard_review review; cosine >= cosine_erase "
-                             "erase, >= cosine_review review; below: kept, not recorded",
+                             "erase, >= cosine_review review; an embedding neighbour at rank <= margin_max_rank "
+                             "(margin_max_rank > 0) with cosine >= cosine_floor and neighbourhood ratio margin >= "
+                             "margin_review (rank 1) or margin_review_lower review; below: kept, not recorded",
         "matches": len(matches),
         "by_method": per_method_counts(matches),
         # How matches reached only from a requester's sample were decided (dedup.policy.SampleOnly):

@@ -45,18 +45,40 @@ class _RichStep:
         self._progress.update(self._task, total=total, completed=self._progress.tasks[self._task].total or total)
 
 
+def _rate_column_class():
+    from rich.progress import ProgressColumn
+    from rich.text import Text
+
+    class RateColumn(ProgressColumn):
+        """Items per second over rich's recent window (the mean so far until it has two samples)."""
+
+        def render(self, task) -> Text:  # noqa: ANN001
+            speed = task.finished_speed or task.speed or (task.completed / task.elapsed if task.elapsed else None)
+            return Text(f"{speed:,.1f}/s" if speed else "", style="progress.data.speed")
+
+    return RateColumn
+
+
+def _RateColumn():  # noqa: N802 - reads as the column it makes
+    return _rate_column_class()()
+
+
 class RichReporter:
     """Progress bars on stderr (stdout stays clean for --json)."""
 
     def __init__(self) -> None:
         from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                   TimeRemainingColumn)
 
         self._progress = Progress(
             TextColumn("{task.description}"),
             BarColumn(),
             MofNCompleteColumn(),
+            # Items per second and the time left: embedding a large file takes minutes.
+            _RateColumn(),
             TimeElapsedColumn(),
+            TimeRemainingColumn(),
             console=Console(stderr=True),
             transient=False,
         )
