@@ -247,10 +247,16 @@ class _Search:
             top_k = max(idx.knn_k, t.margin_max_rank, 1)
             rows, sims = idx.nearest(vectors, top_k, self.embedder, self.nprobe)
             query_means = knn_means(sims[:, :idx.knn_k])
-            ranged = idx.embedding_neighbours(vectors, t.cosine_review, self.embedder, self.nprobe)
+            # Every record at cosine_review or above is already in the top k unless the k-th is too
+            # (same probed cells): the range search runs only for those queries
+            wide = [q for q in range(len(fresh)) if rows.shape[1] and rows[q, -1] >= 0
+                    and sims[q, -1] >= t.cosine_review]
+            ranged = dict(zip(wide, idx.embedding_neighbours(vectors[wide], t.cosine_review, self.embedder,
+                                                             self.nprobe))) if wide else {}
             for q in range(len(fresh)):
                 cands = {int(r): float(c) for r, c in zip(rows[q], sims[q]) if r >= 0}
-                cands.update((int(r), float(c)) for r, c in zip(*ranged[q]))
+                if q in ranged:
+                    cands.update((int(r), float(c)) for r, c in zip(*ranged[q]))
                 found[q] += [(idx, r, c, float(query_means[q])) for r, c in cands.items()]
         k = self.minhash.shingle_size
         for q, cands in enumerate(found):
