@@ -281,3 +281,17 @@ class ErrorDetail(BaseModel):
 
 class ErrorOut(BaseModel):
     error: ErrorDetail
+
+
+# OpenAPI error responses, shared by the routers: each names its own statuses and words
+UNAUTHORIZED = {401: "No valid bearer token", 403: "The token lacks the scope"}
+TOO_LARGE = {413: "The body is too large"}
+INVALID = {422: "Invalid input; `error.fields` names each bad field"}
+
+
+def error_responses(*descriptions: dict[int, str]) -> dict[int, dict]:
+    """``responses=`` for a router or route: every status described, answered with :class:`ErrorOut`."""
+    merged: dict[int, str] = {}
+    for d in descriptions:
+        merged.update(d)
+    return {status: {"model": ErrorOut, "description": text} for status, text in sorted(merged.items())}

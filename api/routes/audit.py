@@ -12,7 +12,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Path, Query
 
 from api.deps import ApiError, Caller, EngineDep, SecretKeyDep, SessionDep, SettingsDep, require_scope
-from api.schemas import ErrorOut
+from api.schemas import INVALID, UNAUTHORIZED, error_responses
 from api.schemas_audit import (
     MAX_WITHIN_DAYS,
     DatasetName,
@@ -40,15 +40,8 @@ from pipeline.lifecycle import OPEN_STATES
 from pipeline.screening import REFERENCE_PATTERN, ScreenReference, resolve_screen_reference
 
 PREFIX = "/v1/audit"
-_ERRORS = {
-    status: {"model": ErrorOut, "description": text}
-    for status, text in {
-        401: "No valid bearer token",
-        403: "The token lacks the audit scope",
-        422: "Invalid input; `error.fields` names each bad field",
-    }.items()
-}
-_NOT_FOUND = {404: {"model": ErrorOut, "description": "No such request, dataset or ensemble version"}}
+_ERRORS = error_responses(UNAUTHORIZED, {403: "The token lacks the audit scope"}, INVALID)
+_NOT_FOUND = error_responses({404: "No such request, dataset or ensemble version"})
 
 AuditCaller = Annotated[Caller, Depends(require_scope("audit"))]
 router = APIRouter(prefix=PREFIX, tags=["audit"], responses=_ERRORS)
@@ -111,7 +104,7 @@ def subject(body: SubjectIn, caller: AuditCaller, session: SessionDep, secret_ke
 
 
 @router.get("/screen-references/{reference}", response_model=ScreenReferenceOut,
-            responses={404: {"model": ErrorOut, "description": "No tombstone has this reference"}},
+            responses=error_responses({404: "No tombstone has this reference"}),
             summary="What a /v1/screen reference stands for: the dataset, erasure request and record")
 def screen_reference(
     reference: Annotated[str, Path(min_length=36, max_length=36, pattern=REFERENCE_PATTERN)],

@@ -9,22 +9,23 @@ from typing import Annotated
 from fastapi import APIRouter, Depends
 
 from api.deps import ApiError, Caller, EngineDep, SettingsDep, require_scope
-from api.schemas import ErrorOut, GenerateIn, GenerateOut, PredictIn, PredictOut
+from api.schemas import (
+    INVALID,
+    TOO_LARGE,
+    UNAUTHORIZED,
+    GenerateIn,
+    GenerateOut,
+    PredictIn,
+    PredictOut,
+    error_responses,
+)
 from pipeline.generation import GenerationResult, NotGenerative, PredictionResult, generate_screened, predict_screened
 
 GenerateCaller = Annotated[Caller, Depends(require_scope("generate"))]
 
-router = APIRouter(tags=["generation"], responses={
-    status: {"model": ErrorOut, "description": text}
-    for status, text in {
-        401: "No valid bearer token",
-        403: "The token lacks the scope",
-        404: "No such dataset",
-        409: "The dataset has no ensemble of the family this call serves",
-        413: "The body is too large",
-        422: "Invalid input; `error.fields` names each bad field",
-    }.items()
-})
+router = APIRouter(tags=["generation"], responses=error_responses(
+    UNAUTHORIZED, {404: "No such dataset", 409: "The dataset has no ensemble of the family this call serves"},
+    TOO_LARGE, INVALID))
 
 
 @router.post("/v1/generate", response_model=GenerateOut, summary="Continue a prompt with the dataset's lm ensemble")

@@ -14,8 +14,10 @@ from sqlalchemy.orm import Session
 
 from api.deps import EngineDep, IdempotencyKeyHeader, IntakeCaller, ReviewCaller, SecretKeyDep, SessionDep, StatusReader
 from api.schemas import (
+    INVALID,
+    TOO_LARGE,
+    UNAUTHORIZED,
     DenialIn,
-    ErrorOut,
     ExtensionIn,
     RequestStatusOut,
     ReviewDecisionsIn,
@@ -23,6 +25,7 @@ from api.schemas import (
     ReviewTicketOut,
     SubmissionOut,
     SubmitRequestIn,
+    error_responses,
 )
 from pipeline.lifecycle import (
     RequestStatus,
@@ -37,17 +40,9 @@ from pipeline.lifecycle import (
 )
 
 PREFIX = "/v1/erasure-requests"
-_ERRORS = {
-    status: {"model": ErrorOut, "description": text}
-    for status, text in {
-        401: "No valid bearer token",
-        403: "The token lacks the scope",
-        413: "The body is too large",
-        422: "Invalid input; `error.fields` names each bad field",
-    }.items()
-}
-_NOT_FOUND = {404: {"model": ErrorOut, "description": "No such request"}}
-_CONFLICT = {409: {"model": ErrorOut, "description": "Not allowed in the request's current state"}}
+_ERRORS = error_responses(UNAUTHORIZED, TOO_LARGE, INVALID)
+_NOT_FOUND = error_responses({404: "No such request"})
+_CONFLICT = error_responses({409: "Not allowed in the request's current state"})
 
 router = APIRouter(prefix=PREFIX, tags=["erasure requests"], responses=_ERRORS)
 
@@ -57,7 +52,7 @@ router = APIRouter(prefix=PREFIX, tags=["erasure requests"], responses=_ERRORS)
     status_code=202,
     response_model=SubmissionOut,
     summary="Submit an erasure request",
-    responses={409: {"model": ErrorOut, "description": "The Idempotency-Key was used with another body"}},
+    responses=error_responses({409: "The Idempotency-Key was used with another body"}),
 )
 def submit(
     body: SubmitRequestIn,

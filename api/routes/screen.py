@@ -9,22 +9,14 @@ from typing import Annotated
 from fastapi import APIRouter, Depends
 
 from api.deps import ApiError, Caller, EngineDep, SettingsDep, require_scope
-from api.schemas import ErrorOut, ScreenIn, ScreenOut
+from api.schemas import INVALID, TOO_LARGE, UNAUTHORIZED, ScreenIn, ScreenOut, error_responses
 from pipeline.screening import ScreenResult, UnknownDataset, screen_texts
 
 PATH = "/v1/screen"
 ScreenCaller = Annotated[Caller, Depends(require_scope("screen"))]
 
-router = APIRouter(tags=["screening"], responses={
-    status: {"model": ErrorOut, "description": text}
-    for status, text in {
-        401: "No valid bearer token",
-        403: "The token lacks the scope",
-        404: "No such dataset",
-        413: "The body is too large",
-        422: "Invalid input; `error.fields` names each bad field",
-    }.items()
-})
+router = APIRouter(tags=["screening"], responses=error_responses(UNAUTHORIZED, {404: "No such dataset"}, TOO_LARGE,
+                                                               INVALID))
 
 
 @router.post(PATH, response_model=ScreenOut, summary="Screen texts against the tombstones of erased records")
