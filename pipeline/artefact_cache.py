@@ -10,13 +10,17 @@ and an erasure writes a new version under a new path (an index rebuilt in place
 is a new directory, hence a new inode).
 
 Bounded memory: least recently used entries are dropped once the estimated
-bytes exceed the bound (``ERASURE_ARTEFACT_CACHE_MB``, default 2048; 0 disables
-caching). Thread-safe; two threads missing the same key both load it (the
+bytes exceed the bound (``ERASURE_ARTEFACT_CACHE_MB``, default 4096; 0 disables
+caching). A shard index takes about 2.2 KB per record (signatures, vectors, bands, ids and
+their row map), so the default holds the indexes of about 1.8M records; past the bound the
+shards' indexes evict each other and every locate reads them again (about 15x slower at 1M
+records), which is logged once per process as a warning naming the setting. Thread-safe; two threads missing the same key both load it (the
 later store wins), which costs time, never correctness.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections import OrderedDict
@@ -26,7 +30,8 @@ from typing import Any
 
 import numpy as np
 
-DEFAULT_MAX_MB = 2048
+DEFAULT_MAX_MB = 4096
+_log = logging.getLogger(__name__)
 
 
 def file_stamp(path: str | Path) -> tuple[int, int, int, int] | None:
@@ -66,6 +71,7 @@ class ArtefactCache:
         self._entries: OrderedDict[Hashable, tuple[Hashable, Any, int]] = OrderedDict()
         self._bytes = 0
         self.hits = self.misses = 0
+        self.evictions = 0
 
     def get(self, key: Hashable, stamp: Hashable, load: Callable[[], Any]) -> Any:
         """The value cached under ``key`` if it was loaded with ``stamp``; else ``load()``, stored."""
@@ -88,6 +94,14 @@ class ArtefactCache:
                 self._bytes += size
                 while self._bytes > self.max_bytes:
                     self._drop(next(iter(self._entries)))
+                    self.evictions += 1
+                    if self.evictions == 1:
+                        _log.warning("the artefact cache is full (%d MiB): entries now evict each other and are "
+                                     "read from disk again; raise ERASURE_ARTEFACT_CACHE_MB (about 2.2 KB per "
+                                     "record of the datasets this process locates in)", self.max_bytes >> 20)
+            elif self.max_bytes:
+                _log.warning("an artefact of %d MiB is larger than the whole cache (%d MiB) and is not kept; "
+                             "raise ERASURE_ARTEFACT_CACHE_MB", size >> 20, self.max_bytes >> 20)
         return value
 
     def discard(self, key: Hashable) -> None:

@@ -88,6 +88,21 @@ def test_cache_is_bounded_by_bytes_and_replaces_a_restamped_entry() -> None:
     assert "huge" not in [k for k in cache._entries] and cache.bytes <= 3000
 
 
+def test_a_cache_too_small_for_the_shards_says_so_once(caplog: pytest.LogCaptureFixture) -> None:
+    # eight shards cycling through a cache that holds seven: every lookup misses (LRU thrash),
+    # which a user sees only as slowness unless it is said
+    cache = ArtefactCache(max_bytes=7000, sizeof=lambda value: value.nbytes)
+    with caplog.at_level("WARNING", logger="pipeline.artefact_cache"):
+        for _ in range(3):
+            for shard in range(8):
+                cache.get(shard, 1, lambda: np.zeros(1000, np.uint8))
+        cache.get("huge", 1, lambda: np.zeros(9000, np.uint8))
+    assert cache.hits == 0 and cache.evictions == 17
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 2 and all("ERASURE_ARTEFACT_CACHE_MB" in w for w in warnings)
+    assert "is full" in warnings[0] and "larger than the whole cache" in warnings[1]
+
+
 def test_cache_bound_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     from pipeline import artefact_cache
 
