@@ -53,14 +53,29 @@ def _model(settings: Settings, dataset: str) -> _Model:
             if row is None:
                 raise LookupError(f"dataset {dataset!r} has no trained ensemble; run `erasure train --dataset {dataset}`")
             baseline = current_baseline(session, ds.id)
+            ensemble, store = EnsembleVersion.read(row.manifest_path), checkpoint_store(settings, dataset)
+            _require_classifier(dataset, ensemble, store)
             return _Model(
                 dataset, ds.label_kind, vocabulary(session, ds.id), ds.embedder, ds.feature_dim, row.version_id,
-                EnsembleVersion.read(row.manifest_path), checkpoint_store(settings, dataset),
+                ensemble, store,
                 None if baseline is None else {"id": baseline.id, "checkpoint": baseline.checkpoint_key,
                                                "records_seen": baseline.records_seen,
                                                "created_at": baseline.created_at.isoformat()})
     finally:
         engine.dispose()
+
+
+def _require_classifier(dataset: str, ensemble: EnsembleVersion, store: CheckpointStore) -> None:
+    """Evaluate and predict score classifiers; a generative ensemble is refused with what to use."""
+    from shards.families import family_named
+    from shards.schedule import TrainConfig
+
+    if not ensemble.members:
+        return
+    family = TrainConfig.from_dict(store.load(ensemble.members[0].checkpoint)["config"]).model.family
+    if family_named(family).kind != "classifier":
+        raise ValueError(f"dataset {dataset!r} serves a {family!r} ensemble ({family_named(family).kind}); "
+                         "evaluate and predict score classifiers: use `erasure generate` for it")
 
 
 def read_file(path: Path, fields: FieldMap, fmt: str | None = None) -> tuple[list[str], list[str], list]:

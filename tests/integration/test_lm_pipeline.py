@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from db.audit import AuditEvent, Certificate, verify_chain
 from db.session import unit_of_work
 from db.settings import Settings, use_settings
@@ -33,6 +35,11 @@ def test_an_lm_dataset_is_erased_retrained_probed_and_certified(settings: Settin
     store = checkpoint_store(settings, "gen")
     configs = [store.load(m["checkpoint"])["config"]["model"] for m in trained["shards"]]
     assert {c["family"] for c in configs} == {"lm"} and {c["input_dim"] for c in configs} == {48}
+    # a language model is not scored as a classifier: a clear refusal, not a shape error
+    from pipeline.evaluation import evaluate_file
+
+    with pytest.raises(ValueError, match="evaluate and predict score classifiers"):
+        evaluate_file(settings, "gen", files.records)
 
     subject = demo_subject(files.ground_truth)
     request_id = submit_for(settings, subject)
