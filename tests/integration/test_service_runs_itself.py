@@ -30,9 +30,11 @@ ROOT = Path(__file__).resolve().parents[2]
 BASE = "/v1/erasure-requests"
 DEPLOYMENT = "process-erasure-request/on-demand"
 # the on-demand deployment's parameters in infra/prefect.yaml
+# limit=1: the tests run on SQLite, one writer (README: a single worker); two review decisions start
+# two runs of one request, which on SQLite must not retrain side by side
 SERVE = ("from flows.process_request import process_erasure_request as f; "
          "f.serve(name='on-demand', parameters={'retrain': 'now', 'review_timeout_s': 0, "
-         "'on_review_timeout': 'leave'}, limit=2, print_starting_message=False)")
+         "'on_review_timeout': 'leave'}, limit=1, print_starting_message=False)")
 RUN_TIMEOUT_S = 240
 
 
