@@ -11,6 +11,10 @@ artefacts (ensemble versions, tombstones), 3 a shard's retraining.
 
 from __future__ import annotations
 
+import fcntl
+import os
+from pathlib import Path
+
 from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session
 
@@ -37,21 +41,39 @@ def lock_dataset(session: Session, dataset_id: int) -> None:
 
 
 class retrain_lock:
-    """A session-level advisory lock on one shard's retraining, held on its own
-    connection for the whole training (a killed process drops the connection and
-    with it the lock). No-op on SQLite."""
+    """A lock on one shard's retraining, held for the whole training; a killed process
+    loses it with its connection or file descriptor.
+
+    PostgreSQL: a session-level advisory lock on its own connection. SQLite (one machine,
+    one writer, no advisory locks): an exclusive ``flock`` on a file beside the database,
+    so two runs of one request (two review decisions each start one) never retrain the
+    same shard side by side. In-memory SQLite: none needed (one process)."""
 
     def __init__(self, engine: Engine, dataset_id: int, shard: int) -> None:
         self.engine, self.key, self.connection = engine, _lock_key(3, dataset_id, shard), None
+        self.lock_fd: int | None = None
 
     def __enter__(self) -> retrain_lock:
         if self.engine.dialect.name == "postgresql":
             self.connection = self.engine.connect()
             self.connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": self.key})
             self.connection.commit()
+        elif self.engine.url.database not in (None, "", ":memory:"):
+            path = Path(self.engine.url.database).resolve()
+            lock_file = path.with_name(f"{path.name}.retrain-{self.key:016x}.lock")
+            self.lock_fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(self.lock_fd, fcntl.LOCK_EX)
+            except BaseException:
+                os.close(self.lock_fd)
+                self.lock_fd = None
+                raise
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if self.lock_fd is not None:
+            fd, self.lock_fd = self.lock_fd, None
+            os.close(fd)  # closing the descriptor releases the flock
         if self.connection is not None:
             try:
                 self.connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": self.key})
