@@ -39,7 +39,7 @@ import psycopg
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.prefect_server import free_port, stop_process_group  # noqa: E402  (one copy of each)
+from tests.prefect_server import free_port, stop_process_group, wait_until_answering  # noqa: E402  (one copy of each)
 
 GOAL_RATIO_TO_BARE = 0.5
 GOAL_RPS = 1_000
@@ -68,23 +68,6 @@ def _start_server(app: str, port: int, workers: int, env: dict[str, str], log: P
     with log.open("wb") as out:
         return subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
-
-
-def _wait_until_up(server: subprocess.Popen, base: str, log: Path) -> None:
-    import httpx
-
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while True:
-        try:
-            if httpx.get(f"{base}/openapi.json", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        if server.poll() is not None:
-            raise RuntimeError(f"the server exited ({server.returncode}): {log.read_text()[-2000:]}")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"the server did not come up within {STARTUP_TIMEOUT_S} s")
-        time.sleep(0.2)
 
 
 class _Client(threading.Thread):
@@ -255,7 +238,7 @@ def main() -> None:
                     servers[name_] = (_start_server(app, port, args.workers, env, logs[name_]),
                                       f"http://127.0.0.1:{port}")
                 for name_, (server, base) in servers.items():
-                    _wait_until_up(server, base, logs[name_])
+                    wait_until_answering(server, f"{base}/openapi.json", logs[name_], STARTUP_TIMEOUT_S)
                 for _ in range(args.rounds):
                     for name_, (server, base) in servers.items():
                         before = _group_cpu_s(server.pid)

@@ -50,11 +50,27 @@ def stop_process_group(process: subprocess.Popen) -> None:
         process.wait(timeout=20)
 
 
+def wait_until_answering(process: subprocess.Popen, url: str, log: Path, timeout_s: float) -> None:
+    """Poll ``url`` until it answers 200; fail with the log's tail if ``process`` exits or time runs out."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if process.poll() is not None:
+            raise RuntimeError(f"the server exited ({process.returncode}): {log.read_text(errors='replace')[-3000:]}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{url} did not answer within {timeout_s:.0f} s")
+        time.sleep(0.2)
+
+
 @contextmanager
 def api_server(env: dict[str, str], log: Path, workers: int = 1, timeout_s: float = 60) -> Iterator[str]:
     """``erasure serve`` in its own process group, output to ``log``; yields its base URL."""
-    import httpx
-
     port = free_port()
     command = [sys.executable, "-m", "api.cli_requests", "serve", "--port", str(port), "--log-level", "warning"]
     if workers != 1:
@@ -64,16 +80,7 @@ def api_server(env: dict[str, str], log: Path, workers: int = 1, timeout_s: floa
                                    start_new_session=True)
         base = f"http://127.0.0.1:{port}"
         try:
-            deadline = time.monotonic() + timeout_s
-            while True:
-                try:
-                    if httpx.get(f"{base}/openapi.json", timeout=1).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                assert process.poll() is None, log.read_text()[-3000:]
-                assert time.monotonic() < deadline, f"the API did not come up within {timeout_s:.0f} s"
-                time.sleep(0.2)
+            wait_until_answering(process, f"{base}/openapi.json", log, timeout_s)
             yield base
         finally:
             stop_process_group(process)
