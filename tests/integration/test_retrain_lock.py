@@ -27,13 +27,19 @@ def _waited_for(url: str, dataset_id: int, shard: int) -> float:
         return time.monotonic() - t
 
 
-def test_second_retrain_of_a_shard_waits_for_the_first_on_sqlite(tmp_path):
-    url = f"sqlite:///{tmp_path / 'erasure.db'}"
+def _holder(url: str, seconds: float):  # noqa: ANN202
+    """A process holding shard 3's retraining lock for ``seconds``, once it holds it."""
     ctx = multiprocessing.get_context("spawn")
     started = ctx.Event()
-    holder = ctx.Process(target=_hold, args=(url, started, 1.5))
+    holder = ctx.Process(target=_hold, args=(url, started, seconds))
     holder.start()
     assert started.wait(60)
+    return holder
+
+
+def test_second_retrain_of_a_shard_waits_for_the_first_on_sqlite(tmp_path):
+    url = f"sqlite:///{tmp_path / 'erasure.db'}"
+    holder = _holder(url, 1.5)
     assert _waited_for(url, 1, 4) < 0.5  # another shard is not held up
     assert _waited_for(url, 1, 3) > 0.8  # the same shard waits for the holder
     holder.join(30)
@@ -42,11 +48,7 @@ def test_second_retrain_of_a_shard_waits_for_the_first_on_sqlite(tmp_path):
 
 def test_a_killed_holder_releases_the_lock(tmp_path):
     url = f"sqlite:///{tmp_path / 'erasure.db'}"
-    ctx = multiprocessing.get_context("spawn")
-    started = ctx.Event()
-    holder = ctx.Process(target=_hold, args=(url, started, 600))
-    holder.start()
-    assert started.wait(60)
+    holder = _holder(url, 600)
     os.kill(holder.pid, signal.SIGKILL)
     holder.join(30)
     assert _waited_for(url, 1, 3) < 5
