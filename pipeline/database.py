@@ -2,8 +2,10 @@
 
 One engine per database URL and process: SQLAlchemy caches compiled statements per engine, and
 a flow task that opened a fresh engine per call recompiled every statement it ran (a fifth of a
-warm locate's time at 1M records). Callers still ``dispose()`` it when done: that closes the
-pooled connections and keeps the engine, and its statement cache, usable.
+warm locate's time at 1M records). The steps of a request (``pipeline/processing.py``) keep its
+pooled connections open between calls: a reconnect per step cost a connection set-up (on SQLite,
+re-reading the schema) inside every flow task. One-off commands ``dispose()`` it when done: that
+closes the pooled connections and keeps the engine, and its statement cache, usable.
 """
 
 from __future__ import annotations
