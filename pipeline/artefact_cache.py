@@ -52,6 +52,8 @@ def estimated_bytes(value: Any, depth: int = 3) -> int:
         return len(value) * 120
     if isinstance(value, (tuple, list)):
         return len(value) * 80
+    if isinstance(getattr(value, "serialized_size", None), int):  # a Parquet footer, parsed: a few times its bytes
+        return value.serialized_size * 4
     if depth == 0 or not hasattr(value, "__dict__") or isinstance(value, type):
         return 0
     total = sum(estimated_bytes(attr, depth - 1) for attr in vars(value).values())

@@ -148,6 +148,14 @@ def cached_index(settings: Settings, dataset: Dataset, shard: int, version: int,
     return ARTEFACTS.get(key, stamp, lambda: _ready(load_index(path, shard, version, embedder, minhash)))
 
 
+def parquet_metadata(path: str | Path):  # noqa: ANN201 - a pyarrow FileMetaData
+    """The footer of a shard file, from the process's artefact cache (stamped with the file's
+    identity: a shard version's file is never rewritten in place, an erasure writes a new one)."""
+    import pyarrow.parquet as pq
+
+    return ARTEFACTS.get(("parquet-metadata", str(path)), file_stamp(path), lambda: pq.read_metadata(path))
+
+
 def _ready(index: ShardIndex) -> ShardIndex:
     """The index with its record-id -> row map built now, on load, not inside the first request
     that needs a row of it (about 25 ms per 125k-row shard)."""
@@ -190,7 +198,8 @@ def locate_in_dataset(
     return locate_matches(
         LocateRequest(samples=samples),
         indexes,
-        texts_from_parquet(paths, row_of=lambda shard, record_id: indexes[shard].row(record_id)),
+        texts_from_parquet(paths, row_of=lambda shard, record_id: indexes[shard].row(record_id),
+                           metadata_of=lambda shard: parquet_metadata(paths[shard])),
         seeds=seeds,
         embedder=embedder if embedder_for(indexes) is not None else None,
         thresholds=thresholds,

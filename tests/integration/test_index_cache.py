@@ -111,3 +111,25 @@ def test_cache_bound_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch)
         artefact_cache._max_bytes_from_env()
     monkeypatch.setenv("ERASURE_ARTEFACT_CACHE_MB", "7")
     assert artefact_cache._max_bytes_from_env() == 7 << 20
+
+
+def test_a_shard_files_footer_is_parsed_once_per_process(settings: Settings, tmp_path: Path, monkeypatch) -> None:
+    import pyarrow.parquet as pq
+
+    files = write_demo(tmp_path / "demo", 1200, seed=6)
+    person = next(p for p in read_ground_truth(files.ground_truth)["persons"] if len(p["originals"]) > 1)
+    ingest_source_file(files.records, IngestOptions(dataset="demo", fields=DEMO_FIELDS, n_shards=2), settings)
+    parsed: list[str] = []
+    read_metadata = pq.read_metadata
+    monkeypatch.setattr(pq, "read_metadata", lambda path, *a, **k: parsed.append(str(path)) or read_metadata(path, *a, **k))
+    engine = open_database(settings)
+    ARTEFACTS.clear()
+    probe = LocateRequest.parse(identifiers=[f"email={person['email']}"])
+    with unit_of_work(engine) as session:
+        first = locate_dry_run(settings, session, "demo", probe)
+    assert parsed and len(parsed) == len(set(parsed))  # each file read from is parsed once...
+    with unit_of_work(engine) as session:
+        again = locate_dry_run(settings, session, "demo", probe)
+    assert len(parsed) == len(set(parsed))  # ...and not again by the next request
+    assert [m.record_id for m in again.matches] == [m.record_id for m in first.matches]
+    assert set(person["originals"]) <= {m.record_id for m in first.matches}
