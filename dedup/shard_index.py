@@ -310,7 +310,7 @@ def texts_from_parquet(paths: Mapping[int, str | Path],
     With ``row_of(shard, record_id)`` (the row a shard index holds the record at: the file's row,
     since indexes are built from and shrunk with their file) only the row groups holding the asked
     rows are read: a request needs tens of texts, and a whole text column of a 125k-row shard costs
-    ~200 ms to decode against ~0.5 ms per 1,024-row group (``shards.store.ROW_GROUP_ROWS``). The ids
+    ~200 ms to decode against ~0.2 ms per 256-row group (``shards.store.ROW_GROUP_ROWS``). The ids
     read back are the check: a record not found where its row says (or without a row) makes the
     whole file be read, as without ``row_of``. Texts read are kept for the fetcher's life (one locate).
     ``metadata_of(shard)``: the file's footer, parsed once by the caller's cache (parsing a 125k-row
@@ -335,7 +335,7 @@ def texts_from_parquet(paths: Mapping[int, str | Path],
                 starts = np.cumsum([0] + sizes)
                 group_of = {r: int(np.searchsorted(starts, r, side="right")) - 1 for r in rows}
                 groups = sorted({g for g in group_of.values() if 0 <= g < len(sizes)})
-                # one thread: a few 1,024-row groups decode in ~2 ms; Arrow's pool took 4x that
+                # one thread: a few row groups decode in ~1 ms; Arrow's pool took 4x that
                 # (more on a loaded machine) to hand them out and join
                 table = file.read_row_groups(groups, columns=["record_id", "text"], use_threads=False)
                 # only the asked rows become Python strings (half the cost was converting whole groups)
