@@ -35,6 +35,7 @@ from db.lineage import (
     find_source_file,
     get_dataset,
     latest_shard_versions,
+    lineage_bulk_load,
     record_contents,
 )
 from db.audit import append_event
@@ -125,6 +126,8 @@ class IngestSummary:
     placement: str = "record"
     placement_report: dict = field(default_factory=dict)  # subject placement: subjects, copies joined, hubs
     labels: dict = field(default_factory=dict)  # pipeline.labels.LabelPlan.summary(): kind, classes, names added
+    # how the lineage tables' keys were kept during the insert: "incremental" or "rebuild" (db.lineage_bulk_load)
+    lineage_keys: str = ""
 
     def to_json(self) -> dict:
         data = asdict(self)
@@ -417,7 +420,8 @@ def ingest_source_file(
                     session, dataset_id=dataset.id, shard=ref.shard, version=ref.version, path=str(ref.path),
                     sha256=ref.sha256, row_count=ref.row_count, created_by=f"ingest:source_file:{source.id}",
                 )
-            with reporter.step("recording lineage", sum(new_per_shard.values())) as step:
+            with (reporter.step("recording lineage", sum(new_per_shard.values())) as step,
+                  lineage_bulk_load(session, sum(new_per_shard.values())) as lineage_keys):
                 for ref in written:
                     spill = _read_spill(spills[ref.shard])
                     if screened:
@@ -469,6 +473,7 @@ def ingest_source_file(
         timings={k: round(v, 3) for k, v in timings.items()},
         screened=[{"record_id": rid, **why} for rid, why in sorted(screened.items())],
         placement=placement, placement_report=placement_report, labels=label_plan.summary(),
+        lineage_keys=lineage_keys,
     )
 
 
