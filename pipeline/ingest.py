@@ -487,14 +487,15 @@ def _record_rows(spill: pa.Table, dataset_id: int, ref: ShardVersionRef, source_
 
 
 def _identifier_rows(spill: pa.Table, dataset_id: int):
-    """(dataset, record, kind, keyed hash) in primary-key order (kind, keyed hash, ...): keyed
-    hashes are random, and sorted rows fill the index page by page instead of splitting it."""
+    """(dataset, record, kind, keyed hash) in primary-key order (keyed hash, kind, ...; bytewise, as
+    PostgreSQL's COLLATE "C" and Arrow sort): keyed hashes are random, and sorted rows fill the index
+    page by page instead of splitting it."""
     identifiers = spill["identifiers"].combine_chunks()
     flat = pc.list_flatten(identifiers)
     rows = pa.table({
         "kind": flat.field("kind"), "keyed_hash": flat.field("keyed_hash"),
         "record_id": pc.take(spill["record_id"], pc.list_parent_indices(identifiers)),
-    }).sort_by([("kind", "ascending"), ("keyed_hash", "ascending"), ("record_id", "ascending")])
+    }).sort_by([("keyed_hash", "ascending"), ("kind", "ascending"), ("record_id", "ascending")])
     for kind, digest, rid in zip(rows["kind"].to_pylist(), rows["keyed_hash"].to_pylist(),
                                  rows["record_id"].to_pylist()):
         yield (dataset_id, rid, kind, digest)
