@@ -5,18 +5,17 @@ blocked; locate's identifier lookup stays an index lookup."""
 
 from __future__ import annotations
 
-import pytest
 import psycopg
+import pyarrow as pa
+import pytest
 from alembic import command
 from sqlalchemy import func, select, text
 from sqlalchemy.exc import IntegrityError
 
-# SQLAlchemy's wrapper, or psycopg's own error from a COPY (bulk_insert drives the COPY on the raw connection)
+# SQLAlchemy's wrapper, or psycopg's own error from a COPY (bulk_insert drives the COPY on the driver's connection)
 REFUSED = (IntegrityError, psycopg.IntegrityError)
 
 from db.lineage import (
-    IDENTIFIER_COLUMNS,
-    RECORD_COLUMNS,
     add_source_file,
     bulk_insert,
     ensure_dataset,
@@ -51,11 +50,15 @@ def _dataset_and_source(engine) -> tuple[int, int]:  # noqa: ANN001
 
 
 def _load(engine, dataset_id: int, source_id: int, ids: list[str], announced: int) -> str:  # noqa: ANN001
+    n = len(ids)
+    records = pa.table({"dataset_id": [dataset_id] * n, "record_id": ids, "shard": [0] * n, "slice": [0] * n,
+                        "content_hmac": ["c" * 64] * n, "source_file_id": [source_id] * n,
+                        "row_number": list(range(n)), "first_shard_version": [1] * n})
+    identifiers = pa.table({"dataset_id": [dataset_id] * n, "record_id": ids, "kind": ["email"] * n,
+                            "keyed_hash": [f"{i:064x}" for i in range(n)]})
     with unit_of_work(engine) as session, lineage_bulk_load(session, announced) as keys:
-        bulk_insert(session, "records", RECORD_COLUMNS,
-                    [(dataset_id, rid, 0, 0, "c" * 64, source_id, n, 1) for n, rid in enumerate(ids)])
-        bulk_insert(session, "record_identifiers", IDENTIFIER_COLUMNS,
-                    [(dataset_id, rid, "email", f"{n:064x}") for n, rid in enumerate(ids)])
+        bulk_insert(session, "records", records)
+        bulk_insert(session, "record_identifiers", identifiers)
     return keys
 
 
@@ -136,5 +139,21 @@ def test_a_reader_on_the_tables_is_not_blocked_the_ingest_keeps_keys_incremental
     engine = make_engine(postgres_url)
     try:
         assert _counts(engine) == (30, 90)
+    finally:
+        engine.dispose()
+
+
+def test_any_record_id_text_arrives_unchanged(database_url: str) -> None:
+    """The COPY's CSV quotes what needs quoting: commas, quotes, newlines, backslashes, non-ASCII."""
+    upgrade_to_head(database_url)
+    engine = make_engine(database_url)
+    ids = ['a,b', 'say "hi"', "two\nlines", "back\\slash", "tab\there", "é ü 中", "", "N", "\\N"]
+    try:
+        dataset_id, source_id = _dataset_and_source(engine)
+        _load(engine, dataset_id, source_id, ids, len(ids))
+        with unit_of_work(engine) as session:
+            assert sorted(session.scalars(select(Record.record_id))) == sorted(ids)
+            assert sorted(session.scalars(select(RecordIdentifier.record_id))) == sorted(ids)
+            assert session.scalar(select(func.count()).where(Record.content_hmac.is_(None))) == 0
     finally:
         engine.dispose()
