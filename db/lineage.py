@@ -151,9 +151,13 @@ def bulk_insert(session: Session, table: str, rows: pa.Table) -> int:
     model = {"records": Record, "record_identifiers": RecordIdentifier}[table]
     connection = session.connection()
     if connection.dialect.name == "postgresql":
+        from psycopg.copy import QueuedLibpqWriter
+
         cursor = connection.connection.driver_connection.cursor()
         options = pa_csv.WriteOptions(include_header=False, batch_size=8192)
-        with cursor.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN (FORMAT csv, ENCODING 'UTF8')") as copy:
+        # A writer thread sends while this one writes the next chunk: the server's parsing overlaps ours.
+        with cursor.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN (FORMAT csv, ENCODING 'UTF8')",
+                         writer=QueuedLibpqWriter(cursor)) as copy:
             for start in range(0, rows.num_rows, _COPY_CHUNK_ROWS):
                 chunk = io.BytesIO()
                 pa_csv.write_csv(rows.slice(start, _COPY_CHUNK_ROWS), chunk, options)

@@ -17,6 +17,7 @@ import os
 import shutil
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -424,7 +425,10 @@ def ingest_source_file(
                 with lineage_bulk_load(session, sum(new_per_shard.values())) as lineage_keys:
                     t_rows = time.perf_counter()
                     records, identifiers = _lineage_rows(spills, written, screened, dataset.id, source.id)
-                    bulk_insert(session, "records", records)
+                    with ThreadPoolExecutor(1) as sorter:  # Arrow sorts without the GIL, beside the first COPY
+                        identifiers = sorter.submit(identifiers.sort_by, _IDENTIFIER_KEY_ORDER)
+                        bulk_insert(session, "records", records)
+                        identifiers = identifiers.result()
                     bulk_insert(session, "record_identifiers", identifiers)
                     step.advance(records.num_rows)
                     timings["lineage_rows_s"] = time.perf_counter() - t_rows
@@ -477,11 +481,15 @@ def ingest_source_file(
     )
 
 
+# record_identifiers' primary key (migration 0014), bytewise like PostgreSQL's COLLATE "C"
+_IDENTIFIER_KEY_ORDER = [("keyed_hash", "ascending"), ("kind", "ascending"), ("record_id", "ascending")]
+
+
 def _lineage_rows(spills: dict[int, Path], written: list[ShardVersionRef], screened: dict[str, dict],
                   dataset_id: int, source_id: int) -> tuple[pa.Table, pa.Table]:
-    """The ``records`` and ``record_identifiers`` rows of the written shards, each sorted by its primary
-    key across all shards (bytewise, as PostgreSQL's COLLATE "C"): a maintained key grows at its end,
-    a rebuilt one sorts presorted input."""
+    """The ``records`` rows of the written shards sorted by primary key across all shards, and their
+    ``record_identifiers`` rows, to be sorted by ``_IDENTIFIER_KEY_ORDER``. Rows in key order: a
+    maintained key grows at its end, a rebuilt one sorts presorted input."""
     records, identifiers = [], []
     for ref in written:
         spill = _read_spill(spills[ref.shard]).select(["record_id", "slice", "content_hmac", "row_number",
@@ -504,9 +512,7 @@ def _lineage_rows(spills: dict[int, Path], written: list[ShardVersionRef], scree
     if not records:
         return (pa.table({c: pa.array([], pa.int32()) for c in RECORD_COLUMNS}),
                 pa.table({c: pa.array([], pa.int32()) for c in IDENTIFIER_COLUMNS}))
-    return (pa.concat_tables(records).sort_by("record_id"),
-            pa.concat_tables(identifiers).sort_by([("keyed_hash", "ascending"), ("kind", "ascending"),
-                                                   ("record_id", "ascending")]))
+    return pa.concat_tables(records).sort_by("record_id"), pa.concat_tables(identifiers)
 
 
 def _constant(value: int, n: int) -> pa.Array:
