@@ -8,7 +8,9 @@ Order of effects (why: nothing is half-ingested):
   3. write each affected shard's next version (old rows + new rows);
   4. one database transaction records the source file, records, keyed
      identifier hashes and shard versions; if it fails the new shard version
-     files are deleted again, so the previous versions stay the latest.
+     files are deleted again, so the previous versions stay the latest. (A load
+     larger than the lineage tables rebuilds their keys in that transaction:
+     ``db.lineage.lineage_bulk_load``.)
 """
 
 from __future__ import annotations
