@@ -1,11 +1,18 @@
 """Lineage writes and reads: datasets, source files, records, identifiers,
-shard versions. Bulk inserts use COPY on PostgreSQL and executemany elsewhere."""
+shard versions. Bulk inserts use COPY on PostgreSQL and executemany elsewhere;
+``lineage_bulk_load`` decides whether PostgreSQL maintains the two tables' keys
+row by row or rebuilds them set-wise after the load."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import io
+from collections.abc import Iterator
+from contextlib import contextmanager
 
-from sqlalchemy import func, insert, select
+import pyarrow as pa
+import pyarrow.csv as pa_csv
+from sqlalchemy import func, insert, select, text
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from db.models import Dataset, Record, RecordIdentifier, ShardVersion, SourceFile
@@ -21,11 +28,7 @@ RECORD_COLUMNS = (
     "first_shard_version",
 )
 IDENTIFIER_COLUMNS = ("dataset_id", "record_id", "kind", "keyed_hash")
-# PostgreSQL types of the columns above, for binary COPY (no text formatting or parsing of each value).
-_COPY_TYPES = {
-    "records": ("int4", "varchar", "int4", "int4", "varchar", "int4", "int4", "int4"),
-    "record_identifiers": ("int4", "varchar", "varchar", "varchar"),
-}
+_COPY_CHUNK_ROWS = 65_536
 
 
 class DatasetConflict(ValueError):
@@ -134,38 +137,122 @@ def latest_shard_versions(session: Session, dataset_id: int) -> dict[int, ShardV
     return {row.shard: row for row in rows}
 
 
-def bulk_insert(session: Session, table: str, columns: Sequence[str], rows: Iterable[Sequence[object]]) -> int:
-    """Insert rows (tuples in ``columns`` order) into ``records`` or
-    ``record_identifiers`` inside the session's transaction; binary COPY on
-    PostgreSQL (rows in primary-key order insert fastest: the index grows at its end)."""
+def bulk_insert(session: Session, table: str, rows: pa.Table) -> int:
+    """Insert ``rows`` (an Arrow table with the columns ``RECORD_COLUMNS`` or ``IDENTIFIER_COLUMNS``)
+    into ``records`` or ``record_identifiers`` inside the session's transaction.
+
+    PostgreSQL: one COPY, its CSV written by Arrow 64k rows at a time (no Python object per value;
+    strings quoted, nulls left empty, which CSV COPY reads as NULL). Rows in primary-key order insert
+    fastest into maintained keys (the index grows at its end), and a rebuilt key's sort finds them
+    presorted. Elsewhere: executemany in batches."""
+    columns = RECORD_COLUMNS if table == "records" else IDENTIFIER_COLUMNS
+    if tuple(rows.column_names) != columns:
+        raise ValueError(f"bulk_insert into {table} takes the columns {columns}, not {tuple(rows.column_names)}")
     model = {"records": Record, "record_identifiers": RecordIdentifier}[table]
     connection = session.connection()
-    count = 0
     if connection.dialect.name == "postgresql":
-        if tuple(columns) != (RECORD_COLUMNS if table == "records" else IDENTIFIER_COLUMNS):
-            raise ValueError(f"bulk_insert into {table} takes its columns in the order of db.lineage's constants")
         from psycopg.copy import QueuedLibpqWriter
 
         cursor = connection.connection.driver_connection.cursor()
-        # A writer thread sends while this one formats rows: the server's index and key work overlaps ours.
-        with cursor.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN (FORMAT BINARY)",
+        options = pa_csv.WriteOptions(include_header=False, batch_size=8192)
+        # A writer thread sends while this one writes the next chunk: the server's parsing overlaps ours.
+        with cursor.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN (FORMAT csv, ENCODING 'UTF8')",
                          writer=QueuedLibpqWriter(cursor)) as copy:
-            copy.set_types(list(_COPY_TYPES[table]))
-            for row in rows:
-                copy.write_row(row)
-                count += 1
-        return count
-    batch: list[dict[str, object]] = []
-    for row in rows:
-        batch.append(dict(zip(columns, row)))
-        if len(batch) >= 20_000:
-            session.execute(insert(model), batch)
-            count += len(batch)
-            batch = []
-    if batch:
-        session.execute(insert(model), batch)
-        count += len(batch)
-    return count
+            for start in range(0, rows.num_rows, _COPY_CHUNK_ROWS):
+                chunk = io.BytesIO()
+                pa_csv.write_csv(rows.slice(start, _COPY_CHUNK_ROWS), chunk, options)
+                copy.write(chunk.getbuffer())
+        return rows.num_rows
+    for start in range(0, rows.num_rows, 20_000):
+        session.execute(insert(model), rows.slice(start, 20_000).to_pylist())
+    return rows.num_rows
+
+
+LINEAGE_TABLES = ("records", "record_identifiers")
+_LOCK_NOT_AVAILABLE = "55P03"
+# Index builds sort in memory up to this (per build, this transaction only); the server default 64MB
+# spills a million identifier rows to disk.
+_REBUILD_MAINTENANCE_WORK_MEM = "256MB"
+
+
+@contextmanager
+def lineage_bulk_load(session: Session, new_records: int) -> Iterator[str]:
+    """The block bulk-inserts ``new_records`` records (and their identifiers) in the session's
+    transaction; yields how their keys are kept: ``"incremental"`` or ``"rebuild"``.
+
+    Why: on PostgreSQL a COPY into ``records`` and ``record_identifiers`` spends most of its time
+    maintaining their B-trees one row at a time (a descent per row and index) and in the per-row
+    trigger of ``fk_records_source_file`` (an index probe and a row lock per record); into unindexed
+    tables the same rows load 4-6x faster. So when the rows coming outnumber those already there
+    (a first ingest, a large one into a small database), their primary keys, unique constraints,
+    indexes and foreign keys are dropped, the rows loaded, and the same definitions (read from the
+    catalog, so the schema stays exactly the migrations') created again: each index built by one
+    sort, each key's uniqueness and each foreign key checked over the whole table in one pass. A
+    duplicate key or a record naming a missing source file fails that check with PostgreSQL's own
+    error, and the transaction rolls back whole, the dropped definitions included (DDL is
+    transactional): nothing half-written, and the schema as before.
+
+    The drop needs ACCESS EXCLUSIVE locks on both tables (readers wait until the ingest commits) and
+    SHARE ROW EXCLUSIVE on ``source_files``; they are taken with NOWAIT, before anything waits on
+    them, so a reader or writer already there makes this ingest keep the keys incremental instead
+    of waiting (and nobody deadlocks on us). Otherwise (appends to a bigger table, SQLite) rows are
+    inserted with the keys in place: rebuilding would re-sort every row already there.
+    """
+    if session.connection().dialect.name != "postgresql" or not _fewer_rows_than(session, "records", new_records):
+        yield "incremental"
+        return
+    if not _lock_for_rebuild(session):
+        yield "incremental"
+        return
+    constraints, indexes = _key_definitions(session)
+    for table, name, _ in reversed(constraints):  # foreign keys (listed last) before the keys they may use
+        session.execute(text(f'ALTER TABLE {table} DROP CONSTRAINT "{name}"'))
+    for name, _ in indexes:
+        session.execute(text(f'DROP INDEX "{name}"'))
+    yield "rebuild"
+    session.execute(text(f"SET LOCAL maintenance_work_mem = '{_REBUILD_MAINTENANCE_WORK_MEM}'"))
+    for table, name, definition in constraints:
+        session.execute(text(f'ALTER TABLE {table} ADD CONSTRAINT "{name}" {definition}'))
+    for _, definition in indexes:
+        session.execute(text(definition))
+
+
+def _lock_for_rebuild(session: Session) -> bool:
+    """Take the rebuild's locks now, or (someone holds a conflicting one) none, without waiting."""
+    savepoint = session.begin_nested()
+    try:
+        session.execute(text("LOCK TABLE records, record_identifiers IN ACCESS EXCLUSIVE MODE NOWAIT"))
+        session.execute(text("LOCK TABLE source_files IN SHARE ROW EXCLUSIVE MODE NOWAIT"))
+    except OperationalError as exc:
+        if getattr(exc.orig, "sqlstate", None) != _LOCK_NOT_AVAILABLE:
+            raise
+        savepoint.rollback()
+        return False
+    savepoint.commit()
+    return True
+
+
+def _fewer_rows_than(session: Session, table: str, n: int) -> bool:
+    """Whether ``table`` holds fewer than ``n`` rows, reading at most ``n`` of them."""
+    held = session.scalar(text(f"SELECT count(*) FROM (SELECT 1 FROM {table} LIMIT :n) AS held"), {"n": n})
+    return held < n
+
+
+def _key_definitions(session: Session) -> tuple[list[tuple[str, str, str]], list[tuple[str, str]]]:
+    """The lineage tables' constraints that an insert checks per row — (table, name, definition),
+    primary keys and unique constraints before foreign keys — and their other indexes (name, CREATE)."""
+    constraints = session.execute(text(
+        "SELECT conrelid::regclass::text, conname, pg_get_constraintdef(oid) FROM pg_constraint "
+        "WHERE conrelid = ANY(CAST(:tables AS regclass[])) AND contype IN ('p', 'u', 'x', 'f') "
+        "ORDER BY contype = 'f', conrelid::regclass::text, conname"
+    ), {"tables": list(LINEAGE_TABLES)}).all()
+    indexes = session.execute(text(
+        "SELECT c.relname, pg_get_indexdef(i.indexrelid) FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+        "WHERE i.indrelid = ANY(CAST(:tables AS regclass[])) "
+        "AND NOT EXISTS (SELECT 1 FROM pg_constraint k WHERE k.conindid = i.indexrelid AND k.conrelid = i.indrelid) "
+        "ORDER BY c.relname"
+    ), {"tables": list(LINEAGE_TABLES)}).all()
+    return [tuple(row) for row in constraints], [tuple(row) for row in indexes]
 
 
 def count_rows(session: Session, model: type) -> int:

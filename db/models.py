@@ -132,17 +132,20 @@ class RecordIdentifier(Base):
     """A keyed hash (HMAC-SHA256) of one normalised identifier of a record; the
     raw value is never stored.
 
-    The primary key (kind, keyed_hash, dataset_id, record_id) is also the lookup
-    index of "which records carry this identifier". There is deliberately no
-    foreign key to ``records``: it would be a per-row trigger that makes bulk
-    ingest 3x slower; identifiers are written only by ingest, in the same
-    transaction as their records (tests check that every one has its record).
+    The primary key (keyed_hash, kind, dataset_id, record_id) is also the lookup
+    index of "which records carry this identifier". It leads with the hash,
+    compared bytewise on PostgreSQL (COLLATE "C", migration 0014): sorting it for
+    a bulk ingest's index build then mostly compares 8-byte prefixes. There is
+    deliberately no foreign key to ``records``: it would be a per-row trigger that
+    makes bulk ingest 3x slower; identifiers are written only by ingest, in the
+    same transaction as their records (tests check that every one has its record).
     """
 
     __tablename__ = "record_identifiers"
 
+    keyed_hash: Mapped[str] = mapped_column(
+        String(64).with_variant(String(64, collation="C"), "postgresql"), primary_key=True)
     kind: Mapped[str] = mapped_column(String(32), primary_key=True)
-    keyed_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
     dataset_id: Mapped[int] = mapped_column(Integer, primary_key=True)
     record_id: Mapped[str] = mapped_column(String(256), primary_key=True)
 

@@ -8,7 +8,9 @@ Order of effects (why: nothing is half-ingested):
   3. write each affected shard's next version (old rows + new rows);
   4. one database transaction records the source file, records, keyed
      identifier hashes and shard versions; if it fails the new shard version
-     files are deleted again, so the previous versions stay the latest.
+     files are deleted again, so the previous versions stay the latest. (A load
+     larger than the lineage tables rebuilds their keys in that transaction:
+     ``db.lineage.lineage_bulk_load``.)
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import os
 import shutil
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -35,6 +38,7 @@ from db.lineage import (
     find_source_file,
     get_dataset,
     latest_shard_versions,
+    lineage_bulk_load,
     record_contents,
 )
 from db.audit import append_event
@@ -125,6 +129,8 @@ class IngestSummary:
     placement: str = "record"
     placement_report: dict = field(default_factory=dict)  # subject placement: subjects, copies joined, hubs
     labels: dict = field(default_factory=dict)  # pipeline.labels.LabelPlan.summary(): kind, classes, names added
+    # how the lineage tables' keys were kept during the insert: "incremental" or "rebuild" (db.lineage_bulk_load)
+    lineage_keys: str = ""
 
     def to_json(self) -> dict:
         data = asdict(self)
@@ -418,14 +424,18 @@ def ingest_source_file(
                     sha256=ref.sha256, row_count=ref.row_count, created_by=f"ingest:source_file:{source.id}",
                 )
             with reporter.step("recording lineage", sum(new_per_shard.values())) as step:
-                for ref in written:
-                    spill = _read_spill(spills[ref.shard])
-                    if screened:
-                        keep = [rid not in screened for rid in spill["record_id"].to_pylist()]
-                        spill = spill.filter(pa.array(keep))
-                    bulk_insert(session, "records", RECORD_COLUMNS, _record_rows(spill, dataset.id, ref, source.id))
-                    bulk_insert(session, "record_identifiers", IDENTIFIER_COLUMNS, _identifier_rows(spill, dataset.id))
-                    step.advance(spill.num_rows)
+                with lineage_bulk_load(session, sum(new_per_shard.values())) as lineage_keys:
+                    t_rows = time.perf_counter()
+                    records, identifiers = _lineage_rows(spills, written, screened, dataset.id, source.id)
+                    with ThreadPoolExecutor(1) as sorter:  # Arrow sorts without the GIL, beside the first COPY
+                        identifiers = sorter.submit(identifiers.sort_by, _IDENTIFIER_KEY_ORDER)
+                        bulk_insert(session, "records", records)
+                        identifiers = identifiers.result()
+                    bulk_insert(session, "record_identifiers", identifiers)
+                    step.advance(records.num_rows)
+                    timings["lineage_rows_s"] = time.perf_counter() - t_rows
+                    t_keys = time.perf_counter()
+                timings["lineage_keys_s"] = time.perf_counter() - t_keys  # the set-wise rebuild, if any
             versions = latest_shard_versions(session, dataset.id)
             per_shard = {s: v.row_count for s, v in sorted(versions.items())}
             latest = {s: v.version for s, v in sorted(versions.items())}
@@ -469,27 +479,43 @@ def ingest_source_file(
         timings={k: round(v, 3) for k, v in timings.items()},
         screened=[{"record_id": rid, **why} for rid, why in sorted(screened.items())],
         placement=placement, placement_report=placement_report, labels=label_plan.summary(),
+        lineage_keys=lineage_keys,
     )
 
 
-def _record_rows(spill: pa.Table, dataset_id: int, ref: ShardVersionRef, source_id: int):
-    spill = spill.sort_by("record_id")  # primary-key order: the index is appended to, not split at random
-    for rid, slc, digest, number in zip(
-        spill["record_id"].to_pylist(), spill["slice"].to_pylist(),
-        spill["content_hmac"].to_pylist(), spill["row_number"].to_pylist(),
-    ):
-        yield (dataset_id, rid, ref.shard, slc, digest, source_id, number, ref.version)
+# record_identifiers' primary key (migration 0014), bytewise like PostgreSQL's COLLATE "C"
+_IDENTIFIER_KEY_ORDER = [("keyed_hash", "ascending"), ("kind", "ascending"), ("record_id", "ascending")]
 
 
-def _identifier_rows(spill: pa.Table, dataset_id: int):
-    """(dataset, record, kind, keyed hash) in primary-key order (kind, keyed hash, ...): keyed
-    hashes are random, and sorted rows fill the index page by page instead of splitting it."""
-    identifiers = spill["identifiers"].combine_chunks()
-    flat = pc.list_flatten(identifiers)
-    rows = pa.table({
-        "kind": flat.field("kind"), "keyed_hash": flat.field("keyed_hash"),
-        "record_id": pc.take(spill["record_id"], pc.list_parent_indices(identifiers)),
-    }).sort_by([("kind", "ascending"), ("keyed_hash", "ascending"), ("record_id", "ascending")])
-    for kind, digest, rid in zip(rows["kind"].to_pylist(), rows["keyed_hash"].to_pylist(),
-                                 rows["record_id"].to_pylist()):
-        yield (dataset_id, rid, kind, digest)
+def _lineage_rows(spills: dict[int, Path], written: list[ShardVersionRef], screened: dict[str, dict],
+                  dataset_id: int, source_id: int) -> tuple[pa.Table, pa.Table]:
+    """The ``records`` rows of the written shards sorted by primary key across all shards, and their
+    ``record_identifiers`` rows, to be sorted by ``_IDENTIFIER_KEY_ORDER``. Rows in key order: a
+    maintained key grows at its end, a rebuilt one sorts presorted input."""
+    records, identifiers = [], []
+    for ref in written:
+        spill = _read_spill(spills[ref.shard]).select(["record_id", "slice", "content_hmac", "row_number",
+                                                       "identifiers"])
+        if screened:
+            spill = spill.filter(pa.array([rid not in screened for rid in spill["record_id"].to_pylist()]))
+        n = spill.num_rows
+        records.append(pa.table({
+            "dataset_id": _constant(dataset_id, n), "record_id": spill["record_id"], "shard": _constant(ref.shard, n),
+            "slice": spill["slice"], "content_hmac": spill["content_hmac"], "source_file_id": _constant(source_id, n),
+            "row_number": spill["row_number"], "first_shard_version": _constant(ref.version, n),
+        }))
+        nested = spill["identifiers"].combine_chunks()
+        flat = pc.list_flatten(nested)
+        identifiers.append(pa.table({
+            "dataset_id": _constant(dataset_id, len(flat)),
+            "record_id": pc.take(spill["record_id"], pc.list_parent_indices(nested)),
+            "kind": flat.field("kind"), "keyed_hash": flat.field("keyed_hash"),
+        }))
+    if not records:
+        return (pa.table({c: pa.array([], pa.int32()) for c in RECORD_COLUMNS}),
+                pa.table({c: pa.array([], pa.int32()) for c in IDENTIFIER_COLUMNS}))
+    return pa.concat_tables(records).sort_by("record_id"), pa.concat_tables(identifiers)
+
+
+def _constant(value: int, n: int) -> pa.Array:
+    return pa.array(np.full(n, value, dtype=np.int32))
