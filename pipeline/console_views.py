@@ -66,7 +66,7 @@ def request_view(settings: Settings, session: Session, request_id: str, *, revie
     lines = tuple(MatchLine(m.match_ref, names[m.dataset_id].name, m.method, m.metric, m.score, m.decision,
                             m.final_decision, m.erased_in_shard_version is not None, m.provenance or "seed")
                   for m in matches)
-    review = tuple(review_items(session, request_id, with_texts=texts_shown))
+    review = tuple(review_items(session, request_id, with_texts=texts_shown, settings=settings))
     certificate = stored_certificate(session, request_id)
     verdict = None
     if certificate is not None:

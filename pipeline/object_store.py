@@ -83,14 +83,12 @@ class ObjectStore:
         return url.startswith(self.url + "/")
 
     def put_file(self, path: Path | str, suffix: str = "", sha256: str | None = None) -> tuple[str, str]:
-        """Upload ``path`` under its content address; (url, sha256). An object already there
-        with the same size is the same bytes (its name is their hash) and is not sent again."""
+        """Upload ``path`` under its content address; (url, sha256). One PUT: the object appears
+        whole or not at all. Sent even when the same bytes are there: the upload renews the
+        object's time, so the sweep does not take it for an old orphan before our row commits."""
         sha256 = sha256 or sha256_file(path)
         url = self.url_for(sha256, suffix)
-        size = os.path.getsize(path)
-        if not (self.fs.exists(url) and self.fs.size(url) == size):
-            # One PUT: the object appears whole or not at all.
-            self.fs.put_file(str(path), url)
+        self.fs.put_file(str(path), url)
         return url, sha256
 
     def fetch(self, url: str, sha256: str, dest: Path | str) -> Path:
@@ -114,6 +112,14 @@ class ObjectStore:
         finally:
             tmp.unlink(missing_ok=True)
         return dest
+
+    def age_seconds(self, url: str) -> float:
+        """Seconds since the object was last written (0 if it is gone)."""
+        try:
+            modified = self.fs.info(url)["LastModified"]
+        except FileNotFoundError:
+            return 0.0
+        return (datetime.now(timezone.utc) - modified).total_seconds()
 
     def exists(self, url: str) -> bool:
         return bool(self.fs.exists(url))
@@ -221,3 +227,51 @@ def delete_object(settings: Settings, recorded: str) -> None:
     if store is None:
         raise RuntimeError(f"cannot delete {recorded}: ERASURE_STORAGE_URL is not set on this host")
     store.delete(recorded)
+
+
+# ------------------------------------------------------------ what rows name, on this host
+
+
+def shard_version_home_path(settings: Settings, dataset: str, shard: int, version: int) -> Path:
+    """Where a shard version's file lies in a home (on one machine, the file the row names)."""
+    from shards.store import ShardStore
+
+    return ShardStore(settings.shards_dir).path_of(dataset, shard, version)
+
+
+def _dataset_name(row: object, dataset: str | None) -> str:
+    if dataset is not None:
+        return dataset
+    from sqlalchemy.orm import object_session
+
+    from db.models import Dataset
+
+    session = object_session(row)
+    if session is None:
+        raise RuntimeError("a detached lineage row: pass the dataset's name")
+    return session.get(Dataset, row.dataset_id).name  # type: ignore[attr-defined]
+
+
+def shard_file(settings: Settings, row: object, dataset: str | None = None) -> Path:
+    """The local file of a ``ShardVersion`` row: its path on one machine; with a storage URL,
+    the object fetched (verified) into this host's home at the usual place."""
+    path: str = row.path  # type: ignore[attr-defined]
+    if not is_object_url(path):
+        return Path(path)
+    dest = shard_version_home_path(settings, _dataset_name(row, dataset), row.shard, row.version)  # type: ignore[attr-defined]
+    return local_copy(settings, path, row.sha256, dest)  # type: ignore[attr-defined]
+
+
+def home_path_of(settings: Settings, recorded: str, home_path: Path) -> Path:
+    """The file a row stands for on this host: the recorded path on one machine, else ``home_path``
+    (its cached copy, which the sweep and the purge must see too)."""
+    return home_path if is_object_url(recorded) else Path(recorded)
+
+
+def still_stored(settings: Settings, recorded: str, home_path: Path) -> bool:
+    """Whether what a row names still exists: the file (one machine), or the object in the store or
+    this host's copy of it (a storage URL)."""
+    if not is_object_url(recorded):
+        return Path(recorded).exists()
+    store = object_store(settings)
+    return home_path.exists() or (store is not None and store.exists(recorded))

@@ -57,7 +57,7 @@ def test_a_published_file_is_fetched_verified_on_another_host(s3: S3Server, tmp_
     bucket = writer.storage_url.removeprefix("s3://").split("/")[0]
     assert url == f"{writer.storage_url}/objects/{sha[:2]}/{sha}.parquet"
     assert s3.keys(bucket) == [f"data/objects/{sha[:2]}/{sha}.parquet"]
-    assert publish_file(writer, file) == url  # the same bytes: the same object, not sent twice
+    assert publish_file(writer, file) == url  # the same bytes: the same object
 
     reader = Settings(home=tmp_path / "b", storage_url=writer.storage_url, s3_endpoint_url=s3.endpoint_url)
     dest = tmp_path / "b" / "shards" / "v000001.parquet"
