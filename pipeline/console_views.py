@@ -73,14 +73,14 @@ def request_view(settings: Settings, session: Session, request_id: str, *, revie
         from pipeline.signing import load_or_create_signing_key
 
         verdict = verify_certificate(certificate.envelope, load_or_create_signing_key(settings).public_key_pem)
-    from pipeline.membership import probe_rows, probe_summary, report_path  # imports torch: only when a page asks
+    from pipeline.membership import probe_rows, probe_summary, report_file  # imports torch: only when a page asks
 
     probes, plots = [], []
     for row in probe_rows(session, request_id):
         dataset = session.get(Dataset, row.dataset_id) if row.dataset_id is not None else None
         probes.append({**probe_summary(row), "dataset": dataset.name if dataset else None})
     for dataset in sorted({p["dataset"] for p in probes if p["dataset"]}):
-        if report_path(settings, request_id, dataset).is_file():
+        if report_file(settings, session, request_id, dataset) is not None:
             plots.append(dataset)
     return RequestView(
         status=status, timeline=request_timeline(session, request_id), is_open=is_open,

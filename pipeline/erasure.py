@@ -493,7 +493,7 @@ def purge_shard_files(settings: Settings, session: Session, dataset_id: int, sha
         checkpoint.file_purged_at = now
         _delete_unless_named(settings, session, checkpoint.path)
         purged_checkpoints.append(checkpoint.key)
-    purged_checkpoints += _purge_baselines(session, dataset_id, shard, held_by, now)
+    purged_checkpoints += _purge_baselines(session, dataset_id, shard, held_by, now, settings)
     session.flush()
     return purged_versions, purged_checkpoints, in_service
 
@@ -513,7 +513,8 @@ def _delete_unless_named(settings: Settings, session: Session, recorded: str) ->
         delete_object(settings, recorded)
 
 
-def _purge_baselines(session: Session, dataset_id: int, shard: int, held_by, now: datetime) -> list[str]:  # noqa: ANN001
+def _purge_baselines(session: Session, dataset_id: int, shard: int, held_by, now: datetime,  # noqa: ANN001
+                     settings: Settings | None = None) -> list[str]:
     """Delete the monolithic baselines (``erasure train --baseline``) trained on a version of ``shard``
     that held an erased record; their rows are marked purged. Returns their checkpoint keys."""
     import json
@@ -527,8 +528,16 @@ def _purge_baselines(session: Session, dataset_id: int, shard: int, held_by, now
         version = json.loads(baseline.shard_versions).get(str(shard))
         if version is None or not held_by(int(version)):
             continue
-        Path(baseline.path).unlink(missing_ok=True)
+        if settings is not None and is_object_url(baseline.path):  # a storage URL: the object and this host's copy
+            from pipeline.training import checkpoint_store
+
+            checkpoint_store(settings, _name(session, dataset_id)).path_for(baseline.checkpoint_key).unlink(
+                missing_ok=True)
+        else:
+            Path(baseline.path).unlink(missing_ok=True)
         baseline.file_purged_at = now
+        if settings is not None:
+            _delete_unless_named(settings, session, baseline.path)
         purged.append(baseline.checkpoint_key)
     return purged
 

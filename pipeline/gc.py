@@ -35,6 +35,7 @@ request with samples); PostgreSQL: the sample tables are vacuumed
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import time
@@ -46,7 +47,7 @@ from pathlib import Path
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
-from db.audit import append_event
+from db.audit import MembershipProbe, append_event
 from db.maintenance import after_erasure
 from db.models import Dataset, Record, ShardVersion, SourceFile, utcnow
 from db.requests import ErasureRequest
@@ -139,25 +140,33 @@ class _Live:
     erased_ids: dict[str, set[str]]  # dataset name -> erased record ids
 
 
-def _live(session: Session, settings: Settings) -> _Live:
+def _live(session: Session, settings: Settings | None = None) -> _Live:
     datasets = {d.name: d.id for d in session.scalars(select(Dataset))}
     names = {v: k for k, v in datasets.items()}
+
     # With a storage URL a row names an object; its copy on this host lies where the file would on one machine.
-    versions = {(shard_version_home_path(settings, names[d], s, v) if is_object_url(p) else Path(p)): purged is not None
+    def here(recorded: str, home_path) -> Path:  # noqa: ANN001 - a callable: computed only for objects
+        return home_path() if settings is not None and is_object_url(recorded) else Path(recorded)
+
+    def checkpoint_here(recorded: str, dataset_id: int, key: str) -> Path:
+        return here(recorded, lambda: settings.home / "checkpoints" / names[dataset_id] / key[:2] / f"{key}.pt")
+
+    versions = {here(p, lambda: shard_version_home_path(settings, names[d], s, v)): purged is not None
                 for p, purged, d, s, v in session.execute(select(
                     ShardVersion.path, ShardVersion.files_purged_at, ShardVersion.dataset_id, ShardVersion.shard,
                     ShardVersion.version))}
-    checkpoints = {(settings.home / "checkpoints" / names[d] / k[:2] / f"{k}.pt" if is_object_url(p) else Path(p)):
-                   purged is not None for p, purged, d, k in session.execute(
-                       select(Checkpoint.path, Checkpoint.file_purged_at, Checkpoint.dataset_id, Checkpoint.key))}
+    checkpoints = {checkpoint_here(p, d, k): purged is not None for p, purged, d, k in session.execute(
+        select(Checkpoint.path, Checkpoint.file_purged_at, Checkpoint.dataset_id, Checkpoint.key))}
     # monolithic baselines (erasure train --baseline) live among the checkpoints; purged with them
-    for p, purged in session.execute(select(BaselineModel.path, BaselineModel.file_purged_at)):
-        checkpoints[Path(p)] = checkpoints.get(Path(p), True) and purged is not None  # live if any row is
+    for p, purged, d, k in session.execute(select(BaselineModel.path, BaselineModel.file_purged_at,
+                                                  BaselineModel.dataset_id, BaselineModel.checkpoint_key)):
+        path = checkpoint_here(p, d, k)
+        checkpoints[path] = checkpoints.get(path, True) and purged is not None  # live if any row is
     erased: dict[str, set[str]] = {}
     for dataset_id, record_id in session.execute(
             select(Record.dataset_id, Record.record_id).where(Record.erased_in_shard_version.is_not(None))):
         erased.setdefault(names[dataset_id], set()).add(record_id)
-    manifests = {(settings.home / "ensembles" / names[d] / f"{v}.json" if is_object_url(p) else Path(p))
+    manifests = {here(p, lambda: settings.home / "ensembles" / names[d] / f"{v}.json")
                  for p, d, v in session.execute(select(EnsembleVersionRow.manifest_path, EnsembleVersionRow.dataset_id,
                                                        EnsembleVersionRow.version_id))}
     return _Live(versions, checkpoints, manifests,
@@ -469,6 +478,8 @@ def live_object_urls(session: Session) -> set[str]:
     named.update(session.scalars(select(BaselineModel.path).where(BaselineModel.file_purged_at.is_(None))))
     named.update(session.scalars(select(EnsembleVersionRow.manifest_path)))
     named.update(session.scalars(select(Dataset.tombstones_url).where(Dataset.tombstones_url.is_not(None))))
+    # the membership probe's plots (pipeline.membership.report_file)
+    named.update(json.loads(details).get("report") or "" for details in session.scalars(select(MembershipProbe.details)))
     return {url for url in named if is_object_url(url)}
 
 

@@ -84,7 +84,7 @@ from dedup.lsh import BandIndex, choose_params
 from dedup.minhash import MinHashParams, minhash_signatures
 from pipeline.erasure import dataset_or_fail, request_jobs, request_matches
 from pipeline.lifecycle import get_request
-from pipeline.object_store import shard_file
+from pipeline.object_store import is_object_url, local_copy, object_store, publish_file, shard_file
 from pipeline.training import checkpoint_store, current_ensemble_row, read_manifest
 from shards.ensemble import EnsembleVersion
 from shards.files import write_atomically
@@ -568,6 +568,18 @@ def report_path(settings: Settings, request_id: str, dataset: str) -> Path:
     return request_reports_folder(settings, request_id) / f"membership-{dataset}.png"
 
 
+def report_file(settings: Settings, session: Session, request_id: str, dataset: str) -> Path | None:
+    """The probe's plot on this host, or None: the file in the home; with a storage URL, the object
+    its probe row names, fetched (verified) into this host's home."""
+    path = report_path(settings, request_id, dataset)
+    if object_store(settings) is None:
+        return path if path.is_file() else None
+    ds = session.scalar(select(Dataset).where(Dataset.name == dataset))
+    urls = [] if ds is None else [json.loads(r.details).get("report") for r in probe_rows(session, request_id, ds.id)]
+    url = next((u for u in urls if isinstance(u, str) and is_object_url(u)), None)
+    return None if url is None else local_copy(settings, url, None, path)
+
+
 def request_reports_folder(settings: Settings, request_id: str) -> Path:
     """``$ERASURE_HOME/reports/<request id>``: a request's reports (plots, the exported certificate)."""
     return settings.home / "reports" / str(request_id)
@@ -663,6 +675,9 @@ def probe_membership(settings: Settings, engine: Engine, request_id: str, datase
     results = [_measure(settings, inputs, sample, role, seed) for role in ROLES]
     png = _png(results)
     path = write_atomically(report_path(settings, request_id, inputs.dataset), png)
+    # a storage URL: the plot is an object the probe rows name (any host's console shows it)
+    published = publish_file(settings, path)
+    report = published if is_object_url(published) else str(path.relative_to(settings.home))
     with unit_of_work(engine) as session:
         get_request(session, request_id, for_update=True)  # serialises two probes of one request (PostgreSQL)
         present = {r.role for r in probe_rows(session, request_id, dataset_id)}
@@ -675,7 +690,7 @@ def probe_membership(settings: Settings, engine: Engine, request_id: str, datase
                 ensemble_version_id=result.version_id, metric=METRIC,
                 auc=est.auc, ci_low=est.ci_low, ci_high=est.ci_high, erased_count=len(result.erased_scores),
                 heldout_count=len(result.control_scores),
-                details=canonical_json({**result.details, "report": str(path.relative_to(settings.home))}),
+                details=canonical_json({**result.details, "report": report}),
                 created_at=utcnow()))
         if len(present) < len(ROLES):
             session.flush()

@@ -119,6 +119,13 @@ def test_a_request_is_processed_on_a_worker_whose_home_starts_empty(
     assert not [k for k, data in contents.items() if SECRET.encode() in data or signing_pem in data]
     assert not (tmp_path / "worker" / "secret.key").exists() and not (tmp_path / "api" / "secret.key").exists()
 
+    # The probe's plot is an object too: the api host's console shows what the worker drew.
+    from pipeline.membership import report_file
+
+    with unit_of_work(engine) as session:
+        plot = report_file(api, session, request_id, "demo")
+    assert plot is not None and api.home in plot.parents and plot.read_bytes().startswith(b"\x89PNG")
+
     # The residue check, which looks in the store too, finds nothing left over.
     from pipeline.residue import check_residue
 
