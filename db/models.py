@@ -165,6 +165,8 @@ class ShardVersion(Base):
     # set when the version's file and locate index were deleted because they held
     # erased records (migration 0004); the row stays as lineage
     files_purged_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    # with a storage URL: the object holding the version's locate indexes (a tar; migration 0015)
+    index_url: Mapped[str | None] = mapped_column(String(4096), nullable=True)
 
 
 import db.requests  # noqa: E402,F401  (registers the request tables on Base.metadata for Alembic)

@@ -44,8 +44,8 @@ from db.session import unit_of_work
 from db.settings import Settings
 from db.training import JOB_DONE, JOB_PENDING, Checkpoint, EnsembleMemberRow, RequestMatch, ShardRetrainJob
 from pipeline.lifecycle import get_request, identifier_hashes, review_verdicts, sample_texts
-from pipeline.object_store import delete_object, home_path_of, is_object_url, publish_file, shard_file
-from pipeline.object_store import shard_version_home_path
+from pipeline.object_store import delete_object, home_path_of, is_object_url, publish_file, publish_index
+from pipeline.object_store import shard_file, shard_version_home_path
 from shards.files import write_atomically
 from shards.store import ShardStore, ShardVersionRef
 
@@ -220,6 +220,7 @@ def erase_from_shard(settings: Settings, engine: Engine, request_id: str, datase
             # With a storage URL the new version's object is uploaded now; the row naming it makes it live.
             add_shard_version(session, dataset_id=dataset.id, shard=shard, version=ref.version,
                               path=publish_file(settings, ref.path, ref.sha256),
+                              index_url=publish_index(settings, ref.path),
                               sha256=ref.sha256, row_count=ref.row_count, created_by=f"erasure:request:{request_id}")
             for rid in remove:
                 records[rid].erased_in_shard_version = ref.version
@@ -291,7 +292,7 @@ def update_indexes_and_tombstones(
 
     embedder = dataset_embedder(dataset.embedder, dataset.feature_dim)
     # Keyed MinHash parameters: the tombstones confirm nothing to whoever lacks the secret key.
-    base_file = shard_file(settings, base, dataset.name)  # a storage URL: this host's verified copy
+    base_file = shard_file(settings, base, dataset.name, with_index=True)  # a storage URL: this host's verified copy
     base_index = load_index(base_file, shard, base.version, embedder, dataset_minhash(settings, dataset.name))
     new_index, removed = base_index.without(removed_ids, new.version)
     if not artefact_dir(new.path).is_dir():
@@ -477,6 +478,8 @@ def purge_shard_files(settings: Settings, session: Session, dataset_id: int, sha
             local.unlink(missing_ok=True)
             version.files_purged_at = now
             _delete_unless_named(settings, session, version.path)
+            if version.index_url is not None:
+                _delete_unless_named(settings, session, version.index_url)
             purged_versions.append({"shard": shard, "version": version.version})
     current = current_ensemble_row(session, dataset_id)
     serving = set() if current is None else set(session.scalars(

@@ -474,6 +474,8 @@ def live_object_urls(session: Session) -> set[str]:
     ensemble manifests, each dataset's current tombstones)."""
     named: set[str] = set()
     named.update(session.scalars(select(ShardVersion.path).where(ShardVersion.files_purged_at.is_(None))))
+    named.update(session.scalars(select(ShardVersion.index_url).where(ShardVersion.files_purged_at.is_(None),
+                                                                      ShardVersion.index_url.is_not(None))))
     named.update(session.scalars(select(Checkpoint.path).where(Checkpoint.file_purged_at.is_(None))))
     named.update(session.scalars(select(BaselineModel.path).where(BaselineModel.file_purged_at.is_(None))))
     named.update(session.scalars(select(EnsembleVersionRow.manifest_path)))
@@ -503,6 +505,8 @@ def classify_objects(settings: Settings, session: Session) -> list[ObjectEntry]:
     live = live_object_urls(session)
     purged: set[str] = set()
     purged.update(session.scalars(select(ShardVersion.path).where(ShardVersion.files_purged_at.is_not(None))))
+    purged.update(session.scalars(select(ShardVersion.index_url).where(ShardVersion.files_purged_at.is_not(None),
+                                                                       ShardVersion.index_url.is_not(None))))
     purged.update(session.scalars(select(Checkpoint.path).where(Checkpoint.file_purged_at.is_not(None))))
     purged.update(session.scalars(select(BaselineModel.path).where(BaselineModel.file_purged_at.is_not(None))))
     now = utcnow()

@@ -185,7 +185,7 @@ def current_indexes(settings: Settings, session: Session,
     minhash = dataset_minhash(settings, dataset.name)
     versions = latest_shard_versions(session, dataset.id)
     # with a storage URL: each version fetched (verified) into this host's home; its index is built here
-    files = {s: str(shard_file(settings, v, dataset.name)) for s, v in versions.items()}
+    files = {s: str(shard_file(settings, v, dataset.name, with_index=True)) for s, v in versions.items()}
     indexes = {s: cached_index(settings, dataset, s, v.version, files[s], embedder, minhash)
                for s, v in versions.items()}
     return indexes, files, embedder

@@ -253,14 +253,18 @@ def _dataset_name(row: object, dataset: str | None) -> str:
     return session.get(Dataset, row.dataset_id).name  # type: ignore[attr-defined]
 
 
-def shard_file(settings: Settings, row: object, dataset: str | None = None) -> Path:
+def shard_file(settings: Settings, row: object, dataset: str | None = None, *, with_index: bool = False) -> Path:
     """The local file of a ``ShardVersion`` row: its path on one machine; with a storage URL,
-    the object fetched (verified) into this host's home at the usual place."""
+    the object fetched (verified) into this host's home at the usual place (``with_index``: and
+    its locate indexes beside it, when its row names them)."""
     path: str = row.path  # type: ignore[attr-defined]
     if not is_object_url(path):
         return Path(path)
     dest = shard_version_home_path(settings, _dataset_name(row, dataset), row.shard, row.version)  # type: ignore
-    return local_copy(settings, path, row.sha256, dest)  # type: ignore[attr-defined]
+    local = local_copy(settings, path, row.sha256, dest)  # type: ignore[attr-defined]
+    if with_index:
+        fetch_index(settings, row.index_url, local)  # type: ignore[attr-defined]
+    return local
 
 
 def home_path_of(settings: Settings, recorded: str, home_path: Path) -> Path:
@@ -276,3 +280,58 @@ def still_stored(settings: Settings, recorded: str, home_path: Path) -> bool:
         return Path(recorded).exists()
     store = object_store(settings)
     return home_path.exists() or (store is not None and store.exists(recorded))
+
+
+# ------------------------------------------------------------ locate indexes: one tar object each
+
+
+def publish_index(settings: Settings, shard_version_path: Path | str) -> str | None:
+    """With a storage URL: the locate indexes beside a shard version file (``<file>.dedup/``),
+    uploaded as one tar object; its URL for the version's row. None without a store."""
+    import tarfile
+
+    from dedup.shard_index import artefact_dir
+
+    store = object_store(settings)
+    if store is None:
+        return None
+    folder = artefact_dir(shard_version_path)
+    tmp = folder.with_name(f".{folder.name}.tar.tmp-{os.getpid()}.{threading.get_ident()}")
+    try:
+        with tarfile.open(tmp, "w") as archive:
+            for file in sorted(folder.iterdir()):
+                archive.add(file, arcname=file.name, recursive=False)
+        return store.put_file(tmp, ".tar")[0]
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def fetch_index(settings: Settings, index_url: str | None, shard_version_path: Path | str) -> None:
+    """Put a shard version's locate indexes beside this host's copy when they are missing: the tar
+    object its row names, verified, unpacked into a temporary folder and renamed into place."""
+    import shutil
+    import tarfile
+
+    from dedup.shard_index import artefact_dir
+
+    folder = artefact_dir(shard_version_path)
+    if index_url is None or folder.is_dir():
+        return
+    tag = f"tmp-{os.getpid()}.{threading.get_ident()}"
+    archive_path = local_copy(settings, index_url, None, folder.with_name(f".{folder.name}.tar.{tag}"))
+    unpacked = folder.with_name(f".{folder.name}.{tag}")
+    try:
+        with tarfile.open(archive_path) as archive:
+            names = archive.getnames()
+            if any("/" in n or n.startswith(".") for n in names):
+                raise ObjectMismatch(f"index object {index_url} holds unexpected names; refusing to unpack it")
+            archive.extractall(unpacked, filter="data")
+        try:
+            os.rename(unpacked, folder)
+        except OSError:
+            if not folder.is_dir():  # not another process's identical copy: a real failure
+                raise
+    finally:
+        archive_path.unlink(missing_ok=True)
+        _verified.pop(str(archive_path), None)
+        shutil.rmtree(unpacked, ignore_errors=True)

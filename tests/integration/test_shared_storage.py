@@ -67,7 +67,7 @@ def _all_bytes(s3: S3Server, bucket: str) -> dict[str, bytes]:
 
 
 def test_a_request_is_processed_on_a_worker_whose_home_starts_empty(
-        tmp_path: Path, database_url: str, s3: S3Server, prefect_env: dict) -> None:
+        tmp_path: Path, database_url: str, s3: S3Server, prefect_env: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     from flows.process_request import process_erasure_request
 
     api, worker, bucket = _hosts(tmp_path, database_url, s3)
@@ -77,13 +77,19 @@ def test_a_request_is_processed_on_a_worker_whose_home_starts_empty(
     with unit_of_work(engine) as session:
         rows = list(session.scalars(select(ShardVersion)))
         assert rows and all(is_object_url(r.path) for r in rows)  # rows name objects, not api's home
+        assert all(is_object_url(r.index_url) for r in rows)  # and their locate indexes
         assert all(is_object_url(c.path) for c in session.scalars(select(Checkpoint)))
         assert all(is_object_url(e.manifest_path) for e in session.scalars(select(EnsembleVersionRow)))
-        before = {r.path for r in rows}
+        before = {r.path for r in rows} | {r.index_url for r in rows}
     subject = demo_subject(files.ground_truth)
     request_id = submit_for(api, subject)
 
     assert not worker.home.exists()
+
+    def no_rebuild(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise AssertionError("the worker rebuilt a locate index instead of fetching it from the store")
+
+    monkeypatch.setattr("pipeline.locate.build_and_save_index", no_rebuild)
     with use_settings(worker):
         summary = process_erasure_request(request_id, review_timeout_s=0, on_review_timeout="erase")
     assert summary["state"] == "completed", summary
@@ -93,7 +99,7 @@ def test_a_request_is_processed_on_a_worker_whose_home_starts_empty(
     with unit_of_work(engine) as session:
         envelope = json.loads(session.get(Certificate, request_id).document)
         purged_rows = list(session.scalars(select(ShardVersion).where(ShardVersion.files_purged_at.is_not(None))))
-        purged_versions = [r.path for r in purged_rows]
+        purged_versions = [r.path for r in purged_rows] + [r.index_url for r in purged_rows]
         purged_sha256 = {r.sha256 for r in purged_rows}
         purged_checkpoints = [c.path for c in session.scalars(
             select(Checkpoint).where(Checkpoint.file_purged_at.is_not(None)))]
