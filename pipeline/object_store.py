@@ -1,5 +1,6 @@
-"""Shared storage by URL: where shard versions, checkpoints, ensemble manifests and
-tombstones live when workers run on several hosts (``ERASURE_STORAGE_URL``).
+"""Shared storage by URL: where shard versions and their locate indexes, checkpoints,
+ensemble manifests, tombstones and the probe's plots live when workers run on several
+hosts (``ERASURE_STORAGE_URL``).
 
 Unset (the default), nothing here does anything: rows record paths under the home,
 exactly as on one machine. Set to ``s3://bucket/prefix`` (any S3-compatible store,
@@ -13,7 +14,9 @@ older than ``ERASURE_STORAGE_ORPHAN_GRACE_S`` (a writer uploads before it commit
 The pure core keeps taking local paths: a host materialises what a row names into its
 home (its scratch cache), at the same place the file would have on one machine, and
 verifies the bytes against the sha256 the row records (the URL names it too). A
-mismatch raises ``ObjectMismatch`` and nothing is left at the destination.
+mismatch raises ``ObjectMismatch`` and nothing is left at the destination. A version's
+locate indexes travel as one tar object (``shard_versions.index_url``), unpacked beside
+its copy. Copies of purged rows are removed by each host's sweep (``pipeline.gc``).
 
 Secrets never go to the store: ``publish_file`` refuses the dataset key file and the
 signing key.
