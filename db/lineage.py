@@ -111,10 +111,12 @@ def add_source_file(
 
 
 def add_shard_version(
-    session: Session, *, dataset_id: int, shard: int, version: int, path: str, sha256: str, row_count: int, created_by: str
+    session: Session, *, dataset_id: int, shard: int, version: int, path: str, sha256: str, row_count: int, created_by: str,
+    index_url: str | None = None,
 ) -> ShardVersion:
     row = ShardVersion(
-        dataset_id=dataset_id, shard=shard, version=version, path=path, sha256=sha256, row_count=row_count, created_by=created_by
+        dataset_id=dataset_id, shard=shard, version=version, path=path, sha256=sha256, row_count=row_count, created_by=created_by,
+        index_url=index_url,
     )
     session.add(row)
     session.flush()
