@@ -58,6 +58,7 @@ def full_retrain_samples(settings: Settings, dataset: str) -> int:
     from db.session import unit_of_work
     from pipeline.database import open_database
     from pipeline.erasure import dataset_or_fail
+    from pipeline.object_store import shard_file
     from pipeline.training import checkpoint_store, current_ensemble
     from shards.training import TrainConfig, shard_from_parquet
 
@@ -65,14 +66,14 @@ def full_retrain_samples(settings: Settings, dataset: str) -> int:
     try:
         with unit_of_work(engine) as session:
             ds = dataset_or_fail(session, dataset)
-            ensemble = current_ensemble(session, ds.id)
+            ensemble = current_ensemble(session, ds.id, settings)
             versions = latest_shard_versions(session, ds.id)
         if ensemble is None or not ensemble.members:
             return 0
         config = TrainConfig.from_dict(checkpoint_store(settings, dataset).load(ensemble.members[0].checkpoint)["config"])
         total = 0
         for shard, version in versions.items():
-            data = shard_from_parquet(version.path, str(shard), unlabeled="skip")
+            data = shard_from_parquet(shard_file(settings, version, dataset), str(shard), unlabeled="skip")
             total += config.schedule.samples(data.cumulative_sizes(config.num_slices))
         return total
     finally:

@@ -309,7 +309,9 @@ FILE_KINDS = ("shard_version", "purged_shard_version", "unrecorded_shard_version
               "locate_index", "orphan_locate_index", "checkpoint", "purged_checkpoint", "unrecorded_checkpoint",
               "unrecorded_checkpoint_with_erased_records", "atomic_temp", "ingest_spill", "superseded_files",
               "tombstones", "ensemble_manifest", "unrecorded_ensemble_manifest", "request_report", "unknown_file",
-              "key", "database", "ingested_source_file", "demo_ground_truth", "prefect_home", "writer_marker")
+              "key", "database", "ingested_source_file", "demo_ground_truth", "prefect_home", "writer_marker",
+              # objects in the shared store (ERASURE_STORAGE_URL)
+              "object", "purged_object", "orphan_object")
 FILE_COUNTS = MAP(ENUM(*FILE_KINDS), INT)
 RESIDUE_PREFECT = ("clean", "hits", "not_checked")
 

@@ -73,6 +73,8 @@ class Dataset(Base):
     placement: Mapped[str] = mapped_column(String(16), default="record", server_default="record")
     # "integer" or "names" (class names through label_vocabulary), fixed at the first labelled ingest (0011)
     label_kind: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    # with a storage URL: the object holding the current tombstones (0015); NULL: the file in the home
+    tombstones_url: Mapped[str | None] = mapped_column(String(4096), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     source_files: Mapped[list[SourceFile]] = relationship(back_populates="dataset")

@@ -16,6 +16,14 @@ the scheduled sweep (``flows/sweep.py``) restarts a waiting request.
 ``ERASURE_SAMPLE_ONLY_MATCHES`` says how a match reached only from a requester's
 sample is decided: ``review`` (default: whatever its score) or ``score``
 (``dedup/policy.py``).
+``ERASURE_STORAGE_URL`` names where what workers share lives (shard versions,
+checkpoints, ensemble manifests, tombstones, reports): unset, the home itself
+(one machine, as always); ``s3://bucket/prefix`` for any S3-compatible store
+(``pipeline/object_store.py``), with ``ERASURE_S3_ENDPOINT_URL`` for a store
+other than AWS (MinIO, moto) and the standard ``AWS_ACCESS_KEY_ID`` /
+``AWS_SECRET_ACCESS_KEY`` / ``AWS_DEFAULT_REGION`` for credentials. The home is
+then each host's scratch cache. Secrets (``secret.key``, the signing key) never
+go to the store.
 """
 
 from __future__ import annotations
@@ -49,6 +57,12 @@ class Settings(BaseSettings):
     # that lets the API's own start arrive first.
     sweep_stuck_after_s: int = Field(default=3600, ge=0)
     sweep_received_grace_s: int = Field(default=60, ge=0)
+    # Shared storage (see the module docstring): None keeps everything in the home.
+    storage_url: str | None = None
+    s3_endpoint_url: str | None = None
+    # An object no row names is removed by the sweep only once older than this: a writer
+    # uploads before its transaction commits, and must not lose the object in between.
+    storage_orphan_grace_s: int = Field(default=3600, ge=0)
 
     @field_validator("home")
     @classmethod
@@ -69,6 +83,18 @@ class Settings(BaseSettings):
         if url.startswith("postgresql://") or url.startswith("postgres://"):
             # SQLAlchemy's bare scheme means psycopg2, which we do not install.
             url = "postgresql+psycopg://" + url.split("://", 1)[1]
+        return url
+
+    @field_validator("storage_url")
+    @classmethod
+    def _storage_scheme(cls, url: str | None) -> str | None:
+        if url is None or url.strip() == "":
+            return None
+        url = url.strip().rstrip("/")
+        if not url.startswith("s3://") or len(url) <= len("s3://"):
+            raise ValueError(
+                f"unsupported storage URL {url!r}: leave ERASURE_STORAGE_URL unset for the local home, "
+                "or use s3://bucket/prefix")
         return url
 
     @property
@@ -130,7 +156,8 @@ class use_settings:
     as a worker's flows do); the previous values come back afterwards."""
 
     NAMES = ("ERASURE_HOME", "ERASURE_DATABASE_URL", "ERASURE_SECRET_KEY", "ERASURE_SIGNING_KEY_FILE",
-             "ERASURE_ALLOW_CROSS_RUNTIME_RETRAIN", "ERASURE_SAMPLE_ONLY_MATCHES")
+             "ERASURE_ALLOW_CROSS_RUNTIME_RETRAIN", "ERASURE_SAMPLE_ONLY_MATCHES", "ERASURE_STORAGE_URL",
+             "ERASURE_S3_ENDPOINT_URL")
 
     def __init__(self, settings: Settings) -> None:
         self.values = {
@@ -140,6 +167,8 @@ class use_settings:
             "ERASURE_SIGNING_KEY_FILE": str(settings.signing_key_file) if settings.signing_key_file else None,
             "ERASURE_ALLOW_CROSS_RUNTIME_RETRAIN": "1" if settings.allow_cross_runtime_retrain else None,
             "ERASURE_SAMPLE_ONLY_MATCHES": settings.sample_only_matches,
+            "ERASURE_STORAGE_URL": settings.storage_url,
+            "ERASURE_S3_ENDPOINT_URL": settings.s3_endpoint_url,
         }
         self.saved: dict[str, str | None] = {}
 

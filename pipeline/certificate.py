@@ -58,6 +58,7 @@ from db.session import unit_of_work
 from db.settings import Settings
 from db.training import JOB_DONE, Checkpoint, EnsembleMemberRow, RequestMatch, ShardRetrainJob
 from pipeline.signing import ALGORITHM, SigningKey, key_id, load_or_create_signing_key, load_public_key, signature_valid
+from pipeline.object_store import home_path_of, shard_version_home_path, still_stored
 
 CERTIFICATE_FORMAT = "erasure-certificate/2"  # /2: a section per dataset; exactness per shard
 ACTOR = "flow:certify"
@@ -421,14 +422,17 @@ def _retained_section(settings: Settings, session: Session, request_id: str, dat
                 ShardVersion.dataset_id == dataset.id, ShardVersion.shard == shard, ShardVersion.version < newest)
                 .order_by(ShardVersion.version)):
             if holds(shard, row.version, 1 << 30):
+                home_path = shard_version_home_path(settings, dataset.name, shard, row.version)
                 versions.append({"shard": shard, "version": row.version, "sha256": row.sha256,
-                                 "file_on_disk": Path(row.path).exists(),
-                                 "indexes_on_disk": Path(f"{row.path}.dedup").exists(),
+                                 "file_on_disk": still_stored(settings, row.path, home_path),
+                                 "indexes_on_disk": Path(f"{home_path_of(settings, row.path, home_path)}.dedup").exists(),
                                  "files_purged_at": _iso(row.files_purged_at)})
         checkpoints += [row for row in session.scalars(select(Checkpoint).where(
             Checkpoint.dataset_id == dataset.id, Checkpoint.shard == shard, Checkpoint.shard_version < newest))
             if holds(shard, row.shard_version, row.slice)]
-    checkpoints_on_disk = sum(Path(c.path).exists() for c in checkpoints)
+    checkpoint_home = settings.home / "checkpoints" / dataset.name
+    checkpoints_on_disk = sum(still_stored(settings, c.path, checkpoint_home / c.key[:2] / f"{c.key}.pt")
+                              for c in checkpoints)
     keys = [c.key for c in checkpoints]
     in_ensembles = len(set(session.scalars(select(EnsembleMemberRow.ensemble_id).where(
         EnsembleMemberRow.dataset_id == dataset.id, EnsembleMemberRow.checkpoint_key.in_(keys))))) if keys else 0

@@ -66,21 +66,21 @@ def request_view(settings: Settings, session: Session, request_id: str, *, revie
     lines = tuple(MatchLine(m.match_ref, names[m.dataset_id].name, m.method, m.metric, m.score, m.decision,
                             m.final_decision, m.erased_in_shard_version is not None, m.provenance or "seed")
                   for m in matches)
-    review = tuple(review_items(session, request_id, with_texts=texts_shown))
+    review = tuple(review_items(session, request_id, with_texts=texts_shown, settings=settings))
     certificate = stored_certificate(session, request_id)
     verdict = None
     if certificate is not None:
         from pipeline.signing import load_or_create_signing_key
 
         verdict = verify_certificate(certificate.envelope, load_or_create_signing_key(settings).public_key_pem)
-    from pipeline.membership import probe_rows, probe_summary, report_path  # imports torch: only when a page asks
+    from pipeline.membership import probe_rows, probe_summary, report_file  # imports torch: only when a page asks
 
     probes, plots = [], []
     for row in probe_rows(session, request_id):
         dataset = session.get(Dataset, row.dataset_id) if row.dataset_id is not None else None
         probes.append({**probe_summary(row), "dataset": dataset.name if dataset else None})
     for dataset in sorted({p["dataset"] for p in probes if p["dataset"]}):
-        if report_path(settings, request_id, dataset).is_file():
+        if report_file(settings, session, request_id, dataset) is not None:
             plots.append(dataset)
     return RequestView(
         status=status, timeline=request_timeline(session, request_id), is_open=is_open,

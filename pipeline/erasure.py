@@ -44,6 +44,8 @@ from db.session import unit_of_work
 from db.settings import Settings
 from db.training import JOB_DONE, JOB_PENDING, Checkpoint, EnsembleMemberRow, RequestMatch, ShardRetrainJob
 from pipeline.lifecycle import get_request, identifier_hashes, review_verdicts, sample_texts
+from pipeline.object_store import delete_object, home_path_of, is_object_url, publish_file, shard_file
+from pipeline.object_store import shard_version_home_path
 from shards.files import write_atomically
 from shards.store import ShardStore, ShardVersionRef
 
@@ -211,10 +213,13 @@ def erase_from_shard(settings: Settings, engine: Engine, request_id: str, datase
         new_version = job_id = None
         if remove:
             base = latest_shard_versions(session, dataset.id)[shard]
-            ref = _write_or_adopt(store, dataset_name, shard, base, remove)
+            base_file = shard_file(settings, base, dataset_name)  # with a storage URL: fetched, verified
+            ref = _write_or_adopt(store, dataset_name, shard, base, remove, base_file)
             crash_point("erase:after_shard_file")
             update_indexes_and_tombstones(settings, session, dataset, shard, base, ref, remove, request_id)
-            add_shard_version(session, dataset_id=dataset.id, shard=shard, version=ref.version, path=str(ref.path),
+            # With a storage URL the new version's object is uploaded now; the row naming it makes it live.
+            add_shard_version(session, dataset_id=dataset.id, shard=shard, version=ref.version,
+                              path=publish_file(settings, ref.path, ref.sha256),
                               sha256=ref.sha256, row_count=ref.row_count, created_by=f"erasure:request:{request_id}")
             for rid in remove:
                 records[rid].erased_in_shard_version = ref.version
@@ -233,7 +238,8 @@ def erase_from_shard(settings: Settings, engine: Engine, request_id: str, datase
         return ShardErasure(shard, len(remove), len(done_before), new_version, job_id)
 
 
-def _write_or_adopt(store: ShardStore, dataset: str, shard: int, base: ShardVersion, remove: list[str]) -> ShardVersionRef:
+def _write_or_adopt(store: ShardStore, dataset: str, shard: int, base: ShardVersion, remove: list[str],
+                    base_file: Path | None = None) -> ShardVersionRef:
     """The shard version ``base`` minus ``remove``, under the shard's lock.
 
     Version files above the recorded ``base`` are unrecorded. The next one, left by
@@ -248,7 +254,7 @@ def _write_or_adopt(store: ShardStore, dataset: str, shard: int, base: ShardVers
     removed = set(remove)
     for stray in store.version_files_after(dataset, shard, base.version):
         if stray == store.path_of(dataset, shard, base.version + 1):
-            base_ids = pq.read_table(base.path, columns=["record_id"])["record_id"].to_pylist()
+            base_ids = pq.read_table(base_file or base.path, columns=["record_id"])["record_id"].to_pylist()
             stray_ids = pq.read_table(stray, columns=["record_id"])["record_id"].to_pylist()
             if stray_ids == [rid for rid in base_ids if rid not in removed]:
                 return ShardVersionRef(dataset, shard, base.version + 1, stray, _sha256(stray), len(stray_ids))
@@ -285,7 +291,7 @@ def update_indexes_and_tombstones(
 
     embedder = dataset_embedder(dataset.embedder, dataset.feature_dim)
     # Keyed MinHash parameters: the tombstones confirm nothing to whoever lacks the secret key.
-    base_index = load_index(base.path, shard, base.version, embedder, dataset_minhash(settings, dataset.name))
+    base_index = load_index(shard_file(settings, base, dataset.name), shard, base.version, embedder, dataset_minhash(settings, dataset.name))
     new_index, removed = base_index.without(removed_ids, new.version)
     if not artefact_dir(new.path).is_dir():
         new_index.save(new.path)
@@ -296,7 +302,9 @@ def update_indexes_and_tombstones(
     fresh = [i for i, key in enumerate(keys) if key not in present]
     if fresh:
         tombstones = tombstones.added(removed.signatures[fresh], [keys[i] for i in fresh], removed.minhash)
-        write_atomically(tombstone_path(settings, dataset.name), tombstones.to_bytes())
+        path = write_atomically(tombstone_path(settings, dataset.name), tombstones.to_bytes())
+        if is_object_url(published := publish_file(settings, path)):
+            dataset.tombstones_url = published  # the new tombstones are live when this transaction commits
 
 
 def _shard_is_trained(session: Session, dataset_id: int, shard: int) -> bool:
@@ -375,7 +383,7 @@ def verify_request(settings: Settings, session: Session, request_id: str, datase
 
     dataset = dataset_or_fail(session, dataset_name)
     erased = erased_record_ids(session, request_id, dataset.id)
-    version = current_ensemble(session, dataset.id)
+    version = current_ensemble(session, dataset.id, settings)
     if version is None:
         return Verification(True, None, len(erased), 0)
     seen = training_ids(version, checkpoint_store(settings, dataset_name))
@@ -436,14 +444,17 @@ def shard_purge_blocked_by(session: Session, dataset_id: int, shard: int, reques
     return session.scalar(query.limit(1))
 
 
-def purge_shard_files(session: Session, dataset_id: int, shard: int, now: datetime) -> tuple[list[dict], list[str], list[str]]:
+def purge_shard_files(settings: Settings, session: Session, dataset_id: int, shard: int,
+                      now: datetime) -> tuple[list[dict], list[str], list[str]]:
     """Delete every file of one shard that still holds an erased record: superseded shard
     versions (Parquet file and locate index) and the sub-model checkpoints trained on such
     a version from the record's slice on; their rows are marked purged. Returns
     (versions purged, checkpoint keys purged, checkpoints kept because they serve).
-    A deletion error raises (the caller's transaction rolls back; a rerun retries)."""
+    A deletion error raises (the caller's transaction rolls back; a rerun retries).
+    With a storage URL the objects are deleted from the store (and checked gone) with
+    this host's cached copies; an object another live row still names is kept."""
     from pipeline.locate import remove_index
-    from pipeline.training import current_ensemble_row
+    from pipeline.training import checkpoint_store, current_ensemble_row
 
     held = list(session.scalars(select(Record).where(
         Record.dataset_id == dataset_id, Record.shard == shard, Record.erased_in_shard_version.is_not(None))))
@@ -459,9 +470,12 @@ def purge_shard_files(session: Session, dataset_id: int, shard: int, now: dateti
             ShardVersion.dataset_id == dataset_id, ShardVersion.shard == shard,
             ShardVersion.files_purged_at.is_(None)).order_by(ShardVersion.version)):
         if held_by(version.version):
-            remove_index(version.path)
-            Path(version.path).unlink(missing_ok=True)
+            local = home_path_of(settings, version.path,
+                                 shard_version_home_path(settings, _name(session, dataset_id), shard, version.version))
+            remove_index(local)
+            local.unlink(missing_ok=True)
             version.files_purged_at = now
+            _delete_unless_named(settings, session, version.path)
             purged_versions.append({"shard": shard, "version": version.version})
     current = current_ensemble_row(session, dataset_id)
     serving = set() if current is None else set(session.scalars(
@@ -474,15 +488,33 @@ def purge_shard_files(session: Session, dataset_id: int, shard: int, now: dateti
         if checkpoint.key in serving:  # verification would have failed; never delete what serves
             in_service.append(checkpoint.key)
             continue
-        Path(checkpoint.path).unlink(missing_ok=True)
+        home_path_of(settings, checkpoint.path, checkpoint_store(settings, _name(session, dataset_id))
+                     .path_for(checkpoint.key)).unlink(missing_ok=True)
         checkpoint.file_purged_at = now
+        _delete_unless_named(settings, session, checkpoint.path)
         purged_checkpoints.append(checkpoint.key)
-    purged_checkpoints += _purge_baselines(session, dataset_id, shard, held_by, now)
+    purged_checkpoints += _purge_baselines(session, dataset_id, shard, held_by, now, settings)
     session.flush()
     return purged_versions, purged_checkpoints, in_service
 
 
-def _purge_baselines(session: Session, dataset_id: int, shard: int, held_by, now: datetime) -> list[str]:  # noqa: ANN001
+def _name(session: Session, dataset_id: int) -> str:
+    return session.get(Dataset, dataset_id).name
+
+
+def _delete_unless_named(settings: Settings, session: Session, recorded: str) -> None:
+    """Delete a purged row's object (checked gone) unless a live row names the same bytes."""
+    if not is_object_url(recorded):
+        return
+    session.flush()
+    from pipeline.gc import live_object_urls
+
+    if recorded not in live_object_urls(session):
+        delete_object(settings, recorded)
+
+
+def _purge_baselines(session: Session, dataset_id: int, shard: int, held_by, now: datetime,  # noqa: ANN001
+                     settings: Settings | None = None) -> list[str]:
     """Delete the monolithic baselines (``erasure train --baseline``) trained on a version of ``shard``
     that held an erased record; their rows are marked purged. Returns their checkpoint keys."""
     import json
@@ -496,8 +528,16 @@ def _purge_baselines(session: Session, dataset_id: int, shard: int, held_by, now
         version = json.loads(baseline.shard_versions).get(str(shard))
         if version is None or not held_by(int(version)):
             continue
-        Path(baseline.path).unlink(missing_ok=True)
+        if settings is not None and is_object_url(baseline.path):  # a storage URL: the object and this host's copy
+            from pipeline.training import checkpoint_store
+
+            checkpoint_store(settings, _name(session, dataset_id)).path_for(baseline.checkpoint_key).unlink(
+                missing_ok=True)
+        else:
+            Path(baseline.path).unlink(missing_ok=True)
         baseline.file_purged_at = now
+        if settings is not None:
+            _delete_unless_named(settings, session, baseline.path)
         purged.append(baseline.checkpoint_key)
     return purged
 
@@ -527,7 +567,7 @@ def purge_superseded_files(settings: Settings, session: Session, request_id: str
         if shard_purge_blocked_by(session, dataset_id, shard, request_id) is not None:
             deferred.append(shard)
             continue
-        versions, checkpoints, serving = purge_shard_files(session, dataset_id, shard, now)
+        versions, checkpoints, serving = purge_shard_files(settings, session, dataset_id, shard, now)
         purged_versions += versions
         purged_checkpoints += checkpoints
         in_service += serving

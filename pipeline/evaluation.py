@@ -21,7 +21,7 @@ from pipeline.database import open_database
 from pipeline.erasure import dataset_or_fail
 from pipeline.labels import vocabulary
 from pipeline.locate import dataset_embedder
-from pipeline.training import checkpoint_store, current_baseline, current_ensemble_row
+from pipeline.training import checkpoint_store, current_baseline, current_ensemble_row, read_manifest
 from shards.checkpoints import CheckpointStore
 from shards.ensemble import Ensemble, EnsembleMember, EnsembleVersion, aggregate
 from shards.sources import FieldMap, SourceError, ValidationReport, clean_row, detect_format, read_rows
@@ -53,7 +53,7 @@ def _model(settings: Settings, dataset: str) -> _Model:
             if row is None:
                 raise LookupError(f"dataset {dataset!r} has no trained ensemble; run `erasure train --dataset {dataset}`")
             baseline = current_baseline(session, ds.id)
-            ensemble, store = EnsembleVersion.read(row.manifest_path), checkpoint_store(settings, dataset)
+            ensemble, store = read_manifest(settings, row, dataset), checkpoint_store(settings, dataset)
             _require_classifier(dataset, ensemble, store)
             return _Model(
                 dataset, ds.label_kind, vocabulary(session, ds.id), ds.embedder, ds.feature_dim, row.version_id,

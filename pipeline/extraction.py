@@ -51,7 +51,7 @@ def generative_dataset(settings: Settings, engine: Engine, dataset: str) -> bool
     from pipeline.training import current_ensemble
 
     with unit_of_work(engine) as session:
-        version = current_ensemble(session, dataset_or_fail(session, dataset).id)
+        version = current_ensemble(session, dataset_or_fail(session, dataset).id, settings)
     return _is_generative(version, checkpoint_store(settings, dataset))
 
 
@@ -95,7 +95,7 @@ def probe_extraction(settings: Settings, engine: Engine, request_id: str, datase
         stored = stored_extraction(session, request_id, dataset)
         if stored is not None:
             return stored
-        inputs = probe_inputs(session, request_id, dataset)
+        inputs = probe_inputs(session, request_id, dataset, settings)
     store = checkpoint_store(settings, dataset)
     versions = {role: inputs.versions[role][1] for role in ROLES}
     if not any(_is_generative(v, store) for v in versions.values()):

@@ -17,7 +17,13 @@
   no longer run, ingest spill folders (``tmp/ingest-<pid>-...``), and temporary
   names without a PID (older versions) once older than the grace period;
 - checkpoint files whose row says they were purged, and unrecorded checkpoints
-  that saw an erased record (a training killed before recording them).
+  that saw an erased record (a training killed before recording them);
+- with a storage URL (``pipeline.object_store``): objects no row names (a writer
+  whose transaction rolled back, superseded tombstones) once older than
+  ``ERASURE_STORAGE_ORPHAN_GRACE_S``, and objects only purged rows name; each
+  deletion is checked. The home is then this host's cache: a cached copy is live
+  while its row is (the row names the object; its copy lies where it would on one
+  machine), and a copy of a purged version or checkpoint is removed like the file.
 
 Nothing a live row names is touched, nor a file of a process that still runs.
 Each deletion error is reported (in the result and the audit event), never
@@ -29,6 +35,7 @@ request with samples); PostgreSQL: the sample tables are vacuumed
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import time
@@ -40,7 +47,7 @@ from pathlib import Path
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
-from db.audit import append_event
+from db.audit import MembershipProbe, append_event
 from db.maintenance import after_erasure
 from db.models import Dataset, Record, ShardVersion, SourceFile, utcnow
 from db.requests import ErasureRequest
@@ -49,6 +56,7 @@ from db.settings import Settings
 from db.training import BaselineModel, Checkpoint, EnsembleVersionRow
 from db.locks import lock_shard
 from pipeline.erasure import purge_shard_files, shard_purge_blocked_by
+from pipeline.object_store import is_object_url, object_store, shard_version_home_path
 from shards.files import is_temp_name, temp_writer_pid, writer_alive
 from shards.store import WRITER_MARK, ShardStore
 
@@ -132,21 +140,36 @@ class _Live:
     erased_ids: dict[str, set[str]]  # dataset name -> erased record ids
 
 
-def _live(session: Session) -> _Live:
+def _live(session: Session, settings: Settings | None = None) -> _Live:
     datasets = {d.name: d.id for d in session.scalars(select(Dataset))}
     names = {v: k for k, v in datasets.items()}
-    versions = {Path(p): purged is not None for p, purged in session.execute(
-        select(ShardVersion.path, ShardVersion.files_purged_at))}
-    checkpoints = {Path(p): purged is not None for p, purged in session.execute(
-        select(Checkpoint.path, Checkpoint.file_purged_at))}
+
+    # With a storage URL a row names an object; its copy on this host lies where the file would on one machine.
+    def here(recorded: str, home_path) -> Path:  # noqa: ANN001 - a callable: computed only for objects
+        return home_path() if settings is not None and is_object_url(recorded) else Path(recorded)
+
+    def checkpoint_here(recorded: str, dataset_id: int, key: str) -> Path:
+        return here(recorded, lambda: settings.home / "checkpoints" / names[dataset_id] / key[:2] / f"{key}.pt")
+
+    versions = {here(p, lambda: shard_version_home_path(settings, names[d], s, v)): purged is not None
+                for p, purged, d, s, v in session.execute(select(
+                    ShardVersion.path, ShardVersion.files_purged_at, ShardVersion.dataset_id, ShardVersion.shard,
+                    ShardVersion.version))}
+    checkpoints = {checkpoint_here(p, d, k): purged is not None for p, purged, d, k in session.execute(
+        select(Checkpoint.path, Checkpoint.file_purged_at, Checkpoint.dataset_id, Checkpoint.key))}
     # monolithic baselines (erasure train --baseline) live among the checkpoints; purged with them
-    for p, purged in session.execute(select(BaselineModel.path, BaselineModel.file_purged_at)):
-        checkpoints[Path(p)] = checkpoints.get(Path(p), True) and purged is not None  # live if any row is
+    for p, purged, d, k in session.execute(select(BaselineModel.path, BaselineModel.file_purged_at,
+                                                  BaselineModel.dataset_id, BaselineModel.checkpoint_key)):
+        path = checkpoint_here(p, d, k)
+        checkpoints[path] = checkpoints.get(path, True) and purged is not None  # live if any row is
     erased: dict[str, set[str]] = {}
     for dataset_id, record_id in session.execute(
             select(Record.dataset_id, Record.record_id).where(Record.erased_in_shard_version.is_not(None))):
         erased.setdefault(names[dataset_id], set()).add(record_id)
-    return _Live(versions, checkpoints, {Path(p) for p in session.scalars(select(EnsembleVersionRow.manifest_path))},
+    manifests = {here(p, lambda: settings.home / "ensembles" / names[d] / f"{v}.json")
+                 for p, d, v in session.execute(select(EnsembleVersionRow.manifest_path, EnsembleVersionRow.dataset_id,
+                                                       EnsembleVersionRow.version_id))}
+    return _Live(versions, checkpoints, manifests,
                  {Path(p) for p in session.scalars(select(SourceFile.path))}, datasets,
                  set(session.scalars(select(ErasureRequest.id))), erased)
 
@@ -178,7 +201,7 @@ def classify_home(settings: Settings, session: Session, *, grace_s: float = DEFA
     folders, spill folders, orphan indexes) are one entry."""
     home = settings.home
     now = time.time()
-    live = _live(session)
+    live = _live(session, settings)
     entries: list[Entry] = []
     if not home.exists():
         return entries
@@ -369,7 +392,7 @@ def _remove(entry: Entry) -> None:
         entry.path.unlink()
 
 
-def _catch_up_purges(engine: Engine, report: SweepReport) -> None:
+def _catch_up_purges(settings: Settings, engine: Engine, report: SweepReport) -> None:
     """Superseded files that still hold erased records and that no erasure under way needs."""
     with unit_of_work(engine) as session:
         shards = session.execute(
@@ -383,7 +406,7 @@ def _catch_up_purges(engine: Engine, report: SweepReport) -> None:
                 report.deferred_shards.append({"dataset_id": dataset_id, "shard": shard, "request_id": blocker})
                 continue
             try:
-                versions, checkpoints, _ = purge_shard_files(session, dataset_id, shard, utcnow())
+                versions, checkpoints, _ = purge_shard_files(settings, session, dataset_id, shard, utcnow())
             except OSError as exc:
                 report.errors.append({"kind": "superseded_files", "path": f"dataset {dataset_id} shard {shard}",
                                       "error": exc.strerror or type(exc).__name__})
@@ -399,7 +422,7 @@ def sweep(settings: Settings, engine: Engine, *, request_id: str | None = None, 
     maintenance (``vacuum``: None = when the request had samples, or always without a request)."""
     started = time.perf_counter()
     report = SweepReport()
-    _catch_up_purges(engine, report)
+    _catch_up_purges(settings, engine, report)
     databases = database_files(settings)
     with unit_of_work(engine) as session:
         datasets = {d.name: d.id for d in session.scalars(select(Dataset))}
@@ -426,11 +449,12 @@ def sweep(settings: Settings, engine: Engine, *, request_id: str | None = None, 
             if dataset_id is not None and shard is not None:
                 lock_shard(session, dataset_id, shard)
                 again = {e.path: e for e in _classify_shard_dir(settings.shards_dir / dataset / shard_dir,
-                                                                _live(session), ShardStore(settings.shards_dir),
+                                                                _live(session, settings), ShardStore(settings.shards_dir),
                                                                 time.time(), grace_s)}
                 group = [again[e.path] for e in group if e.path in again and again[e.path].status == REMOVABLE]
             _remove_all(group, report, settings.home)
     _remove_all(others, report, settings.home)
+    _sweep_objects(settings, engine, report)
     had_samples = False
     with unit_of_work(engine) as session:
         if request_id is not None:
@@ -443,6 +467,80 @@ def sweep(settings: Settings, engine: Engine, *, request_id: str | None = None, 
     for error in report.errors:
         log.error("gc could not remove %s (%s): %s", error["path"], error["kind"], error["error"])
     return report
+
+
+def live_object_urls(session: Session) -> set[str]:
+    """The objects live rows name (shard versions and checkpoints not purged, baselines,
+    ensemble manifests, each dataset's current tombstones)."""
+    named: set[str] = set()
+    named.update(session.scalars(select(ShardVersion.path).where(ShardVersion.files_purged_at.is_(None))))
+    named.update(session.scalars(select(Checkpoint.path).where(Checkpoint.file_purged_at.is_(None))))
+    named.update(session.scalars(select(BaselineModel.path).where(BaselineModel.file_purged_at.is_(None))))
+    named.update(session.scalars(select(EnsembleVersionRow.manifest_path)))
+    named.update(session.scalars(select(Dataset.tombstones_url).where(Dataset.tombstones_url.is_not(None))))
+    # the membership probe's plots (pipeline.membership.report_file)
+    named.update(json.loads(details).get("report") or "" for details in session.scalars(select(MembershipProbe.details)))
+    return {url for url in named if is_object_url(url)}
+
+
+@dataclass(frozen=True)
+class ObjectEntry:
+    url: str
+    kind: str  # object | orphan_object | purged_object
+    status: str
+
+    def to_dict(self) -> dict:
+        return {"path": self.url, "kind": self.kind, "status": self.status}
+
+
+def classify_objects(settings: Settings, session: Session) -> list[ObjectEntry]:
+    """Every object in the store (none without a storage URL), with what it is: named by a live row;
+    named only by purged rows (removable); named by nothing (removable once older than the grace
+    period, before that possibly a writer's whose transaction has not committed yet)."""
+    store = object_store(settings)
+    if store is None:
+        return []
+    live = live_object_urls(session)
+    purged: set[str] = set()
+    purged.update(session.scalars(select(ShardVersion.path).where(ShardVersion.files_purged_at.is_not(None))))
+    purged.update(session.scalars(select(Checkpoint.path).where(Checkpoint.file_purged_at.is_not(None))))
+    purged.update(session.scalars(select(BaselineModel.path).where(BaselineModel.file_purged_at.is_not(None))))
+    now = utcnow()
+    entries = []
+    for found in store.objects():
+        if found.url in live:
+            entries.append(ObjectEntry(found.url, "object", LIVE))
+        elif found.url in purged:
+            entries.append(ObjectEntry(found.url, "purged_object", REMOVABLE))
+        else:
+            young = (now - found.modified).total_seconds() < settings.storage_orphan_grace_s
+            entries.append(ObjectEntry(found.url, "orphan_object", IN_FLIGHT if young else REMOVABLE))
+    return entries
+
+
+def _sweep_objects(settings: Settings, engine: Engine, report: SweepReport) -> None:
+    """Delete the removable objects, each re-checked against the rows just before (a writer may have
+    committed a row naming it meanwhile) and checked gone after."""
+    store = object_store(settings)
+    if store is None:
+        return
+    with unit_of_work(engine) as session:
+        entries = classify_objects(settings, session)
+    for e in entries:
+        if e.status == IN_FLIGHT:
+            report.kept_in_flight[e.kind] = report.kept_in_flight.get(e.kind, 0) + 1
+    for e in (e for e in entries if e.status == REMOVABLE):
+        with unit_of_work(engine) as session:
+            if e.url in live_object_urls(session):
+                continue
+        if e.kind == "orphan_object" and store.age_seconds(e.url) < settings.storage_orphan_grace_s:
+            continue  # uploaded again meanwhile (the same bytes): a writer may be about to commit its row
+        try:
+            store.delete(e.url)
+        except OSError as exc:
+            report.errors.append({"kind": e.kind, "path": e.url, "error": str(exc)})
+            continue
+        report.removed[e.kind] = report.removed.get(e.kind, 0) + 1
 
 
 def _remove_all(entries: list[Entry], report: SweepReport, home: Path) -> None:

@@ -100,7 +100,7 @@ def _ensemble_of(settings: Settings, engine: Engine, dataset: str, kind: str):  
     from shards.schedule import TrainConfig
 
     with unit_of_work(engine) as session:
-        version = current_ensemble(session, dataset_or_fail(session, dataset).id)
+        version = current_ensemble(session, dataset_or_fail(session, dataset).id, settings)
     if version is None or not version.members:
         raise NotGenerative(f"dataset {dataset!r} has no trained ensemble; run `erasure train --dataset {dataset}`")
     store = checkpoint_store(settings, dataset)

@@ -44,6 +44,7 @@ from db.settings import Settings
 from dedup.embeddings import embed_in_chunks
 from dedup.identifiers import content_hmac, key_id, keyed_hash
 from pipeline.database import open_database
+from pipeline.object_store import publish_file, shard_file
 from pipeline.locate import build_and_save_index, dataset_embedder, dataset_minhash, load_tombstones, remove_index
 from pipeline.rekey import rekey_live_records
 from pipeline.labels import LabelPlan, LabelVocabularyChanged, plan_labels, record_labels
@@ -308,6 +309,8 @@ def ingest_source_file(
             rekey_live_records(session, dataset, key)
             existing = record_contents(session, dataset.id)
             recorded_versions = {s: v.version for s, v in latest_shard_versions(session, dataset.id).items()}
+            for version in latest_shard_versions(session, dataset.id).values():
+                shard_file(settings, version, options.dataset)  # a storage URL: the version appended to, fetched here
 
     t = time.perf_counter()
     labels_seen: set = set()
@@ -413,8 +416,9 @@ def ingest_source_file(
                         "an erasure or another ingest); nothing was ingested: run the same ingest again"
                     )
             for ref in written:
-                add_shard_version(
-                    session, dataset_id=dataset.id, shard=ref.shard, version=ref.version, path=str(ref.path),
+                add_shard_version(  # a storage URL: uploaded now, live when this transaction commits
+                    session, dataset_id=dataset.id, shard=ref.shard, version=ref.version,
+                    path=publish_file(settings, ref.path, ref.sha256),
                     sha256=ref.sha256, row_count=ref.row_count, created_by=f"ingest:source_file:{source.id}",
                 )
             with reporter.step("recording lineage", sum(new_per_shard.values())) as step:

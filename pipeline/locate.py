@@ -28,6 +28,7 @@ from dedup.policy import Thresholds
 from dedup.shard_index import ShardIndex, artefact_dir, build_shard_index, texts_from_parquet
 from dedup.tombstones import TombstoneSet, UnkeyedTombstones
 from pipeline.artefact_cache import ARTEFACTS, file_stamp
+from pipeline.object_store import shard_file
 from shards.files import sha256_file
 from shards.store import ShardVersionRef
 
@@ -97,9 +98,30 @@ class UnkeyedTombstoneFile(RuntimeError):
     """The dataset's tombstone file predates keyed signatures; the operator must drop it explicitly."""
 
 
+def refresh_shared_tombstones(settings: Settings, dataset: str) -> bool:
+    """With a storage URL: bring this host's copy of the dataset's tombstones to the object the
+    database names (fetched and verified when it changed; removed when none is named). False
+    without a storage URL (the file in the home is the truth)."""
+    from pipeline.database import open_database
+    from pipeline.object_store import local_copy, object_store
+    from db.session import unit_of_work
+
+    if object_store(settings) is None:
+        return False
+    with unit_of_work(open_database(settings)) as session:
+        url = session.scalar(select(Dataset.tombstones_url).where(Dataset.name == dataset))
+    path = tombstone_path(settings, dataset)
+    if url is None:
+        path.unlink(missing_ok=True)
+    else:
+        local_copy(settings, url, None, path)
+    return True
+
+
 def load_tombstones(settings: Settings, dataset: str) -> TombstoneSet | None:
     """The dataset's tombstones under its keyed MinHash parameters; None if nothing was erased yet."""
     path = tombstone_path(settings, dataset)
+    refresh_shared_tombstones(settings, dataset)
     if not path.exists():
         return None
     try:
@@ -162,9 +184,11 @@ def current_indexes(settings: Settings, session: Session,
     embedder = dataset_embedder(dataset.embedder, dataset.feature_dim)
     minhash = dataset_minhash(settings, dataset.name)
     versions = latest_shard_versions(session, dataset.id)
-    indexes = {s: cached_index(settings, dataset, s, v.version, v.path, embedder, minhash)
+    # with a storage URL: each version fetched (verified) into this host's home; its index is built here
+    files = {s: str(shard_file(settings, v, dataset.name)) for s, v in versions.items()}
+    indexes = {s: cached_index(settings, dataset, s, v.version, files[s], embedder, minhash)
                for s, v in versions.items()}
-    return indexes, {s: v.path for s, v in versions.items()}, embedder
+    return indexes, files, embedder
 
 
 def locate_in_dataset(

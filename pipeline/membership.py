@@ -84,7 +84,8 @@ from dedup.lsh import BandIndex, choose_params
 from dedup.minhash import MinHashParams, minhash_signatures
 from pipeline.erasure import dataset_or_fail, request_jobs, request_matches
 from pipeline.lifecycle import get_request
-from pipeline.training import checkpoint_store, current_ensemble_row
+from pipeline.object_store import is_object_url, local_copy, object_store, publish_file, shard_file
+from pipeline.training import checkpoint_store, current_ensemble_row, read_manifest
 from shards.ensemble import EnsembleVersion
 from shards.files import write_atomically
 from shards.membership import (
@@ -172,7 +173,7 @@ class ProbeInputs:
         return sum(len(ids) for files in self.erased.values() for ids in files.values())
 
 
-def _inputs(session: Session, request_id: str, dataset: str) -> ProbeInputs:
+def _inputs(session: Session, request_id: str, dataset: str, settings: Settings) -> ProbeInputs:
     ds = dataset_or_fail(session, dataset)
     matches = request_matches(session, request_id, ds.id)
     grouped: dict[int, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
@@ -180,17 +181,18 @@ def _inputs(session: Session, request_id: str, dataset: str) -> ProbeInputs:
         if m.erased_in_shard_version is None:
             continue
         held = holding_version(session, ds.id, m.shard, m.erased_in_shard_version)
-        if held is not None:
-            grouped[m.shard][held.path].append(m.record_id)
+        if held is not None:  # a purged version keeps its recorded path: nothing is read from it
+            path = held.path if held.files_purged_at is not None else str(shard_file(settings, held, ds.name))
+            grouped[m.shard][path].append(m.record_id)
     before, after = ensembles_around_request(session, ds.id, request_id)
-    versions = {role: (row.version_id, EnsembleVersion.read(row.manifest_path)) if row is not None else (None, None)
+    versions = {role: (row.version_id, read_manifest(settings, row, ds.name)) if row is not None else (None, None)
                 for role, row in (("before", before), ("after", after))}
     return ProbeInputs(
         dataset=ds.name,
         feature_dim=ds.feature_dim,
         erased={s: {path: tuple(sorted(ids)) for path, ids in files.items()} for s, files in sorted(grouped.items())},
         matched=frozenset(m.record_id for m in matches),
-        latest_files={s: v.path for s, v in latest_shard_versions(session, ds.id).items()},
+        latest_files={s: str(shard_file(settings, v, ds.name)) for s, v in latest_shard_versions(session, ds.id).items()},
         versions=versions,
         links=tuple(sorted((m.record_id, m.query) for m in matches
                            if m.erased_in_shard_version is not None and m.method != "identifier")),
@@ -566,6 +568,18 @@ def report_path(settings: Settings, request_id: str, dataset: str) -> Path:
     return request_reports_folder(settings, request_id) / f"membership-{dataset}.png"
 
 
+def report_file(settings: Settings, session: Session, request_id: str, dataset: str) -> Path | None:
+    """The probe's plot on this host, or None: the file in the home; with a storage URL, the object
+    its probe row names, fetched (verified) into this host's home."""
+    path = report_path(settings, request_id, dataset)
+    if object_store(settings) is None:
+        return path if path.is_file() else None
+    ds = session.scalar(select(Dataset).where(Dataset.name == dataset))
+    urls = [] if ds is None else [json.loads(r.details).get("report") for r in probe_rows(session, request_id, ds.id)]
+    url = next((u for u in urls if isinstance(u, str) and is_object_url(u)), None)
+    return None if url is None else local_copy(settings, url, None, path)
+
+
 def request_reports_folder(settings: Settings, request_id: str) -> Path:
     """``$ERASURE_HOME/reports/<request id>``: a request's reports (plots, the exported certificate)."""
     return settings.home / "reports" / str(request_id)
@@ -655,12 +669,15 @@ def probe_membership(settings: Settings, engine: Engine, request_id: str, datase
         stored = probe_rows(session, request_id, dataset_id)
         if {r.role for r in stored} >= set(ROLES):
             return [probe_summary(r) for r in stored]
-        inputs = _inputs(session, request_id, dataset)
+        inputs = _inputs(session, request_id, dataset, settings)
     seed = _seed(request_id, "bootstrap")
     sample = _sample(inputs, request_id)
     results = [_measure(settings, inputs, sample, role, seed) for role in ROLES]
     png = _png(results)
     path = write_atomically(report_path(settings, request_id, inputs.dataset), png)
+    # a storage URL: the plot is an object the probe rows name (any host's console shows it)
+    published = publish_file(settings, path)
+    report = published if is_object_url(published) else str(path.relative_to(settings.home))
     with unit_of_work(engine) as session:
         get_request(session, request_id, for_update=True)  # serialises two probes of one request (PostgreSQL)
         present = {r.role for r in probe_rows(session, request_id, dataset_id)}
@@ -673,7 +690,7 @@ def probe_membership(settings: Settings, engine: Engine, request_id: str, datase
                 ensemble_version_id=result.version_id, metric=METRIC,
                 auc=est.auc, ci_low=est.ci_low, ci_high=est.ci_high, erased_count=len(result.erased_scores),
                 heldout_count=len(result.control_scores),
-                details=canonical_json({**result.details, "report": str(path.relative_to(settings.home))}),
+                details=canonical_json({**result.details, "report": report}),
                 created_at=utcnow()))
         if len(present) < len(ROLES):
             session.flush()

@@ -138,12 +138,17 @@ def estimate_schedule(settings: Settings, session: Session, dataset: Dataset) ->
     # (a fast `erasure locate`): the config is all the estimate needs
     newest = (select(EnsembleVersionRow.id).where(EnsembleVersionRow.dataset_id == dataset.id)
               .order_by(EnsembleVersionRow.id.desc()).limit(1).scalar_subquery())
-    path = session.scalar(
-        select(Checkpoint.path)
+    found = session.execute(
+        select(Checkpoint.path, Checkpoint.sha256, Checkpoint.key)
         .join(EnsembleMemberRow, (EnsembleMemberRow.dataset_id == Checkpoint.dataset_id)
               & (EnsembleMemberRow.checkpoint_key == Checkpoint.key))
-        .where(EnsembleMemberRow.ensemble_id == newest).order_by(EnsembleMemberRow.shard).limit(1))
-    if path is not None:
+        .where(EnsembleMemberRow.ensemble_id == newest).order_by(EnsembleMemberRow.shard).limit(1)).first()
+    if found is not None:
+        from pipeline.object_store import local_copy
+
+        # a storage URL: the checkpoint fetched (verified) into this host's cache of the dataset's checkpoints
+        path = local_copy(settings, found.path, found.sha256,
+                          settings.home / "checkpoints" / dataset.name / found.key[:2] / f"{found.key}.pt")
         # the schedule alone (TrainConfig.from_dict would build the model spec, which imports torch)
         schedule = SliceSchedule(tuple(float(e) for e in read_train_config(path)["epochs_per_slice"]))
         if schedule.num_slices == dataset.n_slices:

@@ -37,6 +37,7 @@ from dedup.minhash import MinHashParams
 from dedup.shard_index import ShardIndex, artefact_dir
 from dedup.tombstones import TombstoneSet, UnkeyedTombstones
 from pipeline.database import open_database
+from pipeline.object_store import shard_file
 from pipeline.locate import (
     UnkeyedTombstoneFile,
     dataset_embedder,
@@ -127,8 +128,9 @@ def rekey_dataset(settings: Settings, dataset_name: str, *, drop_unkeyed_tombsto
         embedder = dataset_embedder(dataset.embedder, dataset.feature_dim)
         rebuilt = 0
         for shard, version in sorted(latest_shard_versions(session, dataset.id).items()):
-            if not _index_is_current(version.path, minhash):
-                load_index(version.path, shard, version.version, embedder, minhash)  # rebuilds and saves
+            file = shard_file(settings, version, dataset_name)  # a storage URL: this host's copy and index
+            if not _index_is_current(file, minhash):
+                load_index(file, shard, version.version, embedder, minhash)  # rebuilds and saves
                 rebuilt += 1
         report = RekeyReport(dataset_name, records, rebuilt, dropped)
         append_event(session, "dataset.rekeyed", report.to_dict(), actor="cli:rekey")

@@ -45,6 +45,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pyarrow.parquet as pq
 from sqlalchemy import Engine, inspect, select
@@ -60,9 +61,10 @@ from db.upstream import upstream_actions
 from dedup.identifiers import keyed_hash
 from dedup.policy import Thresholds
 from dedup.tombstones import TombstoneSet
-from pipeline.gc import IN_FLIGHT, LIVE, REMOVABLE, UNKNOWN, classify_home, database_files
+from pipeline.gc import IN_FLIGHT, LIVE, REMOVABLE, UNKNOWN, Entry, classify_home, classify_objects, database_files
 from pipeline.lifecycle import get_request, identifier_hashes
 from pipeline.locate import load_tombstones
+from pipeline.object_store import is_object_url, shard_file
 
 ACTOR = "audit:residue"
 PREFECT_CLEAN, PREFECT_HITS, PREFECT_NOT_CHECKED = "clean", "hits", "not_checked"
@@ -193,7 +195,7 @@ def check_residue(settings: Settings, engine: Engine, request_id: str, *,
     any_screen = SubjectScreen(key, identifiers, tuple(tombstones.values()), review)
 
     inventory = _inventory(settings, engine)
-    shards = _shards(engine, screens, matches, datasets)
+    shards = _shards(settings, engine, screens, matches, datasets)
     database = _database(engine, request_id, matches, any_screen)
     prefect_result = _prefect(request_id, any_screen, prefect_records)
     with unit_of_work(engine) as session:
@@ -227,13 +229,15 @@ def check_residue(settings: Settings, engine: Engine, request_id: str, *,
 def _inventory(settings: Settings, engine: Engine) -> dict:
     with unit_of_work(engine) as session:
         entries = classify_home(settings, session, database_files=database_files(settings))
+        objects = classify_objects(settings, session)  # the shared store's objects (none without one)
     # a writer marker names only a host and a PID (shards.store): not an orphan of data
     orphans = [e for e in entries if e.status != LIVE and e.kind != "writer_marker"]
+    orphans += [o for o in objects if o.status != LIVE]
     return {
-        "files": len(entries),
-        "by_kind": dict(sorted(Counter(e.kind for e in entries).items())),
+        "files": len(entries) + len(objects),
+        "by_kind": dict(sorted(Counter(e.kind for e in [*entries, *objects]).items())),
         "orphan_count": len(orphans),
-        "orphans": [e.to_dict(settings.home) for e in orphans],
+        "orphans": [e.to_dict(settings.home) if isinstance(e, Entry) else e.to_dict() for e in orphans],
         "orphans_by_status": {s: sum(e.status == s for e in orphans) for s in (REMOVABLE, IN_FLIGHT, UNKNOWN)},
     }
 
@@ -241,7 +245,7 @@ def _inventory(settings: Settings, engine: Engine) -> dict:
 # (b) ----------------------------------------------------------------
 
 
-def _shards(engine: Engine, screens: dict[str, SubjectScreen], matches: list[RequestMatch],
+def _shards(settings: Settings, engine: Engine, screens: dict[str, SubjectScreen], matches: list[RequestMatch],
             datasets: dict[int, str]) -> dict:
     kept = {(m.dataset_id, m.record_id) for m in matches if m.final_decision == "keep"}
     with unit_of_work(engine) as session:
@@ -252,9 +256,13 @@ def _shards(engine: Engine, screens: dict[str, SubjectScreen], matches: list[Req
     hits: list[dict] = []
     screened = 0
     for version in versions:
-        if not os.path.exists(version.path):
+        if is_object_url(version.path):  # the shared store: read the object itself (verified)
+            file = shard_file(settings, version, datasets[version.dataset_id])
+        elif not os.path.exists(version.path):
             continue
-        table = pq.read_table(version.path, columns=["record_id", "text"])
+        else:
+            file = Path(version.path)
+        table = pq.read_table(file, columns=["record_id", "text"])
         texts = table["text"].to_pylist()
         record_ids = table["record_id"].to_pylist()
         screened += len(texts)

@@ -42,6 +42,7 @@ from db.training import JOB_DONE, JOB_PENDING, JOB_RUNNING, Checkpoint, RequestM
 from pipeline.database import open_database
 from pipeline.erasure import crash_point, dataset_or_fail
 from pipeline.lifecycle import RequestState, TransitionCode, get_request, transition
+from pipeline.object_store import shard_file
 from pipeline.training import checkpoint_store, current_ensemble, publish_ensemble, record_checkpoints
 from shards.checkpoints import CheckpointStore
 from shards.device import DEVICE_ENV, THREADS_ENV, Runtime
@@ -119,7 +120,7 @@ def _train(settings: Settings, engine, dataset: str, shard: int, claim: dict) ->
     """Retrain the shard's member of the ensemble in service on the claimed version."""
     store = checkpoint_store(settings, dataset)
     with unit_of_work(engine) as session:
-        ensemble = current_ensemble(session, claim["dataset_id"])
+        ensemble = current_ensemble(session, claim["dataset_id"], settings)
         member = next((m for m in ensemble.members if m.shard_id == str(shard)), None) if ensemble else None
         if member is None:
             return {"outcome": "untrained", "final": None}
@@ -132,8 +133,8 @@ def _train(settings: Settings, engine, dataset: str, shard: int, claim: dict) ->
             ShardVersion.version == base_row.shard_version)).one()
     payload = store.load(member.checkpoint.key)
     config = TrainConfig.from_dict(payload["config"])
-    base_data = shard_for_config(base.path, str(shard), config)
-    target_data = shard_for_config(target.path, str(shard), config)
+    base_data = shard_for_config(shard_file(settings, base, dataset), str(shard), config)
+    target_data = shard_for_config(shard_file(settings, target, dataset), str(shard), config)
     removed = sorted(base_data.all_ids() - target_data.all_ids())
     added = target_data.all_ids() - base_data.all_ids()
     device, threads = worker_runtime_request()
@@ -197,7 +198,7 @@ def _record(settings: Settings, engine, dataset: str, shard: int, claim: dict, t
         version_id = None
         if trained["outcome"] != "untrained":
             record_checkpoints(session, store, claim["dataset_id"], shard, claim["target_version"], trained["keys"])
-            ensemble = current_ensemble(session, claim["dataset_id"])
+            ensemble = current_ensemble(session, claim["dataset_id"], settings)
             updated = ensemble.with_member(str(shard), trained["final"])
             published, _ = publish_ensemble(settings, session, claim["dataset_id"], dataset, updated,
                                             created_by=f"retrain:job:{job.id}")

@@ -28,7 +28,9 @@ from sqlalchemy.orm import Session
 from db.models import Dataset, ShardVersion
 from db.training import RequestMatch
 from dedup.normalize import DEFAULT_SHINGLE_SIZE, exact_jaccard, shingle_set
+from db.settings import Settings
 from pipeline.erasure import REVIEW, request_matches
+from pipeline.object_store import shard_file
 from pipeline.lifecycle import review_verdicts, sample_texts
 
 _WORD = re.compile(r"[^\W_]+")
@@ -99,7 +101,8 @@ def shared_segments(text: str, other: str, k: int = DEFAULT_SHINGLE_SIZE) -> tup
     return tuple(segments)
 
 
-def _record_texts(session: Session, dataset_id: int, wanted: set[tuple[int, int, str]]) -> dict[tuple[int, str], str]:
+def _record_texts(session: Session, dataset_id: int, wanted: set[tuple[int, int, str]],
+                  settings: Settings | None) -> dict[tuple[int, str], str]:
     """(shard, record id) -> text, read from the shard version each was matched in (if its file is still there)."""
     by_version: dict[tuple[int, int], set[str]] = {}
     for shard, version, record_id in wanted:
@@ -111,7 +114,8 @@ def _record_texts(session: Session, dataset_id: int, wanted: set[tuple[int, int,
         if row is None or row.files_purged_at is not None:
             continue
         try:
-            table = pq.read_table(row.path, columns=["record_id", "text"], filters=[("record_id", "in", sorted(ids))])
+            file = row.path if settings is None else shard_file(settings, row)  # a storage URL: fetched here
+            table = pq.read_table(file, columns=["record_id", "text"], filters=[("record_id", "in", sorted(ids))])
         except (OSError, ValueError):
             continue  # the file is gone: the page shows ids only
         out.update({(shard, rid): text for rid, text in
@@ -143,7 +147,8 @@ def _cosines(dataset: Dataset, pairs: list[tuple[str, str]]) -> list[float | Non
     return out
 
 
-def review_items(session: Session, request_id: str, *, with_texts: bool) -> list[ReviewItem]:
+def review_items(session: Session, request_id: str, *, with_texts: bool,
+                 settings: Settings | None = None) -> list[ReviewItem]:
     """The request's borderline matches (those policy sent to review), each with its
     verdict so far; with ``with_texts`` also both texts, the shared spans, Jaccard and cosine."""
     matches = request_matches(session, request_id)
@@ -161,7 +166,7 @@ def review_items(session: Session, request_id: str, *, with_texts: bool) -> list
             wanted = {(m.shard, m.shard_version, m.record_id) for m in found}
             wanted |= {place for m in found if m.query.startswith("record:")
                        if (place := _seed_place([x for x in matches if x.dataset_id == dataset_id], m.query))}
-            texts = _record_texts(session, dataset_id, wanted)
+            texts = _record_texts(session, dataset_id, wanted, settings)
         pairs: list[tuple[str | None, str | None]] = []
         for m in found:
             query_text = None

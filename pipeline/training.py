@@ -2,7 +2,9 @@
 ensemble version in service -> its member checkpoints.
 
 Checkpoints live under ``$ERASURE_HOME/checkpoints/<dataset>``, ensemble
-manifests under ``$ERASURE_HOME/ensembles/<dataset>``. Sub-models train one after
+manifests under ``$ERASURE_HOME/ensembles/<dataset>``; with a storage URL
+(``pipeline.object_store``) the rows name their uploaded objects and the home is this
+host's cache of them. Sub-models train one after
 another in the calling process: torch's deterministic switches are process-wide
 (see ``shards.device``), so two trainings must never share a process concurrently.
 
@@ -33,6 +35,7 @@ from db.training import Checkpoint, EnsembleMemberRow, EnsembleVersionRow
 from pipeline.database import open_database
 from pipeline.erasure import dataset_or_fail
 from pipeline.labels import vocabulary
+from pipeline.object_store import is_object_url, local_copy, object_store, publish_file, shard_file
 from shards.checkpoints import CheckpointStore
 from shards.ensemble import EnsembleMember, EnsembleVersion
 from shards.model import ModelSpec
@@ -92,11 +95,67 @@ class TrainingOptions:
 
 
 def checkpoint_store(settings: Settings, dataset: str) -> CheckpointStore:
-    return CheckpointStore(settings.home / "checkpoints" / dataset)
+    root = settings.home / "checkpoints" / dataset
+    return CheckpointStore(root) if object_store(settings) is None else SharedCheckpointStore(root, settings, dataset)
+
+
+class SharedCheckpointStore(CheckpointStore):
+    """The checkpoints of a dataset with a storage URL: the home folder is this host's cache.
+    A checkpoint the database records (and has not purged) exists; it is fetched from its
+    object, verified against the row's sha256, on first use."""
+
+    def __init__(self, root: Path, settings: Settings, dataset: str) -> None:
+        super().__init__(root)
+        self.settings, self.dataset = settings, dataset
+
+    def _recorded(self, key: str) -> tuple[str, str] | None:
+        from db.models import Dataset
+
+        engine = open_database(self.settings)
+        with unit_of_work(engine) as session:
+            row = session.execute(
+                select(Checkpoint.path, Checkpoint.sha256).join(Dataset, Dataset.id == Checkpoint.dataset_id)
+                .where(Dataset.name == self.dataset, Checkpoint.key == key, Checkpoint.file_purged_at.is_(None))
+            ).first()
+        return (row.path, row.sha256) if row is not None and is_object_url(row.path) else None
+
+    def _fetch(self, key: str) -> bool:
+        if super().exists(key):
+            return True
+        recorded = self._recorded(key)
+        if recorded is None:
+            return False
+        local_copy(self.settings, recorded[0], recorded[1], self.path_for(key))
+        return True
+
+    def exists(self, key: str) -> bool:
+        return super().exists(key) or self._recorded(key) is not None
+
+    def load(self, key_or_ref):  # noqa: ANN001, ANN201
+        self._fetch(key_or_ref if isinstance(key_or_ref, str) else key_or_ref.key)
+        return super().load(key_or_ref)
+
+    def publish(self, path: Path, sha256: str) -> str:
+        """Upload a checkpoint written here; the URL its row records."""
+        return publish_file(self.settings, path, sha256)
 
 
 def manifest_path(settings: Settings, dataset: str, version_id: str) -> Path:
     return settings.home / "ensembles" / dataset / f"{version_id}.json"
+
+
+def read_manifest(settings: Settings, row: EnsembleVersionRow, dataset: str | None = None) -> EnsembleVersion:
+    """The ensemble version a row names (fetched and verified first, with a storage URL)."""
+    if not is_object_url(row.manifest_path):
+        return EnsembleVersion.read(row.manifest_path)
+    if dataset is None:
+        from sqlalchemy.orm import object_session
+
+        from db.models import Dataset
+
+        dataset = object_session(row).get(Dataset, row.dataset_id).name
+    return EnsembleVersion.read(local_copy(settings, row.manifest_path, None,
+                                           manifest_path(settings, dataset, row.version_id)))
 
 
 def current_ensemble_row(session: Session, dataset_id: int) -> EnsembleVersionRow | None:
@@ -107,9 +166,13 @@ def current_ensemble_row(session: Session, dataset_id: int) -> EnsembleVersionRo
     ).first()
 
 
-def current_ensemble(session: Session, dataset_id: int) -> EnsembleVersion | None:
+def current_ensemble(session: Session, dataset_id: int, settings: Settings | None = None) -> EnsembleVersion | None:
     row = current_ensemble_row(session, dataset_id)
-    return EnsembleVersion.read(row.manifest_path) if row is not None else None
+    if row is None:
+        return None
+    if settings is None and is_object_url(row.manifest_path):
+        raise RuntimeError("the ensemble's manifest is in the shared store: pass the settings")
+    return EnsembleVersion.read(row.manifest_path) if settings is None else read_manifest(settings, row)
 
 
 def record_checkpoints(
@@ -121,9 +184,10 @@ def record_checkpoints(
         if not store.exists(key) or session.get(Checkpoint, (dataset_id, key)) is not None:
             continue
         ref = store.ref(key)
+        path = store.publish(ref.path, ref.sha256) if isinstance(store, SharedCheckpointStore) else str(ref.path)
         session.add(Checkpoint(
             dataset_id=dataset_id, key=key, shard=shard, slice=ref.slice_index, shard_version=shard_version,
-            path=str(ref.path), sha256=ref.sha256, records_seen=ref.records_seen, created_at=utcnow(),
+            path=path, sha256=ref.sha256, records_seen=ref.records_seen, created_at=utcnow(),
         ))
     session.flush()
 
@@ -141,7 +205,7 @@ def publish_ensemble(
     path = version.write(manifest_path(settings, dataset, version.version_id))
     row = EnsembleVersionRow(
         dataset_id=dataset_id, version_id=version.version_id, parent_version_id=version.parent,
-        manifest_path=str(path), created_by=created_by, created_at=utcnow(),
+        manifest_path=publish_file(settings, path), created_by=created_by, created_at=utcnow(),
     )
     session.add(row)
     session.flush()
@@ -167,7 +231,7 @@ def _num_classes(settings: Settings, versions: dict, options: TrainingOptions, v
 
     highest = 1
     for v in versions.values():
-        labels = pq.read_table(v.path, columns=["label"])["label"]
+        labels = pq.read_table(shard_file(settings, v), columns=["label"])["label"]
         top = pc.max(labels).as_py()
         if top is not None:
             highest = max(highest, int(top))
@@ -221,7 +285,7 @@ def _train_latest(settings: Settings, engine, dataset: str, shard: int, config: 
         version = latest_shard_versions(session, ds.id)[shard]
         dataset_id = ds.id
     store = checkpoint_store(settings, dataset)
-    data = shard_for_config(version.path, str(shard), config)
+    data = shard_for_config(shard_file(settings, version, dataset), str(shard), config)
     try:
         result = train_shard(data, config, store)
     except EmptyShardError:
@@ -329,7 +393,7 @@ def train_baseline(settings: Settings, dataset: str, options: dict) -> dict:
         if config.model.family != "mlp":
             raise ValueError(f"a baseline is trained for the mlp family only, not {config.model.family!r}; "
                              "train without --baseline")
-        parts = [shard_from_parquet(v.path, str(s), unlabeled="skip") for s, v in sorted(versions.items())]
+        parts = [shard_from_parquet(shard_file(settings, v, dataset), str(s), unlabeled="skip") for s, v in sorted(versions.items())]
         parts = [p for p in parts if p.num_records]
         if not parts:
             raise ValueError(f"dataset {dataset!r} has no labelled records to train a baseline on")
@@ -348,7 +412,8 @@ def train_baseline(settings: Settings, dataset: str, options: dict) -> dict:
                 result.final.path.unlink(missing_ok=True)
                 raise PublishRaceError(f"the shards of {dataset!r} changed while the baseline was training; it "
                                        "was deleted, not recorded: run `erasure train --baseline` again")
-            row = BaselineModel(dataset_id=dataset_id, checkpoint_key=result.final.key, path=str(result.final.path),
+            row = BaselineModel(dataset_id=dataset_id, checkpoint_key=result.final.key,
+                                path=publish_file(settings, result.final.path, result.final.sha256),
                                 sha256=result.final.sha256, records_seen=data.num_records,
                                 config_digest=config.digest, shard_versions=json.dumps(trained_on, sort_keys=True),
                                 created_at=utcnow())

@@ -194,15 +194,16 @@ def certificate_download(request_id: uuid.UUID, user: Reader, session: SessionDe
 
 
 @router.get("/requests/{request_id}/probe/{dataset}.png")
-def probe_plot(request_id: uuid.UUID, dataset: str, user: Reader, settings: SettingsDep) -> Response:
-    from pipeline.membership import report_path
+def probe_plot(request_id: uuid.UUID, dataset: str, user: Reader, settings: SettingsDep,
+               session: SessionDep) -> Response:
+    from pipeline.membership import report_file
     from shards.store import validate_dataset_name
 
     try:
         name = validate_dataset_name(dataset)
     except ValueError as exc:
         raise ConsoleDenied(404, str(exc)) from None
-    path = report_path(settings, str(request_id), name)
-    if not path.is_file():
+    path = report_file(settings, session, str(request_id), name)
+    if path is None:
         raise ConsoleDenied(404, "No membership-probe plot for this request and dataset.")
     return FileResponse(path, media_type="image/png", headers={"Cache-Control": "no-store"})
