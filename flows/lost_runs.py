@@ -10,7 +10,7 @@ is lost: the automation (proactive trigger, one per flow run) sets it Crashed.
 again on its pool, where the claim of the killed run is resumed.
 
 Create it once per Prefect server: ``python -m flows.lost_runs [within_s]``
-(``erasure up`` and the multi-host test do it through ``ensure_lost_run_automation``).
+(the multi-host test does it through ``ensure_lost_run_automation``; ``erasure up`` does not yet).
 """
 
 from __future__ import annotations

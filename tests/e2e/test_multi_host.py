@@ -54,17 +54,6 @@ REQUEST_TIMEOUT_S = 420
 pytestmark = [pytest.mark.multihost, pytest.mark.postgres]
 
 
-def _storage_by_url() -> bool:
-    """Whether this checkout stores shared data under ERASURE_STORAGE_URL (issue 13 part 1).
-    Until it does, the hosts share A's data home as a folder (what exists today: the test
-    then checks the database, Prefect and the workers across hosts, not the object store)."""
-    from db.settings import Settings
-
-    return "storage_url" in Settings.model_fields
-
-
-STORAGE_BY_URL = _storage_by_url()
-
 
 def _wait(what: str, ready, timeout_s: float, logs: list[Path] = (), poll_s: float = 0.5):  # noqa: ANN001, ANN202
     deadline = time.monotonic() + timeout_s
@@ -115,8 +104,8 @@ def cluster(tmp_path: Path):  # noqa: ANN201
         folder.mkdir()
     net = Network()
     try:
-        b = net.add_host("B", hidden=(a_dir, c_dir) if STORAGE_BY_URL else (c_dir,))
-        c = net.add_host("C", hidden=(a_dir, b_dir) if STORAGE_BY_URL else (b_dir,))
+        b = net.add_host("B", hidden=(a_dir, c_dir))
+        c = net.add_host("C", hidden=(a_dir, b_dir))
         subnet = f"{net.a.address.rsplit('.', 1)[0]}.0/24"
         with private_postgres(host=net.a.address, trusted_network=subnet) as pg:
             logs = tmp_path / "logs"
@@ -158,8 +147,7 @@ def cluster(tmp_path: Path):  # noqa: ANN201
 
             def host_env(folder: Path) -> dict[str, str]:
                 (folder / "home").mkdir(exist_ok=True)
-                home = folder / "home" if STORAGE_BY_URL else a_dir / "home"
-                return {**_base_env(folder), **shared, "ERASURE_HOME": str(home)}
+                return {**_base_env(folder), **shared, "ERASURE_HOME": str(folder / "home")}
 
             envs = {"A": host_env(a_dir), "B": host_env(b_dir), "C": host_env(c_dir)}
             # B certifies: its signing key is provisioned into its scratch folder (a secret: never in the store)
@@ -206,7 +194,8 @@ def cluster(tmp_path: Path):  # noqa: ANN201
             yield {"net": net, "b": b, "c": c, "pg": pg, "envs": envs, "api": api, "token": token,
                    "prefect_api": prefect_api, "logs": logs, "base": tmp_path, "start_worker": start_worker,
                    "bucket": bucket, "endpoint": endpoint}
-            net.a.stop()  # the API, Prefect and S3 servers before PostgreSQL goes
+            for host in (b, c, net.a):  # workers first, then the API, Prefect and S3 servers, then PostgreSQL
+                host.stop()
     finally:
         net.close()
 
@@ -265,12 +254,55 @@ def _sql(cluster: dict, query: str, *args: object) -> list[tuple]:
         return connection.execute(query, args).fetchall()
 
 
-def _members(cluster: dict, dataset: str) -> list[tuple[int, str]]:
-    """(shard, checkpoint sha256) of the dataset's ensemble in service."""
+def _members(cluster: dict, dataset: str) -> list[tuple[int, str, str]]:
+    """(shard, checkpoint key, checkpoint file sha256) of the dataset's ensemble in service."""
     return sorted(_sql(cluster, """
-        SELECT m.shard, m.checkpoint_key FROM ensemble_members m
-        WHERE m.ensemble_id = (SELECT max(v.id) FROM ensemble_versions v JOIN datasets d ON d.id = v.dataset_id
+        SELECT m.shard, m.checkpoint_key, c.sha256 FROM ensemble_members m
+        JOIN ensemble_versions v ON v.id = m.ensemble_id
+        JOIN checkpoints c ON c.dataset_id = v.dataset_id AND c.key = m.checkpoint_key
+        WHERE m.ensemble_id = (SELECT max(v2.id) FROM ensemble_versions v2 JOIN datasets d ON d.id = v2.dataset_id
                                WHERE d.name = %s)""", dataset))
+
+
+def _s3_client(cluster: dict):  # noqa: ANN202
+    import boto3
+
+    return boto3.client("s3", endpoint_url=cluster["endpoint"], region_name="us-east-1",
+                        aws_access_key_id=S3_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+                        aws_secret_access_key=S3_CREDENTIALS["AWS_SECRET_ACCESS_KEY"])
+
+
+def _weights(cluster: dict, dataset: str) -> list[tuple[int, str, str]]:
+    """(shard, checkpoint key, sha256 of the model weights) of the dataset's ensemble in service,
+    read from the store with boto3. The checkpoint file's own sha256 covers its wall-clock cost
+    figures too, so two runs that trained the same weights store files of different sha256s;
+    the weights (every tensor of the model state, in name order) are what must be equal."""
+    import hashlib
+    import io
+
+    import torch
+
+    found = []
+    for shard, key, _ in _members(cluster, dataset):
+        ((path,),) = _sql(cluster, "SELECT c.path FROM checkpoints c JOIN datasets d ON d.id = c.dataset_id "
+                                   "WHERE d.name = %s AND c.key = %s", dataset, key)
+        bucket, _, object_key = path.removeprefix("s3://").partition("/")
+        data = _s3_client(cluster).get_object(Bucket=bucket, Key=object_key)["Body"].read()
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)["model_state"]
+        digest = hashlib.sha256()
+        for name in sorted(state):
+            digest.update(name.encode() + b"\0" + state[name].contiguous().numpy().tobytes())
+        found.append((shard, key, digest.hexdigest()))
+    return found
+
+
+def _bucket_objects(cluster: dict) -> list[str]:
+    """Every object in the test's bucket, listed with boto3 (independently of our code)."""
+    client = _s3_client(cluster)
+    keys: list[str] = []
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=cluster["bucket"]):
+        keys += [o["Key"] for o in page.get("Contents", [])]
+    return keys
 
 
 def _flow_runs(cluster: dict, flow_name: str) -> list[dict]:
@@ -302,9 +334,9 @@ def test_a_request_is_located_on_b_retrained_on_c_and_survives_c_dying(cluster: 
         _ok(a.run([sys.executable, "-m", "prefect", "deployment", "run", "train-ensemble/train",
                    "-p", f"dataset={dataset}", "-p", "epochs=3", "-p", "budget=per-shard", "--watch"],
                   envs["A"], ROOT, timeout=600))
-    assert _members(cluster, "d1") == _members(cluster, "d2") and len(_members(cluster, "d1")) == 3
+    assert _weights(cluster, "d1") == _weights(cluster, "d2") and len(_members(cluster, "d1")) == 3
     assert {_run_host(r) for r in _flow_runs(cluster, "train-ensemble")} == {"host-c"}
-    trained = dict(_members(cluster, "d1"))
+    trained = {shard: (key, sha) for shard, key, sha in _members(cluster, "d1")}
 
     # 1. undisturbed: submitted over HTTP to A, located on B, retrained on C
     subject = demo_subject(files.ground_truth)
@@ -314,9 +346,14 @@ def test_a_request_is_located_on_b_retrained_on_c_and_survives_c_dying(cluster: 
     assert {_run_host(r) for r in _flow_runs(cluster, "process-erasure-request")} == {"host-b"}
     retrains = _flow_runs(cluster, "retrain-shard")
     assert retrains and {_run_host(r) for r in retrains} == {"host-c"}
-    reference = _members(cluster, "d1")
-    changed = {shard for shard, key in reference if trained[shard] != key}
+    reference = _weights(cluster, "d1")
+    changed = {shard for shard, key, _ in _members(cluster, "d1") if trained[shard][0] != key}
     assert changed, "the erasure retrained no sub-model"
+    # what C wrote, B and A read: objects in the store, named by their sha256
+    objects = _bucket_objects(cluster)
+    assert all(any(sha in name for name in objects) for _, _, sha in _members(cluster, "d1")), objects[:10]
+    paths = _sql(cluster, "SELECT path FROM checkpoints")
+    assert paths and all(path.startswith("s3://") for (path,) in paths), paths[:3]
 
     # the certificate, exported on B (the certifying host) and verified offline with its public key
     b = cluster["b"]
@@ -353,4 +390,4 @@ def test_a_request_is_located_on_b_retrained_on_c_and_survives_c_dying(cluster: 
     _wait_completed(cluster, second)
     crashed = [r for r in _flow_runs(cluster, "retrain-shard") if r["state_type"] == "CRASHED"]
     assert crashed, "the killed retraining was not marked crashed"
-    assert _members(cluster, "d2") == reference
+    assert _weights(cluster, "d2") == reference  # the same weights as the undisturbed run
