@@ -51,7 +51,7 @@ HEARTBEAT_S = 30  # Prefect's minimum
 LOST_AFTER_S = 75  # > 2 heartbeats without one: the run's host is gone
 REQUEST_TIMEOUT_S = 420
 
-pytestmark = [pytest.mark.multihost, pytest.mark.postgres]
+pytestmark = [pytest.mark.multihost, pytest.mark.slow, pytest.mark.postgres]
 
 
 
