@@ -84,15 +84,6 @@ def _base_env(scratch: Path) -> dict[str, str]:
     return env
 
 
-class Cluster:
-    """What the test built: hosts, addresses, environments, logs."""
-
-    def __init__(self, net: Network, base: Path) -> None:
-        self.net, self.base = net, base
-        self.a, self.logs = net.a, base / "logs"
-        self.logs.mkdir()
-
-
 @pytest.fixture
 def cluster(tmp_path: Path):  # noqa: ANN201
     reason = netns_unavailable_reason()
