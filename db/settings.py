@@ -123,6 +123,10 @@ class Settings(BaseSettings):
             return key
         path = self.home / "secret.key"
         if not path.exists():
+            if self.storage_url is not None:
+                # Hosts sharing a store must share the key: one generated here would match nothing.
+                raise ValueError("ERASURE_STORAGE_URL is set but ERASURE_SECRET_KEY is not: give every host the "
+                                 "same ERASURE_SECRET_KEY (32 random hex bytes, from a vault)")
             write_private_file_once(path, secrets.token_hex(32).encode())
         return path.read_text().strip().encode()
 

@@ -423,9 +423,10 @@ def _retained_section(settings: Settings, session: Session, request_id: str, dat
                 .order_by(ShardVersion.version)):
             if holds(shard, row.version, 1 << 30):
                 home_path = shard_version_home_path(settings, dataset.name, shard, row.version)
+                here = home_path_of(settings, row.path, home_path)  # a storage URL: this host's copy
                 versions.append({"shard": shard, "version": row.version, "sha256": row.sha256,
                                  "file_on_disk": still_stored(settings, row.path, home_path),
-                                 "indexes_on_disk": Path(f"{home_path_of(settings, row.path, home_path)}.dedup").exists(),
+                                 "indexes_on_disk": Path(f"{here}.dedup").exists(),
                                  "files_purged_at": _iso(row.files_purged_at)})
         checkpoints += [row for row in session.scalars(select(Checkpoint).where(
             Checkpoint.dataset_id == dataset.id, Checkpoint.shard == shard, Checkpoint.shard_version < newest))

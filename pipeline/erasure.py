@@ -291,7 +291,8 @@ def update_indexes_and_tombstones(
 
     embedder = dataset_embedder(dataset.embedder, dataset.feature_dim)
     # Keyed MinHash parameters: the tombstones confirm nothing to whoever lacks the secret key.
-    base_index = load_index(shard_file(settings, base, dataset.name), shard, base.version, embedder, dataset_minhash(settings, dataset.name))
+    base_file = shard_file(settings, base, dataset.name)  # a storage URL: this host's verified copy
+    base_index = load_index(base_file, shard, base.version, embedder, dataset_minhash(settings, dataset.name))
     new_index, removed = base_index.without(removed_ids, new.version)
     if not artefact_dir(new.path).is_dir():
         new_index.save(new.path)

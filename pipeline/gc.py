@@ -448,9 +448,9 @@ def sweep(settings: Settings, engine: Engine, *, request_id: str | None = None, 
         with unit_of_work(engine) as session:
             if dataset_id is not None and shard is not None:
                 lock_shard(session, dataset_id, shard)
-                again = {e.path: e for e in _classify_shard_dir(settings.shards_dir / dataset / shard_dir,
-                                                                _live(session, settings), ShardStore(settings.shards_dir),
-                                                                time.time(), grace_s)}
+                again = {e.path: e for e in _classify_shard_dir(
+                    settings.shards_dir / dataset / shard_dir, _live(session, settings),
+                    ShardStore(settings.shards_dir), time.time(), grace_s)}
                 group = [again[e.path] for e in group if e.path in again and again[e.path].status == REMOVABLE]
             _remove_all(group, report, settings.home)
     _remove_all(others, report, settings.home)

@@ -192,7 +192,8 @@ def _inputs(session: Session, request_id: str, dataset: str, settings: Settings)
         feature_dim=ds.feature_dim,
         erased={s: {path: tuple(sorted(ids)) for path, ids in files.items()} for s, files in sorted(grouped.items())},
         matched=frozenset(m.record_id for m in matches),
-        latest_files={s: str(shard_file(settings, v, ds.name)) for s, v in latest_shard_versions(session, ds.id).items()},
+        latest_files={s: str(shard_file(settings, v, ds.name))
+                      for s, v in latest_shard_versions(session, ds.id).items()},
         versions=versions,
         links=tuple(sorted((m.record_id, m.query) for m in matches
                            if m.erased_in_shard_version is not None and m.method != "identifier")),

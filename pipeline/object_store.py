@@ -147,7 +147,7 @@ class ObjectStore:
         return sorted(found, key=lambda o: o.url)
 
 
-_stores: dict[tuple[str, str | None], ObjectStore] = {}
+_stores: dict[tuple[str, str | None, int], ObjectStore] = {}
 _stores_lock = threading.Lock()
 
 
@@ -155,7 +155,8 @@ def object_store(settings: Settings) -> ObjectStore | None:
     """The configured store (one per process and URL), or None: everything stays in the home."""
     if settings.storage_url is None:
         return None
-    key = (settings.storage_url, settings.s3_endpoint_url)
+    # per process: a forked worker opens its own connections, as pipeline.database does
+    key = (settings.storage_url, settings.s3_endpoint_url, os.getpid())
     with _stores_lock:
         store = _stores.get(key)
         if store is None:
@@ -258,7 +259,7 @@ def shard_file(settings: Settings, row: object, dataset: str | None = None) -> P
     path: str = row.path  # type: ignore[attr-defined]
     if not is_object_url(path):
         return Path(path)
-    dest = shard_version_home_path(settings, _dataset_name(row, dataset), row.shard, row.version)  # type: ignore[attr-defined]
+    dest = shard_version_home_path(settings, _dataset_name(row, dataset), row.shard, row.version)  # type: ignore
     return local_copy(settings, path, row.sha256, dest)  # type: ignore[attr-defined]
 
 

@@ -393,7 +393,8 @@ def train_baseline(settings: Settings, dataset: str, options: dict) -> dict:
         if config.model.family != "mlp":
             raise ValueError(f"a baseline is trained for the mlp family only, not {config.model.family!r}; "
                              "train without --baseline")
-        parts = [shard_from_parquet(shard_file(settings, v, dataset), str(s), unlabeled="skip") for s, v in sorted(versions.items())]
+        parts = [shard_from_parquet(shard_file(settings, v, dataset), str(s), unlabeled="skip")
+                 for s, v in sorted(versions.items())]
         parts = [p for p in parts if p.num_records]
         if not parts:
             raise ValueError(f"dataset {dataset!r} has no labelled records to train a baseline on")

@@ -95,9 +95,16 @@ def test_a_deleted_object_is_checked_gone(s3: S3Server, tmp_path: Path) -> None:
         store.delete("s3://another-bucket/objects/ab/" + "ab" * 32)
 
 
+def test_hosts_sharing_a_store_must_be_given_the_key(s3: S3Server, tmp_path: Path) -> None:
+    settings = store_settings(s3, tmp_path)
+    with pytest.raises(ValueError, match="same ERASURE_SECRET_KEY"):
+        settings.secret_key_bytes()  # a key generated on one host would match nothing on the others
+    assert not (tmp_path / "secret.key").exists()
+
+
 def test_secrets_never_go_to_the_store(s3: S3Server, tmp_path: Path) -> None:
     settings = store_settings(s3, tmp_path)
-    settings.secret_key_bytes()  # generated into the home
+    Settings(home=tmp_path).secret_key_bytes()  # a key file generated into the home (one machine)
     from pipeline.signing import load_or_create_signing_key
 
     load_or_create_signing_key(settings)

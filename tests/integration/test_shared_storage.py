@@ -166,6 +166,11 @@ def test_an_object_whose_transaction_rolled_back_is_never_live_and_the_sweep_rem
     engine = open_database(api)
     with unit_of_work(engine) as session:
         assert session.scalars(select(ShardVersion)).first() is None  # ... but no row names them
+    from pipeline.residue import _inventory
+
+    inventory = _inventory(api, engine)  # the residue check's inventory looks in the store too
+    assert inventory["orphan_count"] == len(uploaded)
+    assert {o["kind"] for o in inventory["orphans"]} == {"orphan_object"}
     report = sweep(api, engine)
     assert report.ok, report.errors
     assert report.removed.get("orphan_object") == len(uploaded)
