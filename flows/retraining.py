@@ -13,13 +13,14 @@ import flows.prefect_setup  # noqa: F401  (our Prefect defaults, before prefect 
 
 import os
 
-from prefect import flow, task
+from prefect import flow, get_run_logger, task
 
 from db.settings import load_settings
 from flows.retries import RETRY
 from pipeline.retraining import pending_shards, retrain_shard_jobs
 
 DEPLOYMENT_ENV = "ERASURE_RETRAIN_DEPLOYMENT"
+LOST_RUN_RESTARTS = 3  # a shard retraining whose host dies is started again this many times
 
 
 @task(name="retrain-shard-jobs", result_serializer="json", **RETRY)
@@ -35,7 +36,8 @@ def retrain_shard(dataset: str, shard: int) -> list[dict]:
 
 def dispatch_retraining(dataset: str, shards: list[int]) -> list[dict]:
     """Retrain each shard: on the deployment named by ``$ERASURE_RETRAIN_DEPLOYMENT``
-    (e.g. the ``gpu`` pool) when set, else in this process."""
+    (e.g. the ``gpu`` pool) when set, else in this process. A run there that crashed
+    (its host was lost) is started again, up to ``LOST_RUN_RESTARTS`` times."""
     deployment = os.environ.get(DEPLOYMENT_ENV)
     results: list[dict] = []
     for shard in shards:
@@ -43,6 +45,14 @@ def dispatch_retraining(dataset: str, shards: list[int]) -> list[dict]:
             from prefect.deployments import run_deployment
 
             run = run_deployment(deployment, parameters={"dataset": dataset, "shard": shard}, timeout=None)
+            restarts = 0
+            while run.state.is_crashed() and restarts < LOST_RUN_RESTARTS:
+                # its host or worker died (flows/lost_runs.py marks such a run Crashed): start it again
+                # on the pool; the new run resumes the killed one's claim and stored checkpoints
+                restarts += 1
+                get_run_logger().warning("retraining shard %s of %s on %s crashed (%s); starting it again (%d/%d)",
+                                         shard, dataset, deployment, run.state.message, restarts, LOST_RUN_RESTARTS)
+                run = run_deployment(deployment, parameters={"dataset": dataset, "shard": shard}, timeout=None)
             if not run.state.is_completed():
                 raise RuntimeError(f"retraining shard {shard} of {dataset} on {deployment} ended {run.state.name}")
             results.append({"shard": shard, "flow_run": str(run.id)})

@@ -21,10 +21,10 @@ from tests.prefect_server import free_port
 
 
 class PrivatePostgres:
-    def __init__(self, bindir: Path, folder: Path, port: int) -> None:
-        self.bindir, self.folder, self.port = bindir, folder, port
-        self.admin_url = f"postgresql://postgres@127.0.0.1:{port}/postgres"
-        self.url = f"postgresql+psycopg://postgres@127.0.0.1:{port}/erasure"
+    def __init__(self, bindir: Path, folder: Path, port: int, host: str = "127.0.0.1") -> None:
+        self.bindir, self.folder, self.port, self.host = bindir, folder, port, host
+        self.admin_url = f"postgresql://postgres@{host}:{port}/postgres"
+        self.url = f"postgresql+psycopg://postgres@{host}:{port}/erasure"
 
     def _as_postgres(self, *command: str) -> None:
         line = " ".join(command)
@@ -34,7 +34,7 @@ class PrivatePostgres:
 
     def start(self) -> None:
         self._as_postgres(f"{self.bindir}/pg_ctl", "-D", str(self.folder / "data"), "-l", str(self.folder / "log"),
-                          "-o", f"'-p {self.port} -k {self.folder} -c listen_addresses=127.0.0.1 -c fsync=off'",
+                          "-o", f"'-p {self.port} -k {self.folder} -c listen_addresses={self.host} -c fsync=off'",
                           "-w", "start")
 
     def stop(self) -> None:
@@ -43,8 +43,10 @@ class PrivatePostgres:
 
 
 @contextmanager
-def private_postgres() -> Iterator[PrivatePostgres]:
-    """A running cluster with an empty ``erasure`` database; skips when no server binaries are installed."""
+def private_postgres(host: str = "127.0.0.1", trusted_network: str | None = None) -> Iterator[PrivatePostgres]:
+    """A running cluster with an empty ``erasure`` database, listening on ``host``; clients from
+    ``trusted_network`` (CIDR, e.g. other test hosts' subnet) are trusted too. Skips when no
+    server binaries are installed."""
     bindirs = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
     if not bindirs:
         pytest.skip("no PostgreSQL server binaries under /usr/lib/postgresql (apt-get install postgresql)")
@@ -53,9 +55,12 @@ def private_postgres() -> Iterator[PrivatePostgres]:
     folder = Path(tempfile.mkdtemp(prefix="private-pg-"))
     os.chmod(folder, 0o755)
     shutil.chown(folder, "postgres")
-    cluster = PrivatePostgres(Path(bindirs[-1]), folder, free_port())
+    cluster = PrivatePostgres(Path(bindirs[-1]), folder, free_port(), host)
     try:
         cluster._as_postgres(f"{cluster.bindir}/initdb", "-D", str(folder / "data"), "-A", "trust", "-U", "postgres")
+        if trusted_network:
+            with open(folder / "data" / "pg_hba.conf", "a") as hba:
+                hba.write(f"host all all {trusted_network} trust\n")
         cluster.start()
         import psycopg
 
