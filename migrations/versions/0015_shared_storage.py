@@ -11,7 +11,7 @@ Rows that already record paths (``shard_versions.path``, ``checkpoints.path``,
 instead when a storage URL is set: no column changes for them.
 
 Revision ID: 0015
-Revises: 0013
+Revises: 0014
 Create Date: 2026-12-07
 """
 
