@@ -8,14 +8,16 @@ from __future__ import annotations
 import io
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
-import pyarrow as pa
-import pyarrow.csv as pa_csv
 from sqlalchemy import func, insert, select, text
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from db.models import Dataset, Record, RecordIdentifier, ShardVersion, SourceFile
+
+if TYPE_CHECKING:  # pyarrow only where rows are bulk-loaded: audit and request commands never import it
+    import pyarrow as pa
 
 RECORD_COLUMNS = (
     "dataset_id",
@@ -156,6 +158,8 @@ def bulk_insert(session: Session, table: str, rows: pa.Table) -> int:
         from psycopg.copy import QueuedLibpqWriter
 
         cursor = connection.connection.driver_connection.cursor()
+        import pyarrow.csv as pa_csv
+
         options = pa_csv.WriteOptions(include_header=False, batch_size=8192)
         # A writer thread sends while this one writes the next chunk: the server's parsing overlaps ours.
         with cursor.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN (FORMAT csv, ENCODING 'UTF8')",
