@@ -64,6 +64,7 @@ to the samples before intake). The certificate states which applied.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, replace
 from enum import Enum
 from typing import TYPE_CHECKING
@@ -127,6 +128,14 @@ class Metric(str, Enum):
         return {"identifier": 2, "jaccard": 1, "cosine": 0}[self.value]
 
 
+def paraphrase_score(margin: float, rank: int, lead: float, lead_weight: float) -> float:
+    """The margin, plus ``lead_weight`` times the lead over the runner-up for the rank-1 neighbour
+    (``lead = cos(rank 1) - cos(rank 2)``, 0 when there is no second record); see :mod:`dedup.paraphrase`."""
+    if rank != 1 or math.isnan(lead) or math.isnan(margin):
+        return float(margin)
+    return float(margin + lead_weight * max(lead, 0.0))
+
+
 @dataclass(frozen=True)
 class Thresholds:
     """Decision thresholds; a score at a threshold takes the stronger decision."""
@@ -140,6 +149,9 @@ class Thresholds:
     margin_review_lower: float = 1.0
     margin_max_rank: int = 0  # 0: the margin rule is off
     cosine_floor: float = 0.5
+    lead_weight: float = 0.0  # rank 1's score: margin + lead_weight * lead over the runner-up (0: the margin alone)
+    margin_review_spans: float = 0.0  # rank 1 sharing a span of span_review_words words: this score suffices (0: off)
+    span_review_words: int = 3
 
     def __post_init__(self) -> None:
         try:
@@ -156,6 +168,10 @@ class Thresholds:
         if self.margin_max_rank < 0 or self.margin_review <= 0 or self.margin_review_lower <= 0:
             raise ValueError(f"need margin_max_rank >= 0 (0 turns the margin rule off) and margins > 0, got "
                              f"{self.margin_max_rank}, {self.margin_review}, {self.margin_review_lower}")
+        if self.lead_weight < 0 or self.margin_review_spans < 0 or self.span_review_words < 1:
+            raise ValueError(f"need lead_weight >= 0, margin_review_spans >= 0 (0 turns it off) and "
+                             f"span_review_words >= 1, got {self.lead_weight}, {self.margin_review_spans}, "
+                             f"{self.span_review_words}")
         if not 0.0 <= self.cosine_floor <= 1.0:
             raise ValueError(f"cosine_floor must lie in [0, 1], got {self.cosine_floor}")
 
@@ -171,24 +187,36 @@ class Thresholds:
         return Decision.REVIEW if score >= review else Decision.KEEP
 
     def decide_paraphrase(self, cosine: float, margin: float, rank: int, provenance: Provenance = Provenance.SEED,
-                          longest_span_words: int = 0, jaccard: float | None = None) -> tuple[Decision, tuple[str, ...]]:
+                          longest_span_words: int = 0, jaccard: float | None = None,
+                          lead: float = 0.0) -> tuple[Decision, tuple[str, ...]]:
         """The decision on an embedding neighbour and the reasons for it, in words a reviewer reads.
 
         Review when the margin rule holds (see the module doc) or ``cosine >= cosine_review``;
-        erase only at ``cosine >= cosine_erase`` (an identical vector). The lexical evidence is
-        stated beside it; it decides through the verified Jaccard of the MinHash path."""
+        erase only at ``cosine >= cosine_erase`` (an identical vector). At rank 1 the rule compares
+        :func:`dedup.paraphrase.paraphrase_score` (the margin plus the weighted lead over the
+        runner-up); a shared span of ``span_review_words`` words lowers the bar to
+        ``margin_review_spans``. The Jaccard is stated beside it; it decides through the MinHash path."""
         reasons = []
         decision = Decision.KEEP
         if cosine >= self.cosine_erase:
             decision = self.decide(Metric.COSINE, cosine, provenance)
             reasons.append(f"cosine {cosine:.3f} >= {self.cosine_erase} (the same vector)")
         if self.margin_max_rank and rank <= self.margin_max_rank and cosine >= self.cosine_floor:
+            score = paraphrase_score(margin, rank, lead, self.lead_weight)
+            what = (f"score {score:.3f} (margin {margin:.3f} + {self.lead_weight:g} x lead {lead:.3f})"
+                    if rank == 1 and self.lead_weight else f"margin {margin:.3f}")
             need = self.margin_review if rank == 1 else self.margin_review_lower
-            if margin >= need:
-                reasons.append(f"rank {rank} neighbour with margin {margin:.3f} >= {need}")
+            spans_need = (self.margin_review_spans if rank == 1 and self.margin_review_spans
+                          and longest_span_words >= self.span_review_words else None)
+            if score >= need:
+                reasons.append(f"rank {rank} neighbour with {what} >= {need}")
+                decision = max(decision, Decision.REVIEW, key=lambda d: d.rank)
+            elif spans_need is not None and score >= spans_need:
+                reasons.append(f"rank {rank} neighbour with {what} >= {spans_need} and a shared "
+                               f"{longest_span_words}-word span")
                 decision = max(decision, Decision.REVIEW, key=lambda d: d.rank)
             else:
-                reasons.append(f"rank {rank} neighbour, margin {margin:.3f} below {need}")
+                reasons.append(f"rank {rank} neighbour, {what} below {need}")
         elif self.margin_max_rank:
             reasons.append(f"rank {rank} neighbour (margin rule: rank <= {self.margin_max_rank}, "
                            f"cosine >= {self.cosine_floor})")
