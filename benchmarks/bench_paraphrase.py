@@ -338,7 +338,7 @@ def main() -> None:
     parser.add_argument("--background", type=int, default=20_000, help="demo records ingested beside each split")
     parser.add_argument("--shards", type=int, default=4)
     parser.add_argument("--demo-queries", type=int, default=200)
-    parser.add_argument("--speed-texts", type=int, default=300, help="0 skips the speed figures")
+    parser.add_argument("--speed-texts", type=int, default=200, help="0 skips the speed figures")
     parser.add_argument("--speed-rounds", type=int, default=5)
     parser.add_argument("--locate-queries", type=int, default=100)
     parser.add_argument("--absent-every", type=int, default=3, help="every n-th query's own verse is not ingested")
@@ -486,7 +486,9 @@ def main() -> None:
         if rule is not None:
             h["score_embedding_only"] = evaluate(c["cands"], c["truth"], rule_embedding)
             h["score"] = evaluate(c["cands"], c["truth"], rule)
-            h["score"]["goal_met"] = h["score"]["recall"] >= RECALL_GOAL and h["score"]["precision"] >= PRECISION_GOAL
+            if protocol == "all":  # the protocol: every request's text is in the data
+                h["score"]["goal_met"] = (h["score"]["recall"] >= RECALL_GOAL
+                                          and h["score"]["precision"] >= PRECISION_GOAL)
     check = protocols["absent"]["check"]
     if chosen_new:
         # Demo queries: their planted copies are true; everything else flagged is a false review item.
@@ -535,7 +537,8 @@ def main() -> None:
             agree += expected <= flagged and by_margin <= expected
             extra += len(flagged - expected)
             found += check["truth"][q] is not None and check["truth"][q] in flagged
-        out["locate_check"] = {"queries": n, "with_their_verse": sum(t is not None for t in check["truth"][:n]), "same_flags_as_bench": agree, "found": found,
+        out["locate_check"] = {"note": "a query embedded alone may swap near-tied rank-1 records (int8 quantises "
+                                       "activations per batch)", "queries": n, "with_their_verse": sum(t is not None for t in check["truth"][:n]), "same_flags_as_bench": agree, "found": found,
                                "extra_flags_from_minhash": extra}
     out["seconds"] = round(time.perf_counter() - t0, 1)
     out["platform"] = {"python": platform.python_version(), "machine": platform.machine()}
