@@ -127,6 +127,7 @@ class MiniLMInt8Embedder:
         self._session = None
         self._tokenizer = None
         self._pool: ThreadPoolExecutor | None = None
+        self._pool_pid = 0
 
     def model_file(self) -> Path:
         model_dir = minilm_model_path()
@@ -151,9 +152,15 @@ class MiniLMInt8Embedder:
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             self._tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
             self._session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-            if self.threads > 1:
-                self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="minilm-int8")
         return self._session
+
+    def _workers(self) -> ThreadPoolExecutor | None:
+        """The threads that run batches side by side; made anew in a forked child (a pool's threads
+        do not survive a fork, and a copied pool would queue work that nothing runs)."""
+        if self.threads > 1 and (self._pool is None or self._pool_pid != os.getpid()):
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="minilm-int8")
+            self._pool_pid = os.getpid()
+        return self._pool
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         if isinstance(texts, str):
@@ -172,7 +179,8 @@ class MiniLMInt8Embedder:
             pooled = (hidden * mask).sum(axis=1) / np.maximum(mask.sum(axis=1), 1e-9)
             return pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
 
-        results = self._pool.map(run, feeds) if self._pool is not None else map(run, feeds)
+        pool = self._workers()
+        results = pool.map(run, feeds) if pool is not None else map(run, feeds)
         for rows, vectors in zip(batches, results):
             out[rows] = vectors
         return out
