@@ -208,7 +208,8 @@ def locate(
         if match.paraphrase is not None:  # what a reviewer judges a paraphrase by
             ev = match.paraphrase
             spans = "; ".join(f"'{s}'" for s in ev.shared_spans[:3]) or "none"
-            lines.append(f"         margin {ev.margin:.3f}, rank {ev.rank} among the query's neighbours, "
+            lead = f", lead {ev.lead:.3f} over the runner-up" if ev.rank == 1 else ""
+            lines.append(f"         margin {ev.margin:.3f}, rank {ev.rank} among the query's neighbours{lead}, "
                          f"shared spans: {spans}")
     lines.append(f"erasing the 'erase' matches would retrain {estimate['shards_touched']} shard(s) from slice(s) "
                  f"{estimate['earliest_slice']}: {estimate['samples']} samples, {estimate['fraction']:.1%} of a full "

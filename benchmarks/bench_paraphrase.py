@@ -1,7 +1,7 @@
-"""Paraphrase benchmark on real paraphrases: the old absolute cosine cut against the neighbourhood margin,
+"""Paraphrase benchmark on real paraphrases: the old absolute cosine cut against the neighbourhood score,
 and embedding speed; ONE JSON document on stdout, progress on stderr.
 
-    python benchmarks/bench_paraphrase.py --vector-cache /tmp/vc  # 20k background records (~35 min on 2 busy cores)
+    python benchmarks/bench_paraphrase.py  # 20k background records (~30 min on 2 busy cores; --vector-cache DIR reuses embeddings)
     python benchmarks/bench_paraphrase.py --background 1000 --max-pairs 150 --speed-texts 100   # a quick look
 
 Data: ``tests/resources/paraphrase/bible_kjv_web.jsonl.gz`` (``benchmarks/paraphrase_data.py``):
@@ -17,11 +17,16 @@ whose text the dataset does not hold, which must flag nothing (otherwise "flag
 the nearest record" would look perfect).
 
 * ``curves.tune``: precision / recall / false items per request of the old rule
-  (``cosine >= t``) over ``t``, and of the margin rule (:mod:`dedup.paraphrase`)
-  over the margin threshold per max rank.
-* ``operating_point``: the margin rule's values chosen on ``tune`` (most recall at
-  precision >= 0.9 and at most 5 false items per request), and the old rule's best
-  ``t`` under the same constraint; ``check``: both on the held-out books.
+  (``cosine >= t``) over ``t``; of the previous margin rule (margin at rank 1) over
+  its threshold; of the new score (:mod:`dedup.paraphrase`: margin + lead weight x
+  the rank-1 record's cosine lead over the runner-up, near-copy net 0.95) over its
+  threshold; and of the span tier (a lower score with a shared word span).
+* ``operating_point``: chosen on ``tune`` only (most recall at precision >= 0.9, at
+  least 0.85 when a third of the requests hold nothing, and at most 5 false items
+  per request at 100k records), in two steps for the new rule: the lead weight and
+  score by the embedding alone, then the span tier's lower score with those fixed
+  (kept only if it adds recall); the old rules' best points under the same
+  constraints. ``held_out``: all of them on the check books.
 * ``false_reviews``: false items per request for demo queries (held-out demo posts;
   their planted copies are not counted as false) at the chosen point, measured on
   the background and extrapolated to 100k records (the margin rule flags at most
@@ -29,11 +34,11 @@ the nearest record" would look perfect).
   with the corpus, so it is scaled linearly).
 * ``locate_check``: the same decisions through ``dedup.locate.locate_matches``
   (the code path of ``erasure locate``), on a subset of check queries.
-* ``speed``: texts/s, measured in one run on the same texts, interleaved: the
-  packaged MiniLM's raw ``SentenceTransformer.encode``, our ingest's embedding
-  phase (``embed_in_chunks`` + ``MiniLMEmbedder``), and ``minilm-int8``
-  (ONNX Runtime, int8); the ratios, and the int8 model's top-1 agreement with
-  float32 on the calibration queries.
+* ``speed``: measured in one run on the same texts, interleaved: the packaged
+  MiniLM's raw ``SentenceTransformer.encode``, our ingest's embedding phase
+  (``embed_in_chunks`` + ``MiniLMEmbedder``), and ``minilm-int8`` (ONNX Runtime,
+  int8); the ratios within each round and their median over the rounds. Beside
+  it, the int8 model's top-1 agreement with float32 on the calibration queries.
 """
 
 from __future__ import annotations
@@ -57,7 +62,7 @@ import paraphrase_data  # noqa: E402
 
 from dedup.embeddings import Embedder, MiniLMEmbedder, embed_in_chunks, get_embedder  # noqa: E402
 from dedup.locate import LocateRequest, locate_matches  # noqa: E402
-from dedup.paraphrase import DEFAULT_K, knn_means  # noqa: E402
+from dedup.paraphrase import DEFAULT_K, knn_means, lead_over_runner_up, shared_spans  # noqa: E402
 from dedup.policy import Decision, Method, Thresholds, default_thresholds  # noqa: E402
 from dedup.shard_index import build_shard_index  # noqa: E402
 from shards.demo_data import generate_demo  # noqa: E402
@@ -107,9 +112,11 @@ def _embed_timed(embedder: Embedder, texts: list[str], what: str) -> tuple[np.nd
 
 
 # ------------------------------------------------------------------ candidates
-def candidates(indexes, query_vectors: np.ndarray, embedder: Embedder) -> list[dict]:
+def candidates(indexes, query_vectors: np.ndarray, embedder: Embedder, query_texts: list[str],
+               text_of: dict[str, str]) -> list[dict]:
     """Per query: every record within its top TOP_K per shard or at cosine >= OLD_FLOOR, with
-    cosine, rank over all shards, and both neighbourhood means (as dedup.locate computes them)."""
+    cosine, rank over all shards, both neighbourhood means, the rank-1 record's lead over the
+    runner-up and the longest word span it shares with the query (as dedup.locate computes them)."""
     per_query: list[dict] = [{} for _ in range(len(query_vectors))]
     for s, idx in enumerate(indexes):
         rows, sims = idx.nearest(query_vectors, TOP_K, embedder)
@@ -121,14 +128,17 @@ def candidates(indexes, query_vectors: np.ndarray, embedder: Embedder) -> list[d
             for r, c in found.items():
                 per_query[q][(s, idx.record_ids[r])] = (c, float(query_means[q]), float(idx.knn_mean[r]))
     out = []
-    for cands in per_query:
+    for q, cands in enumerate(per_query):
         keys = list(cands)
         cos = np.array([cands[k][0] for k in keys], np.float64)
         order = np.sort(cos)[::-1]
         rank = np.searchsorted(-order, -cos, side="left") + 1
         r_q = np.array([cands[k][1] for k in keys])
         r_c = np.array([cands[k][2] for k in keys])
-        out.append({"ids": [k[1] for k in keys], "cos": cos, "rank": rank,
+        lead = np.where(rank == 1, lead_over_runner_up(order), 0.0)
+        span = np.array([max((len(x.split()) for x in shared_spans(query_texts[q], text_of[k[1]])), default=0)
+                         if r == 1 else 0 for k, r in zip(keys, rank)], np.int64)
+        out.append({"ids": [k[1] for k in keys], "cos": cos, "rank": rank, "lead": lead, "span": span,
                     "margin": cos / np.maximum((r_q + r_c) / 2, 0.05)})
     return out
 
@@ -138,7 +148,7 @@ def flatten(cands: list[dict], truth: list[str | None]) -> dict:
     q = np.concatenate([np.full(len(c["ids"]), i) for i, c in enumerate(cands)]) if cands else np.zeros(0, int)
     true = np.concatenate([np.array([x == t for x in c["ids"]], bool) for c, t in zip(cands, truth)])
     return {"q": q, "true": true, "n": len(cands), "present": sum(t is not None for t in truth),
-            **{k: np.concatenate([c[k] for c in cands]) for k in ("cos", "rank", "margin")}}
+            **{k: np.concatenate([c[k] for c in cands]) for k in ("cos", "rank", "margin", "lead", "span")}}
 
 
 def evaluate(cands, truth: list[str | None] | None, flag) -> dict:
@@ -162,6 +172,17 @@ def margin_rule(m: float, m_lower: float, max_rank: int, floor: float, absolute:
     def flag(c):
         need = np.where(c["rank"] == 1, m, m_lower)
         return ((c["rank"] <= max_rank) & (c["margin"] >= need) & (c["cos"] >= floor)) | (c["cos"] >= absolute)
+    return flag
+
+
+def score_rule(lead_weight: float, score: float, spans_score: float, floor: float, absolute: float,
+               span_words: int = 3):
+    """The new rule (dedup.policy.Thresholds.decide_paraphrase, margin_max_rank 1): the rank-1 record
+    when margin + lead_weight * lead >= score, or >= spans_score with a shared span of span_words words."""
+    def flag(c):
+        s = c["margin"] + lead_weight * c["lead"]
+        by_score = (s >= score) | ((spans_score > 0) & (c["span"] >= span_words) & (s >= spans_score))
+        return ((c["rank"] == 1) & (c["cos"] >= floor) & by_score) | (c["cos"] >= absolute)
     return flag
 
 
@@ -209,6 +230,46 @@ def sweep(cands, truth, demo: dict | None = None, records: int = 1) -> dict:
     return {"old_cosine": old, "margin": new}
 
 
+NET = 0.95  # the near-copy net of the MiniLM defaults (dedup.policy), kept in the new rule
+SCORE_KEYS = ("lead_weight", "margin_review", "margin_review_spans", "cosine_floor", "cosine_review")
+
+
+def _score_point(cands, truth, demo, records, w, hi, lo, floor) -> dict:
+    rule = score_rule(w, hi, lo, floor, NET)
+    grows = lambda c, r=rule: r(c) & ~score_rule(w, hi, lo, floor, 9.0)(c)  # noqa: E731
+    return {"lead_weight": w, "margin_review": round(hi, 4), "margin_review_spans": round(lo, 4),
+            "cosine_floor": floor, "cosine_review": NET, **evaluate(cands, truth, rule),
+            "est_false_100k": false_at_100k(demo, records, rule, grows),
+            "est_max_false_100k": false_at_100k(demo, records, rule, grows, worst=True)}
+
+
+def sweep_score(protocols: dict, demo: dict | None, ok_absent) -> dict:
+    """The new rule on the tune split, in two steps: (1) the lead weight and the score by the embedding
+    alone (no span tier); (2) with those fixed, the lower score a shared span suffices for. The span
+    tier can only add reviews to step 1's: on texts that share no words the embedding score decides."""
+    flat = {p: flatten(protocols[p]["tune"]["cands"], protocols[p]["tune"]["truth"]) for p in protocols}
+    recs = {p: len(protocols[p]["tune"]["ids"]) for p in protocols}
+    grid = {p: [] for p in protocols}
+    for w in (0.0, 1.0, 2.0, 3.0, 4.0):
+        for hi in np.arange(0.95, 2.0, 0.0125):
+            for floor in (0.5, 0.6):
+                for p in protocols:
+                    grid[p].append(_score_point(flat[p], None, demo, recs[p], w, float(hi), 0.0, floor))
+    step1 = choose([x for x, a in zip(grid["all"], grid["absent"]) if ok_absent(a)])
+    spans = {p: [] for p in protocols}
+    if step1:
+        for lo in np.arange(0.95, step1["margin_review"], 0.0125):
+            for p in protocols:
+                spans[p].append(_score_point(flat[p], None, demo, recs[p], step1["lead_weight"],
+                                             step1["margin_review"], float(lo), step1["cosine_floor"]))
+    step2 = choose([x for x, a in zip(spans["all"], spans["absent"]) if ok_absent(a)])
+    chosen = step2 if step2 and step2["recall"] > step1["recall"] else step1
+    absent = None
+    if chosen:
+        absent = next(a for x, a in zip(grid["all"] + spans["all"], grid["absent"] + spans["absent"]) if x is chosen)
+    return {"grid": grid, "spans": spans, "embedding_only": step1, "chosen": chosen, "chosen_absent": absent}
+
+
 def choose(points: list[dict]) -> dict | None:
     ok = [p for p in points if p["precision"] >= PRECISION_GOAL and p["false_per_request"] <= FALSE_GOAL
           and (p.get("est_max_false_100k") is None or p["est_max_false_100k"] <= FALSE_GOAL)]
@@ -226,31 +287,41 @@ def build_indexes(ids: list[str], texts: list[str], vectors: np.ndarray, embedde
     return indexes
 
 
-def speed(texts: list[str], rounds: int = 3) -> dict:
-    """Raw encode, our ingest's embedding phase and the int8 model, interleaved on the same texts."""
+def speed(texts: list[str], rounds: int = 5) -> dict:
+    """Raw encode, our ingest's embedding phase and the int8 model, interleaved on the same texts.
+
+    The cores are shared, so the load changes from one pass to the next: each round times the three
+    back to back (in a rotating order) and the ratios are taken within a round; the median over the
+    rounds is reported (and each round's, to show the spread)."""
     ours = MiniLMEmbedder()
     raw_model = ours._load()  # the same packaged model object: only the path around it differs
     int8 = get_embedder("minilm-int8")
     int8.embed(texts[:8])
     raw_model.encode(texts[:8])
-    times: dict[str, list[float]] = {"raw_encode": [], "ingest_minilm": [], "minilm_int8": []}
-    for _ in range(rounds):
-        t = time.perf_counter()
-        raw_model.encode(texts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True,
-                         show_progress_bar=False)
-        times["raw_encode"].append(time.perf_counter() - t)
-        t = time.perf_counter()
-        embed_in_chunks(ours, texts)
-        times["ingest_minilm"].append(time.perf_counter() - t)
-        t = time.perf_counter()
-        embed_in_chunks(int8, texts)
-        times["minilm_int8"].append(time.perf_counter() - t)
-    rate = {k: round(len(texts) / min(v), 1) for k, v in times.items()}
+    runs = {
+        "raw_encode": lambda: raw_model.encode(texts, batch_size=64, normalize_embeddings=True,
+                                               convert_to_numpy=True, show_progress_bar=False),
+        "ingest_minilm": lambda: embed_in_chunks(ours, texts),
+        "minilm_int8": lambda: embed_in_chunks(int8, texts),
+    }
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    names = list(runs)
+    for r in range(rounds):
+        for name in names[r % 3:] + names[:r % 3]:
+            t = time.perf_counter()
+            runs[name]()
+            times[name].append(time.perf_counter() - t)
+    per_round = {
+        "ingest_over_raw": [times["raw_encode"][i] / times["ingest_minilm"][i] for i in range(rounds)],
+        "int8_over_today": [times["ingest_minilm"][i] / times["minilm_int8"][i] for i in range(rounds)],
+        "int8_over_raw": [times["raw_encode"][i] / times["minilm_int8"][i] for i in range(rounds)],
+    }
+    rate = {k: round(len(texts) / float(np.median(v)), 1) for k, v in times.items()}
     return {"texts": len(texts), "mean_words": round(float(np.mean([len(t.split()) for t in texts])), 1),
-            "texts_per_s": rate, "ingest_over_raw": round(rate["ingest_minilm"] / rate["raw_encode"], 3),
-            "int8_over_today": round(rate["minilm_int8"] / rate["ingest_minilm"], 2),
-            "int8_over_raw": round(rate["minilm_int8"] / rate["raw_encode"], 2), "rounds": rounds,
-            "threads": int8.threads}
+            "texts_per_s_median": rate, "rounds": rounds, "threads": int8.threads,
+            **{k: round(float(np.median(v)), 3) for k, v in per_round.items()},
+            "per_round": {k: [round(x, 2) for x in v] for k, v in per_round.items()},
+            "how": "ratios of the times within each round (the three run back to back), median over rounds"}
 
 
 def top1_agreement(rows: list[dict], fp32: dict, int8: dict) -> dict:
@@ -272,7 +343,8 @@ def main() -> None:
     parser.add_argument("--background", type=int, default=20_000, help="demo records ingested beside each split")
     parser.add_argument("--shards", type=int, default=4)
     parser.add_argument("--demo-queries", type=int, default=200)
-    parser.add_argument("--speed-texts", type=int, default=300, help="0 skips the speed figures")
+    parser.add_argument("--speed-texts", type=int, default=200, help="0 skips the speed figures")
+    parser.add_argument("--speed-rounds", type=int, default=5)
     parser.add_argument("--locate-queries", type=int, default=100)
     parser.add_argument("--absent-every", type=int, default=3, help="every n-th query's own verse is not ingested")
     parser.add_argument("--agreement-pairs", type=int, default=1000,
@@ -299,8 +371,8 @@ def main() -> None:
     speed_out = None
     if args.speed_texts:
         log(f"speed: {len(mix)} texts, raw encode / ingest / int8, interleaved")
-        speed_out = speed(mix)
-        log(f"speed: {speed_out['texts_per_s']}")
+        speed_out = speed(mix, args.speed_rounds)
+        log(f"speed: {speed_out['texts_per_s_median']}, int8/today {speed_out['per_round']['int8_over_today']}")
 
     vecs = {args.embedder: {side: embed_timed(embedder, [r[side] for r in rows], f"{args.embedder} {side}")[0]
                             for side in ("kjv", "web")}}
@@ -346,7 +418,7 @@ def main() -> None:
             vectors = np.vstack([v["kjv"][present], bg_vectors])
             log(f"{split}/{protocol}: indexing {len(ids)} records in {args.shards} shards")
             indexes = build_indexes(ids, texts, vectors, embedder, args.shards)
-            cands = candidates(indexes, v["web"][sel], embedder)
+            cands = candidates(indexes, v["web"][sel], embedder, [rows[i]["web"] for i in sel], dict(zip(ids, texts)))
             kept = set(present)
             truth = [f"v{i}" if i in kept else None for i in sel]
             protocols[protocol][split] = {"indexes": indexes, "cands": cands, "truth": truth, "sel": sel,
@@ -355,38 +427,54 @@ def main() -> None:
     # Demo queries (held-out demo posts; their planted copies are not false) against the tune corpus.
     related = [copies_of[r["id"]] for r in held]
     tune_all = protocols["all"]["tune"]
-    demo_flat = flatten_demo(candidates(tune_all["indexes"], demo_q_vectors, embedder), related)
+    held_texts = [r["text"] for r in held]
+    demo_flat = flatten_demo(candidates(tune_all["indexes"], demo_q_vectors, embedder, held_texts,
+                                        dict(zip(tune_all["ids"], tune_all["texts"]))), related)
     curves = {p: sweep(protocols[p]["tune"]["cands"], protocols[p]["tune"]["truth"], demo_flat,
                        len(protocols[p]["tune"]["ids"])) for p in protocols}
     # Chosen under the issue's protocol (every request's text is in the data), with false review
     # items at 100k records within the goal; the "absent" figures at the same point are reported beside.
+    # "margin": the previous rule (margin at rank 1 alone), kept for comparison; "score": the new rule.
     keys = ("margin_review", "margin_review_lower", "margin_max_rank", "cosine_floor", "cosine_review")
     absent_of = {tuple(x[k] for k in keys): x for x in curves["absent"]["margin"]}
     absent_old = {x["cosine"]: x for x in curves["absent"]["old_cosine"]}
-    chosen_new = choose([x for x in curves["all"]["margin"]
-                         if absent_of[tuple(x[k] for k in keys)]["precision"] >= ABSENT_PRECISION_FLOOR])
-    chosen_old = choose([x for x in curves["all"]["old_cosine"]
-                         if absent_old[x["cosine"]]["precision"] >= ABSENT_PRECISION_FLOOR])
-    if chosen_new:
-        chosen_new = {**chosen_new, "tune_absent": absent_of[tuple(chosen_new[k] for k in keys)]}
+    ok_absent = lambda a: a["precision"] >= ABSENT_PRECISION_FLOOR  # noqa: E731
+    chosen_margin = choose([x for x in curves["all"]["margin"] if ok_absent(absent_of[tuple(x[k] for k in keys)])])
+    chosen_old = choose([x for x in curves["all"]["old_cosine"] if ok_absent(absent_old[x["cosine"]])])
+    if chosen_margin:
+        chosen_margin = {**chosen_margin, "tune_absent": absent_of[tuple(chosen_margin[k] for k in keys)]}
     if chosen_old:
         chosen_old = {**chosen_old, "tune_absent": absent_old[chosen_old["cosine"]]}
-    out["curves"] = {"tune": {p: {"old_cosine": curves[p]["old_cosine"],
-                                  # the full grid is large: rank 1 and 2 with the absolute cut off
-                                  "margin": [x for x in curves[p]["margin"] if x["cosine_review"] == 1.0
-                                             and x["margin_review_lower"] == x["margin_review"]
-                                             and x["margin_max_rank"] <= 2 and x["cosine_floor"] == 0.5]}
-                              for p in protocols}}
-    out["operating_point"] = {"chosen_on": "tune: most recall at precision >= 0.9 (protocol 'all'), "
-                                            f">= {ABSENT_PRECISION_FLOOR} (protocol 'absent'), worst request <= 5 false items at 100k", "margin": chosen_new,
-                              "old_cosine": chosen_old,
-                              "current_default": default_thresholds(args.embedder).to_dict()}
+    score = sweep_score(protocols, demo_flat, ok_absent)
+    chosen_new = score["chosen"]
+    if chosen_new:
+        chosen_new = {**chosen_new, "tune_absent": score["chosen_absent"]}
+    w_best = chosen_new["lead_weight"] if chosen_new else 0.0
+    floor_best = chosen_new["cosine_floor"] if chosen_new else 0.5
+    out["curves"] = {"tune": {p: {
+        "old_cosine": curves[p]["old_cosine"],
+        # the previous rule: margin at rank 1, near-copy net off
+        "margin": [x for x in curves[p]["margin"] if x["cosine_review"] == 1.0
+                   and x["margin_review_lower"] == x["margin_review"]
+                   and x["margin_max_rank"] == 1 and x["cosine_floor"] == 0.5],
+        # the new rule over its score threshold (chosen lead weight and floor, no span tier, net 0.95) ...
+        "score": [x for x in score["grid"][p] if x["lead_weight"] == w_best and x["cosine_floor"] == floor_best],
+        # ... and over the lower score that a shared span suffices for (step 2, chosen score)
+        "score_with_spans": score["spans"][p]}
+        for p in protocols}}
+    out["operating_point"] = {
+        "chosen_on": "tune: most recall at precision >= 0.9 (protocol 'all'), "
+                     f">= {ABSENT_PRECISION_FLOOR} (protocol 'absent'), worst request <= 5 false items at 100k",
+        "score": chosen_new, "score_embedding_only": score["embedding_only"], "margin": chosen_margin,
+        "old_cosine": chosen_old, "current_default": default_thresholds(args.embedder).to_dict()}
     held_out: dict = {}
     rule = None
     if chosen_new:
-        rule = margin_rule(chosen_new["margin_review"], chosen_new["margin_review_lower"],
-                           chosen_new["margin_max_rank"], chosen_new["cosine_floor"], chosen_new["cosine_review"]
-                           if chosen_new["cosine_review"] < 1.0 else 1.01)
+        rule = score_rule(chosen_new["lead_weight"], chosen_new["margin_review"], chosen_new["margin_review_spans"],
+                          chosen_new["cosine_floor"], chosen_new["cosine_review"])
+        by_embedding = score["embedding_only"]
+        rule_embedding = score_rule(by_embedding["lead_weight"], by_embedding["margin_review"], 0.0,
+                                    by_embedding["cosine_floor"], by_embedding["cosine_review"])
     for protocol in protocols:
         c = protocols[protocol]["check"]
         h = held_out[protocol] = {}
@@ -394,38 +482,49 @@ def main() -> None:
             h["old_cosine"] = {"cosine": chosen_old["cosine"], **evaluate(c["cands"], c["truth"],
                                                                           old_rule(chosen_old["cosine"]))}
         h["old_cosine_0.85"] = evaluate(c["cands"], c["truth"], old_rule(0.85))
+        if chosen_margin:
+            h["margin"] = evaluate(c["cands"], c["truth"], margin_rule(
+                chosen_margin["margin_review"], chosen_margin["margin_review_lower"], chosen_margin["margin_max_rank"],
+                chosen_margin["cosine_floor"], chosen_margin["cosine_review"] if chosen_margin["cosine_review"] < 1.0
+                else 1.01))
+            h["margin_1.2_net_0.95"] = evaluate(c["cands"], c["truth"], margin_rule(1.2, 1.2, 1, 0.5, 0.95))
         if rule is not None:
-            h["margin"] = evaluate(c["cands"], c["truth"], rule)
-            h["margin"]["goal_met"] = (h["margin"]["recall"] >= RECALL_GOAL
-                                       and h["margin"]["precision"] >= PRECISION_GOAL)
+            h["score_embedding_only"] = evaluate(c["cands"], c["truth"], rule_embedding)
+            h["score"] = evaluate(c["cands"], c["truth"], rule)
+            if protocol == "all":  # the issue's protocol: every request's text is in the data
+                h["score"]["goal_met"] = (h["score"]["recall"] >= RECALL_GOAL
+                                          and h["score"]["precision"] >= PRECISION_GOAL)
     check = protocols["absent"]["check"]
     if chosen_new:
         # Demo queries: their planted copies are true; everything else flagged is a false review item.
-        demo_check = flatten_demo(candidates(check["indexes"], demo_q_vectors, embedder), related)
+        demo_check = flatten_demo(candidates(check["indexes"], demo_q_vectors, embedder, held_texts,
+                                             dict(zip(check["ids"], check["texts"]))), related)
         false = np.bincount(demo_check["q"], weights=(rule(demo_check) & ~demo_check["true"]).astype(float),
                             minlength=demo_check["n"])
-        by_margin = margin_rule(chosen_new["margin_review"], chosen_new["margin_review_lower"],
-                                chosen_new["margin_max_rank"], chosen_new["cosine_floor"], 9.0)
-        demo_100k = false_at_100k(demo_check, len(check["ids"]), rule, lambda c: rule(c) & ~by_margin(c))
-        demo_100k_worst = false_at_100k(demo_check, len(check["ids"]), rule, lambda c: rule(c) & ~by_margin(c),
+        no_net = score_rule(chosen_new["lead_weight"], chosen_new["margin_review"], chosen_new["margin_review_spans"],
+                            chosen_new["cosine_floor"], 9.0)
+        demo_100k = false_at_100k(demo_check, len(check["ids"]), rule, lambda c: rule(c) & ~no_net(c))
+        demo_100k_worst = false_at_100k(demo_check, len(check["ids"]), rule, lambda c: rule(c) & ~no_net(c),
                                         worst=True)
-        bible_false = held_out["absent"]["margin"]["false_per_request"]
+        bible_false = held_out["absent"]["score"]["false_per_request"]
         out["false_reviews"] = {
             "records": len(check["ids"]), "demo_queries": len(held),
             "demo_false_per_request": round(float(false.mean()), 3), "demo_max_false": int(false.max()),
             "calibration_false_per_request": bible_false, "demo_estimate_100k_per_request": demo_100k,
             "demo_estimate_100k_worst_request": demo_100k_worst,
             "estimate_100k_per_request": round(max(demo_100k, bible_false), 3),
-            "how": "measured at 'records' (the check corpus); what the rank-capped margin rule flags stays "
-                   "(at most margin_max_rank per sample whatever the size), what only the absolute cut "
+            "goal_met": bool(demo_100k_worst <= FALSE_GOAL and bible_false <= FALSE_GOAL),
+            "how": "measured at 'records' (the check corpus); what the rank-1 score rule flags stays "
+                   "(at most one record per sample whatever the size), what only the near-copy net "
                    "flags is scaled linearly to 100k; demo queries' planted copies are not false"}
     out["held_out"] = held_out
 
     # The same decisions through the locate code path (what `erasure locate` runs).
     if chosen_new:
         thresholds = Thresholds(cosine_review=chosen_new["cosine_review"], margin_review=chosen_new["margin_review"],
-                                margin_review_lower=chosen_new["margin_review_lower"],
-                                margin_max_rank=chosen_new["margin_max_rank"], cosine_floor=chosen_new["cosine_floor"])
+                                margin_review_lower=chosen_new["margin_review"], margin_max_rank=1,
+                                cosine_floor=chosen_new["cosine_floor"], lead_weight=chosen_new["lead_weight"],
+                                margin_review_spans=chosen_new["margin_review_spans"])
         text_of = dict(zip(check["ids"], check["texts"]))
         by_shard = {idx.shard: idx for idx in check["indexes"]}
         n = min(args.locate_queries, len(check["sel"]))
@@ -443,7 +542,8 @@ def main() -> None:
             agree += expected <= flagged and by_margin <= expected
             extra += len(flagged - expected)
             found += check["truth"][q] is not None and check["truth"][q] in flagged
-        out["locate_check"] = {"queries": n, "with_their_verse": sum(t is not None for t in check["truth"][:n]), "same_flags_as_bench": agree, "found": found,
+        out["locate_check"] = {"note": "a query embedded alone may swap near-tied rank-1 records (int8 quantises "
+                                       "activations per batch)", "queries": n, "with_their_verse": sum(t is not None for t in check["truth"][:n]), "same_flags_as_bench": agree, "found": found,
                                "extra_flags_from_minhash": extra}
     out["seconds"] = round(time.perf_counter() - t0, 1)
     out["platform"] = {"python": platform.python_version(), "machine": platform.machine()}

@@ -8,7 +8,8 @@ Two are registered:
   It recognises paraphrases (other words, same meaning); 40-70 texts/s of
   ~30 words on two busy CPU cores (``benchmarks/bench_paraphrase.py``).
 * ``"minilm-int8"``: the same model exported to ONNX with int8 weights and run
-  by ONNX Runtime (:mod:`dedup.minilm_onnx`): several times faster, the same
+  by ONNX Runtime (:mod:`dedup.minilm_onnx`): 4-5x ``minilm``'s ingest on two
+  shared cores (median of per-round ratios, ``bench_paraphrase.py``), the same
   top-1 neighbours for >= 99 % of the calibration queries.
 * ``"hashing"``: :class:`dedup.hashing_embedder.HashingEmbedder`, hashed words
   and word pairs; no model, tens of thousands of texts/s, sees shared words only.

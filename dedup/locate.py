@@ -39,8 +39,9 @@ import numpy as np
 from dedup.embeddings import Embedder
 from dedup.minhash import MinHashParams, minhash_signatures
 from dedup.normalize import exact_jaccard, shingle_set, words
-from dedup.paraphrase import ParaphraseEvidence, knn_means, ratio_margin, shared_spans
-from dedup.policy import Decision, Match, Method, Metric, Provenance, SampleOnly, Thresholds, default_thresholds
+from dedup.paraphrase import ParaphraseEvidence, knn_means, lead_over_runner_up, ratio_margin, shared_spans
+from dedup.policy import (Decision, Match, Method, Metric, Provenance, SampleOnly, Thresholds, default_thresholds,
+                          paraphrase_score)
 from dedup.shard_index import ShardIndex
 
 MAX_SAMPLE_BYTES = 100_000
@@ -261,6 +262,7 @@ class _Search:
         k = self.minhash.shingle_size
         for q, cands in enumerate(found):
             cosines = np.array(sorted((c for _, _, c, _ in cands), reverse=True))
+            lead = lead_over_runner_up(cosines)  # the rank-1 neighbour's lead over the runner-up (all shards)
             label, text, provenance = fresh[q]
             chosen = []
             for idx, row, cos, query_mean in cands:
@@ -282,9 +284,11 @@ class _Search:
                     spans = tuple(shared_spans(text, other))
                     jaccard = exact_jaccard(query_sets[q], shingle_set(other, k))
                     longest = max((len(s.split()) for s in spans), default=0)
-                    decision, reasons = t.decide_paraphrase(cos, margin, rank, provenance, longest, jaccard)
+                    own_lead = lead if rank == 1 else 0.0
+                    decision, reasons = t.decide_paraphrase(cos, margin, rank, provenance, longest, jaccard, own_lead)
                     evidence = ParaphraseEvidence(cos, margin, rank, query_mean, record_mean, jaccard, spans,
-                                                  reasons)
+                                                  reasons, own_lead,
+                                                  paraphrase_score(margin, rank, own_lead, t.lead_weight))
                     self.offer(Match(idx.shard, idx.version, int(idx.slices[row]), idx.record_ids[row], method,
                                      Metric.COSINE, float(cos), decision, hop, label, provenance, evidence))
 

@@ -240,8 +240,11 @@ def _locate_section(session: Session, request: ErasureRequest, dataset: Dataset 
         "thresholds_source": "dedup.policy defaults for the dataset's embedder: identifier matches are erased; "
                              "jaccard >= jaccard_erase erase, >= jaccard_review review; cosine >= cosine_erase "
                              "erase, >= cosine_review review; an embedding neighbour at rank <= margin_max_rank "
-                             "(margin_max_rank > 0) with cosine >= cosine_floor and neighbourhood ratio margin >= "
-                             "margin_review (rank 1) or margin_review_lower review; below: kept, not recorded",
+                             "(margin_max_rank > 0) with cosine >= cosine_floor reviews when its neighbourhood "
+                             "ratio margin >= margin_review_lower (ranks 2 and below) or, at rank 1, its score "
+                             "(margin + lead_weight x its cosine lead over the runner-up) >= margin_review, or >= "
+                             "margin_review_spans when the texts share a "
+                             "span_review_words-word span; below: kept, not recorded",
         "matches": len(matches),
         "by_method": per_method_counts(matches),
         # How matches reached only from a requester's sample were decided (dedup.policy.SampleOnly):

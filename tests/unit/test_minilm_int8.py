@@ -37,3 +37,5 @@ def test_int8_model_keeps_the_float32_nearest_neighbours(tmp_path: Path, monkeyp
     # rows come back in input order (batches are formed by length)
     reversed_rows = int8.embed(queries[::-1])[::-1]
     assert np.min(np.sum(reversed_rows * q8, axis=1)) > 0.98
+    # batches run side by side, one per core: the same vectors as one batch after another
+    assert int8.threads >= 1 and np.array_equal(get_embedder("minilm-int8", threads=1).embed(queries), q8)

@@ -9,8 +9,8 @@ import pytest
 
 from dedup.hashing_embedder import HashingEmbedder
 from dedup.locate import LocateRequest, locate_matches
-from dedup.paraphrase import knn_means, ratio_margin, shared_spans
-from dedup.policy import Decision, Provenance, Thresholds
+from dedup.paraphrase import knn_means, lead_over_runner_up, ratio_margin, shared_spans
+from dedup.policy import Decision, Provenance, Thresholds, paraphrase_score
 from dedup.shard_index import ShardIndex, build_shard_index
 
 
@@ -132,3 +132,87 @@ def test_locate_reviews_the_standout_neighbour_and_keeps_the_crowd() -> None:
     emb = [m for m in templ.matches if m.paraphrase is not None]
     assert emb and all(m.decision is Decision.KEEP for m in emb)
     assert max(m.paraphrase.cosine for m in emb) > top.paraphrase.cosine  # higher cosine, still kept
+
+
+LEAD = Thresholds(cosine_review=0.95, margin_review=1.25, margin_review_lower=1.25, margin_max_rank=1,
+                  cosine_floor=0.5, lead_weight=2.0, margin_review_spans=1.1)
+
+
+def test_a_clear_lead_over_the_runner_up_lifts_a_dense_neighbourhoods_top_match() -> None:
+    # A verse among its chapter's verses: margin 1.15 (the neighbourhood is dense), but 0.08 ahead of rank 2.
+    decision, reasons = LEAD.decide_paraphrase(0.7, 1.15, 1, lead=0.08)
+    assert decision is Decision.REVIEW
+    assert reasons[0] == "rank 1 neighbour with score 1.310 (margin 1.150 + 2 x lead 0.080) >= 1.25"
+    # the same margin with the runner-up close behind (or the margin rule alone) keeps it
+    assert LEAD.decide_paraphrase(0.7, 1.15, 1, lead=0.01)[0] is Decision.KEEP
+    assert LEAD.with_changes(lead_weight=0.0).decide_paraphrase(0.7, 1.15, 1, lead=0.08)[0] is Decision.KEEP
+    # the lead is the top match's: a lower rank gets no bonus from it
+    assert LEAD.with_changes(margin_max_rank=2).decide_paraphrase(0.7, 1.15, 2, lead=0.08)[0] is Decision.KEEP
+    assert paraphrase_score(1.15, 1, 0.08, 2.0) == pytest.approx(1.31)
+    assert paraphrase_score(1.15, 2, 0.08, 2.0) == pytest.approx(1.15)
+
+
+def test_a_shared_span_lowers_the_bar_and_its_absence_does_not_raise_it() -> None:
+    # score 1.15 is below 1.25; with a 4-word span shared, 1.1 suffices
+    decision, reasons = LEAD.decide_paraphrase(0.7, 1.15, 1, longest_span_words=4, lead=0.0)
+    assert decision is Decision.REVIEW and "shared 4-word span" in reasons[0]
+    assert LEAD.decide_paraphrase(0.7, 1.15, 1, longest_span_words=2, lead=0.0)[0] is Decision.KEEP
+    assert LEAD.decide_paraphrase(0.7, 1.05, 1, longest_span_words=6, lead=0.0)[0] is Decision.KEEP
+    # without any shared words the embedding score alone decides, at the same bar
+    assert LEAD.decide_paraphrase(0.7, 1.26, 1, lead=0.0)[0] is Decision.REVIEW
+    # the span tier is the top match's only, and off at 0
+    assert LEAD.with_changes(margin_max_rank=2).decide_paraphrase(0.7, 1.15, 2, longest_span_words=6)[0] \
+        is Decision.KEEP
+    assert LEAD.with_changes(margin_review_spans=0.0).decide_paraphrase(
+        0.7, 1.15, 1, longest_span_words=6)[0] is Decision.KEEP
+
+
+def test_lead_over_the_runner_up() -> None:
+    assert lead_over_runner_up(np.array([0.8, 0.7, 0.2])) == pytest.approx(0.1)
+    assert lead_over_runner_up(np.array([0.8, 0.8, 0.2])) == 0.0  # tied copies: no lead
+    assert lead_over_runner_up(np.array([0.8])) == 0.0 and lead_over_runner_up(np.array([])) == 0.0
+    assert lead_over_runner_up(np.array([0.8, np.nan])) == 0.0
+
+
+def test_bad_lead_settings_are_refused() -> None:
+    with pytest.raises(ValueError, match="lead_weight"):
+        Thresholds(lead_weight=-1.0)
+    with pytest.raises(ValueError, match="span_review_words"):
+        Thresholds(span_review_words=0)
+
+
+def test_locate_reports_the_lead_and_reviews_by_it() -> None:
+    """Through locate: the rank-1 record's lead over the runner-up is measured over all shards, recorded
+    as evidence, and lifts a match that the margin alone would keep."""
+    others = ["The library opens at nine on weekdays and at ten on Sundays",
+              "Our choir meets every Thursday evening in the old chapel",
+              "Fresh bread is baked every morning at the corner shop",
+              "The quick brown fox jumped over the sleepy dog beside the river bank this morning",
+              "A slow red fox walked past the sleepy cat near the river this evening"]
+    embedder = HashingEmbedder()
+    ids = [f"r{i}" for i in range(len(others))]
+    indexes = {s: build_shard_index(s, 1, ids[s::2], others[s::2], np.zeros(len(ids[s::2]), np.int32),
+                                    embedder=embedder, knn_k=2) for s in (0, 1)}
+    fetch = dict(zip(ids, others))
+    sample = "A quick brown fox leapt over the sleepy dog by the river bank"
+
+    def run(thresholds: Thresholds):
+        res = locate_matches(LocateRequest(samples=(sample,)), indexes, lambda s, r: [fetch[x] for x in r],
+                             embedder=embedder, thresholds=thresholds, hops=0, report_keep=True)
+        return {m.paraphrase.rank: m for m in res.matches if m.paraphrase is not None}
+
+    by_margin = Thresholds(cosine_review=0.99, margin_review=50.0, margin_review_lower=50.0, margin_max_rank=2,
+                           cosine_floor=0.1)
+    found = run(by_margin)
+    top, second = found[1], found[2]
+    assert top.record_id == "r3" and top.decision is Decision.KEEP  # the margin alone: not enough
+    lead = top.paraphrase.cosine - second.paraphrase.cosine
+    assert top.paraphrase.lead == pytest.approx(lead) and lead > 0.1 and second.paraphrase.lead == 0.0
+    needed = top.paraphrase.margin + 100.0 * lead  # margin + weight x lead, with weight 100
+    lifted = run(by_margin.with_changes(margin_review=needed - 1e-4, margin_review_lower=needed - 1e-4,
+                                        lead_weight=100.0))
+    assert lifted[1].record_id == "r3" and lifted[1].decision is Decision.REVIEW
+    assert lifted[2].decision is Decision.KEEP  # rank 2: its margin alone, far below
+    lifted = lifted[1]
+    assert lifted.paraphrase.score == pytest.approx(top.paraphrase.margin + 100.0 * lead)
+    assert {"lead", "score"} <= set(lifted.to_dict()["paraphrase"])
