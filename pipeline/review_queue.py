@@ -10,6 +10,11 @@ the shingles whose overlap Jaccard measures,
 so a highlighted run is evidence of copied wording. Cosine is that of the dataset's
 embedder (the one its index was built with): cos(a, b) = a·b / (|a| |b|).
 
+An embedding match also shows the paraphrase evidence recorded when it was found
+(``request_matches.paraphrase_evidence``: cosine, rank among the query's neighbours,
+ratio margin, lead over the runner-up, score, reason codes), against the score its rank
+had to reach; those are numbers only, so they stay after the texts are gone.
+
 Texts are read only while the request is open (samples are purged at completion,
 and the records' shard files once erased); callers show nothing but ids after that.
 """
@@ -205,7 +210,9 @@ def recorded_evidence(match: RequestMatch, thresholds: dict) -> dict | None:
     if match.paraphrase_evidence is None:
         return None
     evidence = json.loads(match.paraphrase_evidence)
-    return {**evidence, "reasons": [PARAPHRASE_REASONS.get(code, code) for code in evidence.get("reason_codes", [])],
+    words = [PARAPHRASE_REASONS.get(code, code) for code in evidence.get("reason_codes", [])
+             if code != "jaccard"]  # the Jaccard is shown as a number beside it
+    return {**evidence, "reasons": words,
             "review_at": paraphrase_bar(evidence, thresholds)}
 
 
