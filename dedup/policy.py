@@ -140,14 +140,14 @@ class Metric(str, Enum):
 # The database keeps a paraphrase match's codes and numbers (ParaphraseEvidence.numbers), never
 # its spans: no text of a record or a sample beyond what must be kept.
 PARAPHRASE_REASONS = {
-    "same_vector": "cosine at the erase threshold (the same vector)",
-    "margin_review": "stands out of its neighbourhood (score at the review threshold)",
+    "same_vector": "cosine at or above the erase threshold (the same vector)",
+    "margin_review": "stands out of its neighbourhood: score at or above the review bar",
     "margin_review_span": "stands out of its neighbourhood at the lower bar for a shared word span",
-    "margin_below": "score below the review threshold",
+    "margin_below": "score below the review bar",
     "margin_out_of_reach": "outside the margin rule (rank or cosine floor)",
-    "cosine_review": "cosine at the review threshold",
+    "cosine_review": "cosine at or above the review threshold",
     "shared_span": "shares a run of words with the query",
-    "jaccard": "word-shingle Jaccard stated",
+    "jaccard": "word-shingle Jaccard (a number beside the others)",
 }
 
 

@@ -122,5 +122,5 @@ def test_a_paraphrase_match_keeps_its_evidence_as_numbers_and_the_page_shows_it(
     assert f"recorded cosine <b>{evidence['cosine']:.3f}</b>" in html
     # hashing sees words, not meaning: the margin rule is off and the cosine decided, as the page says
     assert "the margin rule is off for this embedder; cosine decided, review ≥ 0.75" in html
-    assert "cosine at the review threshold" in html
+    assert "cosine at or above the review threshold" in html
     engine.dispose()
