@@ -166,6 +166,9 @@ class RequestMatch(Base):
     # seed / second-hop / sample (dedup.policy.Provenance; migration 0007): a match reached only
     # from a requester's sample goes to review by default.
     provenance: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    # An embedding match's paraphrase evidence (migration 0016): canonical JSON of its numbers and
+    # reason codes (dedup.paraphrase.ParaphraseEvidence.numbers), never text; NULL for other matches.
+    paraphrase_evidence: Mapped[str | None] = mapped_column(Text, nullable=True)
     final_decision: Mapped[str | None] = mapped_column(String(16), nullable=True)
     erased_in_shard_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
     retrain_job_id: Mapped[int | None] = mapped_column(

@@ -285,10 +285,11 @@ class _Search:
                     jaccard = exact_jaccard(query_sets[q], shingle_set(other, k))
                     longest = max((len(s.split()) for s in spans), default=0)
                     own_lead = lead if rank == 1 else 0.0
-                    decision, reasons = t.decide_paraphrase(cos, margin, rank, provenance, longest, jaccard, own_lead)
+                    decision, judged = t.judge_paraphrase(cos, margin, rank, provenance, longest, jaccard, own_lead)
                     evidence = ParaphraseEvidence(cos, margin, rank, query_mean, record_mean, jaccard, spans,
-                                                  reasons, own_lead,
-                                                  paraphrase_score(margin, rank, own_lead, t.lead_weight))
+                                                  tuple(sentence for _, sentence in judged), own_lead,
+                                                  paraphrase_score(margin, rank, own_lead, t.lead_weight),
+                                                  tuple(code for code, _ in judged))
                     self.offer(Match(idx.shard, idx.version, int(idx.slices[row]), idx.record_ids[row], method,
                                      Metric.COSINE, float(cos), decision, hop, label, provenance, evidence))
 

@@ -108,16 +108,22 @@ class ParaphraseEvidence:
     reasons: tuple[str, ...] = field(default=())
     lead: float = 0.0  # rank 1: cosine minus the runner-up's cosine; other ranks 0
     score: float | None = None  # the margin plus the weighted lead (paraphrase_score): what the policy compares
+    reason_codes: tuple[str, ...] = ()  # one per reason (dedup.policy.PARAPHRASE_REASONS)
 
     @property
     def longest_span_words(self) -> int:
         return max((len(s.split()) for s in self.shared_spans), default=0)
 
     def to_dict(self) -> dict:
+        return {**self.numbers(), "shared_spans": list(self.shared_spans), "reasons": list(self.reasons)}
+
+    def numbers(self) -> dict:
+        """The evidence without its text: numbers and reason codes (what a match row keeps; the
+        shared spans are words of the subject's texts, recomputed from them while they exist)."""
         def num(x: float | None) -> float | None:
             return None if x is None or np.isnan(x) else round(float(x), 6)
 
         return {"cosine": num(self.cosine), "margin": num(self.margin), "rank": self.rank,
                 "query_knn_mean": num(self.query_knn_mean), "record_knn_mean": num(self.record_knn_mean),
-                "jaccard": num(self.jaccard), "shared_spans": list(self.shared_spans), "reasons": list(self.reasons),
-                "lead": num(self.lead), "score": num(self.score)}
+                "jaccard": num(self.jaccard), "longest_span_words": self.longest_span_words,
+                "lead": num(self.lead), "score": num(self.score), "reason_codes": list(self.reason_codes)}

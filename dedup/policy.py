@@ -136,6 +136,21 @@ class Metric(str, Enum):
         return {"identifier": 2, "jaccard": 1, "cosine": 0}[self.value]
 
 
+# The reason codes of :meth:`Thresholds.judge_paraphrase`, in the words the console shows for them.
+# The database keeps a paraphrase match's codes and numbers (ParaphraseEvidence.numbers), never
+# its spans: no text of a record or a sample beyond what must be kept.
+PARAPHRASE_REASONS = {
+    "same_vector": "cosine at or above the erase threshold (the same vector)",
+    "margin_review": "stands out of its neighbourhood: score at or above the review bar",
+    "margin_review_span": "stands out of its neighbourhood at the lower bar for a shared word span",
+    "margin_below": "score below the review bar",
+    "margin_out_of_reach": "outside the margin rule (rank or cosine floor)",
+    "cosine_review": "cosine at or above the review threshold",
+    "shared_span": "shares a run of words with the query",
+    "jaccard": "word-shingle Jaccard (a number beside the others)",
+}
+
+
 def paraphrase_score(margin: float, rank: int, lead: float, lead_weight: float) -> float:
     """The margin, plus ``lead_weight`` times the lead over the runner-up for the rank-1 neighbour
     (``lead = cos(rank 1) - cos(rank 2)``, 0 when there is no second record); see :mod:`dedup.paraphrase`."""
@@ -197,18 +212,27 @@ class Thresholds:
     def decide_paraphrase(self, cosine: float, margin: float, rank: int, provenance: Provenance = Provenance.SEED,
                           longest_span_words: int = 0, jaccard: float | None = None,
                           lead: float = 0.0) -> tuple[Decision, tuple[str, ...]]:
-        """The decision on an embedding neighbour and the reasons for it, in words a reviewer reads.
+        """The decision on an embedding neighbour and the reasons for it, in words a reviewer reads
+        (:meth:`judge_paraphrase` without the codes)."""
+        decision, reasons = self.judge_paraphrase(cosine, margin, rank, provenance, longest_span_words, jaccard, lead)
+        return decision, tuple(sentence for _, sentence in reasons)
+
+    def judge_paraphrase(self, cosine: float, margin: float, rank: int, provenance: Provenance = Provenance.SEED,
+                         longest_span_words: int = 0, jaccard: float | None = None,
+                         lead: float = 0.0) -> tuple[Decision, tuple[tuple[str, str], ...]]:
+        """The decision on an embedding neighbour and its reasons as (code, sentence) pairs:
+        the code (:data:`PARAPHRASE_REASONS`) is what the database keeps, the sentence what a reviewer reads.
 
         Review when the margin rule holds (see the module doc) or ``cosine >= cosine_review``;
         erase only at ``cosine >= cosine_erase`` (an identical vector). At rank 1 the rule compares
         :func:`dedup.paraphrase.paraphrase_score` (the margin plus the weighted lead over the
         runner-up); a shared span of ``span_review_words`` words lowers the bar to
         ``margin_review_spans``. The Jaccard is stated beside it; it decides through the MinHash path."""
-        reasons = []
+        reasons: list[tuple[str, str]] = []
         decision = Decision.KEEP
         if cosine >= self.cosine_erase:
             decision = self.decide(Metric.COSINE, cosine, provenance)
-            reasons.append(f"cosine {cosine:.3f} >= {self.cosine_erase} (the same vector)")
+            reasons.append(("same_vector", f"cosine {cosine:.3f} >= {self.cosine_erase} (the same vector)"))
         if self.margin_max_rank and rank <= self.margin_max_rank and cosine >= self.cosine_floor:
             score = paraphrase_score(margin, rank, lead, self.lead_weight)
             what = (f"score {score:.3f} (margin {margin:.3f} + {self.lead_weight:g} x lead {lead:.3f})"
@@ -217,24 +241,24 @@ class Thresholds:
             spans_need = (self.margin_review_spans if rank == 1 and self.margin_review_spans
                           and longest_span_words >= self.span_review_words else None)
             if score >= need:
-                reasons.append(f"rank {rank} neighbour with {what} >= {need}")
+                reasons.append(("margin_review", f"rank {rank} neighbour with {what} >= {need}"))
                 decision = max(decision, Decision.REVIEW, key=lambda d: d.rank)
             elif spans_need is not None and score >= spans_need:
-                reasons.append(f"rank {rank} neighbour with {what} >= {spans_need} and a shared "
-                               f"{longest_span_words}-word span")
+                reasons.append(("margin_review_span", f"rank {rank} neighbour with {what} >= {spans_need} and a "
+                                                      f"shared {longest_span_words}-word span"))
                 decision = max(decision, Decision.REVIEW, key=lambda d: d.rank)
             else:
-                reasons.append(f"rank {rank} neighbour, {what} below {need}")
+                reasons.append(("margin_below", f"rank {rank} neighbour, {what} below {need}"))
         elif self.margin_max_rank:
-            reasons.append(f"rank {rank} neighbour (margin rule: rank <= {self.margin_max_rank}, "
-                           f"cosine >= {self.cosine_floor})")
+            reasons.append(("margin_out_of_reach", f"rank {rank} neighbour (margin rule: rank <= "
+                                                   f"{self.margin_max_rank}, cosine >= {self.cosine_floor})"))
         if self.cosine_review <= cosine < self.cosine_erase:
-            reasons.append(f"cosine {cosine:.3f} >= {self.cosine_review}")
+            reasons.append(("cosine_review", f"cosine {cosine:.3f} >= {self.cosine_review}"))
             decision = max(decision, Decision.REVIEW, key=lambda d: d.rank)
         if longest_span_words:
-            reasons.append(f"shares a {longest_span_words}-word span")
+            reasons.append(("shared_span", f"shares a {longest_span_words}-word span"))
         if jaccard is not None:
-            reasons.append(f"word-shingle Jaccard {jaccard:.3f}")
+            reasons.append(("jaccard", f"word-shingle Jaccard {jaccard:.3f}"))
         return decision, tuple(reasons)
 
     def to_dict(self) -> dict:

@@ -24,6 +24,7 @@ ever overwritten).
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 from collections import defaultdict
@@ -122,6 +123,8 @@ def record_matches(session: Session, request_id: str, dataset_id: int, matches) 
             method=match.method.value, metric=match.metric.value, score=float(match.score), decision=decision,
             hop=match.hop, query=match.query[:300], final_decision=ERASE if decision == ERASE else None,
             provenance=match.provenance.value, found_at=utcnow(),
+            paraphrase_evidence=(None if match.paraphrase is None
+                                 else json.dumps(match.paraphrase.numbers(), sort_keys=True, allow_nan=False)),
         ))
         sample_only += match.provenance.value == "sample"
         existing.add((match.shard, match.record_id))
@@ -521,8 +524,6 @@ def _purge_baselines(session: Session, dataset_id: int, shard: int, held_by, now
                      settings: Settings | None = None) -> list[str]:
     """Delete the monolithic baselines (``erasure train --baseline``) trained on a version of ``shard``
     that held an erased record; their rows are marked purged. Returns their checkpoint keys."""
-    import json
-
     from db.training import BaselineModel
 
     purged = []

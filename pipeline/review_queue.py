@@ -10,12 +10,18 @@ the shingles whose overlap Jaccard measures,
 so a highlighted run is evidence of copied wording. Cosine is that of the dataset's
 embedder (the one its index was built with): cos(a, b) = a·b / (|a| |b|).
 
+An embedding match also shows the paraphrase evidence recorded when it was found
+(``request_matches.paraphrase_evidence``: cosine, rank among the query's neighbours,
+ratio margin, lead over the runner-up, score, reason codes), against the score its rank
+had to reach; those are numbers only, so they stay after the texts are gone.
+
 Texts are read only while the request is open (samples are purged at completion,
 and the records' shard files once erased); callers show nothing but ids after that.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import unicodedata
 from dataclasses import dataclass
@@ -28,6 +34,7 @@ from sqlalchemy.orm import Session
 from db.models import Dataset, ShardVersion
 from db.training import RequestMatch
 from dedup.normalize import DEFAULT_SHINGLE_SIZE, exact_jaccard, shingle_set
+from dedup.policy import PARAPHRASE_REASONS, default_thresholds
 from db.settings import Settings
 from pipeline.erasure import REVIEW, request_matches
 from pipeline.object_store import shard_file
@@ -58,6 +65,7 @@ class ReviewItem:
     jaccard: float | None
     cosine: float | None
     decision: str | None  # the reviewer's verdict so far, if any
+    paraphrase: dict | None = None  # an embedding match's evidence as recorded (numbers and reason codes only)
 
 
 def word_spans(text: str) -> list[tuple[int, int, str]]:
@@ -161,6 +169,7 @@ def review_items(session: Session, request_id: str, *, with_texts: bool,
         by_dataset.setdefault(m.dataset_id, []).append(m)
     for dataset_id, found in sorted(by_dataset.items()):
         dataset = session.get(Dataset, dataset_id)
+        thresholds = default_thresholds(dataset.embedder).to_dict()  # as the console states them
         texts: dict[tuple[int, str], str] = {}
         if with_texts:
             wanted = {(m.shard, m.shard_version, m.record_id) for m in found}
@@ -189,8 +198,34 @@ def review_items(session: Session, request_id: str, *, with_texts: bool,
                 jaccard=exact_jaccard(shingle_set(query_text), shingle_set(record_text)) if both else None,
                 cosine=next(cosines) if both else None,
                 decision=verdicts.get(m.match_ref) or (m.final_decision if m.final_decision else None),
+                paraphrase=recorded_evidence(m, thresholds),
             ))
     return items
+
+
+def recorded_evidence(match: RequestMatch, thresholds: dict) -> dict | None:
+    """The paraphrase evidence stored with an embedding match (``ParaphraseEvidence.numbers``), with
+    each reason code in words (``reasons``) and the score its rank had to reach for review under
+    ``thresholds`` (``review_at``, :func:`paraphrase_bar`); None for other matches and rows from before 0016."""
+    if match.paraphrase_evidence is None:
+        return None
+    evidence = json.loads(match.paraphrase_evidence)
+    words = [PARAPHRASE_REASONS.get(code, code) for code in evidence.get("reason_codes", [])
+             if code != "jaccard"]  # the Jaccard is shown as a number beside it
+    return {**evidence, "reasons": words,
+            "review_at": paraphrase_bar(evidence, thresholds)}
+
+
+def paraphrase_bar(evidence: dict, thresholds: dict) -> float | None:
+    """The score a paraphrase match of this rank had to reach for review under ``thresholds``
+    (``Thresholds.to_dict``): ``margin_review`` at rank 1, ``margin_review_lower`` below; None
+    where the margin rule does not apply (off for the embedder, or the rank or cosine out of its reach)."""
+    rank, cosine = evidence.get("rank"), evidence.get("cosine")
+    if not thresholds["margin_max_rank"] or rank is None or rank > thresholds["margin_max_rank"]:
+        return None
+    if cosine is None or cosine < thresholds["cosine_floor"]:
+        return None
+    return thresholds["margin_review"] if rank == 1 else thresholds["margin_review_lower"]
 
 
 def _label(query: str) -> str:

@@ -65,3 +65,14 @@ def test_the_lineage_picture_draws_every_step_and_escapes_names() -> None:
         assert text in svg
     # file -> v1, v1 -> v2 (dashed), two version -> checkpoints, two checkpoints -> ensemble
     assert svg.count('class="edge"') == 6 and svg.count("stroke-dasharray") == 1
+
+
+def test_a_paraphrase_is_shown_against_the_bar_of_its_rank() -> None:
+    from dedup.policy import default_thresholds
+    from pipeline.review_queue import paraphrase_bar
+
+    minilm, hashing = default_thresholds("minilm").to_dict(), default_thresholds("hashing").to_dict()
+    assert paraphrase_bar({"rank": 1, "cosine": 0.7}, minilm) == minilm["margin_review"] == 1.325
+    assert paraphrase_bar({"rank": 2, "cosine": 0.7}, minilm) is None  # MiniLM's margin rule reviews rank 1 only
+    assert paraphrase_bar({"rank": 1, "cosine": 0.4}, minilm) is None  # under the cosine floor
+    assert paraphrase_bar({"rank": 1, "cosine": 0.9}, hashing) is None  # the rule is off: the cosine decides

@@ -127,6 +127,11 @@ def test_locate_reviews_the_standout_neighbour_and_keeps_the_crowd() -> None:
     assert any("margin" in r for r in ev.reasons)
     as_json = top.to_dict()["paraphrase"]
     assert set(as_json) >= {"cosine", "margin", "rank", "shared_spans", "reasons", "jaccard"}
+    # what a match row keeps: the numbers and one reason code per reason, no word of either text
+    assert len(ev.reason_codes) == len(ev.reasons) and ev.reason_codes[0] == "margin_review"
+    kept = ev.numbers()
+    assert "shared_spans" not in kept and "reasons" not in kept and kept["longest_span_words"] >= 4
+    assert not any(word in str(kept) for word in ("fox", "sleepy", "river"))
 
     templ = run("Order 977 was delivered late and the box was damaged, please refund order 977")
     emb = [m for m in templ.matches if m.paraphrase is not None]
