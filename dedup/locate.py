@@ -246,7 +246,14 @@ class _Search:
             if idx.vectors is None:
                 continue
             top_k = max(idx.knn_k, t.margin_max_rank, 1)
-            rows, sims = idx.nearest(vectors, top_k, self.embedder, self.nprobe)
+            # The subject's records already decided erase are not neighbours of the query: from the
+            # second hop the query *is* one of them (cosine 1 at rank 1), which pushed a paraphrase of
+            # it to rank 2, out of the rank-1 rule's reach, and inflated the query's neighbourhood mean.
+            own = {row for (shard, record_id), m in self.matches.items()
+                   if shard == idx.shard and m.decision is Decision.ERASE and (row := idx.row(record_id)) is not None}
+            rows, sims = idx.nearest(vectors, top_k + len(own), self.embedder, self.nprobe)
+            if own:
+                rows, sims = _without_rows(rows, sims, own, top_k)
             query_means = knn_means(sims[:, :idx.knn_k])
             # Every record at cosine_review or above is already in the top k unless the k-th is too
             # (same probed cells): the range search runs only for those queries
@@ -257,7 +264,7 @@ class _Search:
             for q in range(len(fresh)):
                 cands = {int(r): float(c) for r, c in zip(rows[q], sims[q]) if r >= 0}
                 if q in ranged:
-                    cands.update((int(r), float(c)) for r, c in zip(*ranged[q]))
+                    cands.update((int(r), float(c)) for r, c in zip(*ranged[q]) if int(r) not in own)
                 found[q] += [(idx, r, c, float(query_means[q])) for r, c in cands.items()]
         k = self.minhash.shingle_size
         for q, cands in enumerate(found):
@@ -297,6 +304,17 @@ class _Search:
                query: str, provenance: Provenance) -> Match:
         return Match(idx.shard, idx.version, int(idx.slices[row]), idx.record_ids[row], method, metric,
                      float(score), self.thresholds.decide(metric, score, provenance), hop, query, provenance)
+
+
+def _without_rows(rows: np.ndarray, sims: np.ndarray, left_out: set[int], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each query's neighbours (ids, similarities; best first) without ``left_out``, the first ``k``
+    of the rest, padded with id -1 and similarity NaN."""
+    keep = ~np.isin(rows, np.fromiter(left_out, np.int64, len(left_out)))
+    out_rows, out_sims = np.full((len(rows), k), -1, np.int64), np.full((len(rows), k), np.nan, np.float32)
+    for q in range(len(rows)):
+        kept_rows, kept_sims = rows[q][keep[q]][:k], sims[q][keep[q]][:k]
+        out_rows[q, :len(kept_rows)], out_sims[q, :len(kept_sims)] = kept_rows, kept_sims
+    return out_rows, out_sims
 
 
 def _derived(provenance: Provenance) -> Provenance:

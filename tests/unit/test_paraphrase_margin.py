@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from dedup.hashing_embedder import HashingEmbedder
-from dedup.locate import LocateRequest, locate_matches
+from dedup.locate import LocateRequest, SeedRecord, locate_matches
 from dedup.paraphrase import knn_means, lead_over_runner_up, ratio_margin, shared_spans
 from dedup.policy import Decision, Provenance, Thresholds, paraphrase_score
 from dedup.shard_index import ShardIndex, build_shard_index
@@ -221,3 +221,26 @@ def test_locate_reports_the_lead_and_reviews_by_it() -> None:
     lifted = lifted[1]
     assert lifted.paraphrase.score == pytest.approx(top.paraphrase.margin + 100.0 * lead)
     assert {"lead", "score"} <= set(lifted.to_dict()["paraphrase"])
+
+
+def test_a_paraphrase_of_the_subjects_own_record_is_the_second_hops_nearest_neighbour() -> None:
+    """From the second hop the query is the subject's own record: it is not its own neighbour, so a
+    paraphrase of it is rank 1 (before, the record itself took rank 1 and the paraphrase was kept)."""
+    own = "The quick brown fox jumped over the sleepy dog beside the river bank this morning"
+    texts = [own, "A quick brown fox leapt over the sleepy dog by the river bank",
+             "The library opens at nine on weekdays and at ten on Sundays",
+             "Our choir meets every Thursday evening in the old chapel",
+             "Fresh bread is baked every morning at the corner shop"]
+    ids = [f"r{i}" for i in range(len(texts))]
+    embedder = HashingEmbedder()
+    idx = build_shard_index(0, 1, ids, texts, np.zeros(len(ids), np.int32), embedder=embedder, knn_k=2)
+    fetch = dict(zip(ids, texts))
+    thresholds = Thresholds(cosine_review=0.99, margin_review=1.3, margin_review_lower=50.0, margin_max_rank=1,
+                            cosine_floor=0.3)
+    result = locate_matches(LocateRequest(), {0: idx}, lambda s, r: [fetch[x] for x in r],
+                            seeds=[SeedRecord(0, "r0", "email")], embedder=embedder, thresholds=thresholds, hops=1)
+    found = {m.record_id: m for m in result.matches}
+    assert found["r0"].decision is Decision.ERASE
+    para = found["r1"]
+    assert para.paraphrase.rank == 1 and para.decision is Decision.REVIEW
+    assert para.paraphrase.query_knn_mean < 0.9  # the query's own cosine of 1 is not in its neighbourhood
