@@ -394,6 +394,11 @@ def ingest_source_file(
                 step.advance()
         timings["write_shards_s"] = time.perf_counter() - t
 
+        # The lineage rows are built and sorted before the transaction opens: its locks (with a key
+        # rebuild, readers of the lineage tables wait) are held for the writes alone.
+        t = time.perf_counter()
+        lineage = _lineage_rows(spills, written, screened)
+        timings["lineage_prepare_s"] = time.perf_counter() - t
         t = time.perf_counter()
         with unit_of_work(engine) as session:
             dataset = ensure_dataset(
@@ -430,11 +435,8 @@ def ingest_source_file(
             with reporter.step("recording lineage", sum(new_per_shard.values())) as step:
                 with lineage_bulk_load(session, sum(new_per_shard.values())) as lineage_keys:
                     t_rows = time.perf_counter()
-                    records, identifiers = _lineage_rows(spills, written, screened, dataset.id, source.id)
-                    with ThreadPoolExecutor(1) as sorter:  # Arrow sorts without the GIL, beside the first COPY
-                        identifiers = sorter.submit(identifiers.sort_by, _IDENTIFIER_KEY_ORDER)
-                        bulk_insert(session, "records", records)
-                        identifiers = identifiers.result()
+                    records, identifiers = lineage.with_ids(dataset.id, source.id)
+                    bulk_insert(session, "records", records)
                     bulk_insert(session, "record_identifiers", identifiers)
                     step.advance(records.num_rows)
                     timings["lineage_rows_s"] = time.perf_counter() - t_rows
@@ -491,11 +493,25 @@ def ingest_source_file(
 _IDENTIFIER_KEY_ORDER = [("keyed_hash", "ascending"), ("kind", "ascending"), ("record_id", "ascending")]
 
 
-def _lineage_rows(spills: dict[int, Path], written: list[ShardVersionRef], screened: dict[str, dict],
-                  dataset_id: int, source_id: int) -> tuple[pa.Table, pa.Table]:
-    """The ``records`` rows of the written shards sorted by primary key across all shards, and their
-    ``record_identifiers`` rows, to be sorted by ``_IDENTIFIER_KEY_ORDER``. Rows in key order: a
-    maintained key grows at its end, a rebuilt one sorts presorted input."""
+@dataclass(frozen=True)
+class LineageRows:
+    """The ``records`` and ``record_identifiers`` rows of an ingest, each sorted by its primary key
+    (a maintained key grows at its end, a rebuilt one sorts presorted input), without the dataset
+    and source-file ids that the lineage transaction assigns."""
+
+    records: pa.Table  # RECORD_COLUMNS without dataset_id and source_file_id
+    identifiers: pa.Table  # IDENTIFIER_COLUMNS without dataset_id
+
+    def with_ids(self, dataset_id: int, source_id: int) -> tuple[pa.Table, pa.Table]:
+        n, m = self.records.num_rows, self.identifiers.num_rows
+        records = self.records.append_column("dataset_id", _constant(dataset_id, n)) \
+                              .append_column("source_file_id", _constant(source_id, n))
+        identifiers = self.identifiers.append_column("dataset_id", _constant(dataset_id, m))
+        return records.select(list(RECORD_COLUMNS)), identifiers.select(list(IDENTIFIER_COLUMNS))
+
+
+def _lineage_rows(spills: dict[int, Path], written: list[ShardVersionRef], screened: dict[str, dict]) -> LineageRows:
+    """The lineage rows of the written shards, across all shards, each table sorted by its key."""
     records, identifiers = [], []
     for ref in written:
         spill = _read_spill(spills[ref.shard]).select(["record_id", "slice", "content_hmac", "row_number",
@@ -504,21 +520,24 @@ def _lineage_rows(spills: dict[int, Path], written: list[ShardVersionRef], scree
             spill = spill.filter(pa.array([rid not in screened for rid in spill["record_id"].to_pylist()]))
         n = spill.num_rows
         records.append(pa.table({
-            "dataset_id": _constant(dataset_id, n), "record_id": spill["record_id"], "shard": _constant(ref.shard, n),
-            "slice": spill["slice"], "content_hmac": spill["content_hmac"], "source_file_id": _constant(source_id, n),
-            "row_number": spill["row_number"], "first_shard_version": _constant(ref.version, n),
+            "record_id": spill["record_id"], "shard": _constant(ref.shard, n), "slice": spill["slice"],
+            "content_hmac": spill["content_hmac"], "row_number": spill["row_number"],
+            "first_shard_version": _constant(ref.version, n),
         }))
         nested = spill["identifiers"].combine_chunks()
         flat = pc.list_flatten(nested)
         identifiers.append(pa.table({
-            "dataset_id": _constant(dataset_id, len(flat)),
             "record_id": pc.take(spill["record_id"], pc.list_parent_indices(nested)),
             "kind": flat.field("kind"), "keyed_hash": flat.field("keyed_hash"),
         }))
     if not records:
-        return (pa.table({c: pa.array([], pa.int32()) for c in RECORD_COLUMNS}),
-                pa.table({c: pa.array([], pa.int32()) for c in IDENTIFIER_COLUMNS}))
-    return pa.concat_tables(records).sort_by("record_id"), pa.concat_tables(identifiers)
+        return LineageRows(pa.table({c: pa.array([], pa.int32()) for c in RECORD_COLUMNS
+                                     if c not in ("dataset_id", "source_file_id")}),
+                           pa.table({c: pa.array([], pa.int32()) for c in IDENTIFIER_COLUMNS if c != "dataset_id"}))
+    with ThreadPoolExecutor(1) as sorter:  # Arrow sorts without the GIL: both tables side by side
+        identifiers_sorted = sorter.submit(pa.concat_tables(identifiers).sort_by, _IDENTIFIER_KEY_ORDER)
+        records_sorted = pa.concat_tables(records).sort_by("record_id")
+        return LineageRows(records_sorted, identifiers_sorted.result())
 
 
 def _constant(value: int, n: int) -> pa.Array:
