@@ -28,10 +28,10 @@ def _near_copy(text: str) -> str:
     return " ".join(words)
 
 
-def test_a_match_found_from_the_subjects_record_is_shown_beside_it(sqlite_settings, tmp_path) -> None:  # noqa: ANN001
-    settings = sqlite_settings
-    rows = [{"id": "own", "text": SUBJECT, "email": "ada@example.org", "label": 0},
-            {"id": "copy", "text": _near_copy(SUBJECT), "label": 1}]
+def _ingest_club(settings, tmp_path, other_row: dict) -> None:  # noqa: ANN001
+    """Dataset "club": the subject's record (ada@example.org), ``other_row`` without an identifier,
+    and 20 unrelated people's notes; one shard, one slice, the hashing embedder."""
+    rows = [{"id": "own", "text": SUBJECT, "email": "ada@example.org", "label": 0}, other_row]
     rows += [{"id": f"other{i}", "text": f"Unrelated note number {i} about weather, trains and soup recipes "
               f"for a family of {i + 2} in the autumn season.", "email": f"p{i}@example.org", "label": i % 2}
              for i in range(20)]
@@ -39,6 +39,11 @@ def test_a_match_found_from_the_subjects_record_is_shown_beside_it(sqlite_settin
     source.write_text("".join(json.dumps(r) + "\n" for r in rows))
     ingest_source_file(source, IngestOptions(dataset="club", fields=FieldMap(identifier_fields=(("email", "email"),)),
                                              n_shards=1, n_slices=1, seed=0, fmt=None, embedder="hashing"), settings)
+
+
+def test_a_match_found_from_the_subjects_record_is_shown_beside_it(sqlite_settings, tmp_path) -> None:  # noqa: ANN001
+    settings = sqlite_settings
+    _ingest_club(settings, tmp_path, {"id": "copy", "text": _near_copy(SUBJECT), "label": 1})
     engine = open_database(settings)
     request_id = submit_request(engine, settings.secret_key_bytes(), idempotency_key="seed-case",
                                 identifiers=[("email", "ada@example.org")], samples=[], actor="test").request_id
@@ -78,15 +83,7 @@ def test_a_paraphrase_match_keeps_its_evidence_as_numbers_and_the_page_shows_it(
     from tests.e2e.test_console_routes import _signed_in
     from db.requests import issue_token
 
-    rows = [{"id": "own", "text": SUBJECT, "email": "ada@example.org", "label": 0},
-            {"id": "reworded", "text": PARAPHRASE, "label": 1}]
-    rows += [{"id": f"other{i}", "text": f"Unrelated note number {i} about weather, trains and soup recipes "
-              f"for a family of {i + 2} in the autumn season.", "email": f"p{i}@example.org", "label": i % 2}
-             for i in range(20)]
-    source = tmp_path / "records.jsonl"
-    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    ingest_source_file(source, IngestOptions(dataset="club", fields=FieldMap(identifier_fields=(("email", "email"),)),
-                                             n_shards=1, n_slices=1, seed=0, fmt=None, embedder="hashing"), settings)
+    _ingest_club(settings, tmp_path, {"id": "reworded", "text": PARAPHRASE, "label": 1})
     app = create_app(settings)
     engine = app.state.engine
     request_id = submit_request(engine, settings.secret_key_bytes(), idempotency_key="paraphrase-case",
