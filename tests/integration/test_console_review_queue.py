@@ -41,16 +41,22 @@ def _ingest_club(settings, tmp_path, other_row: dict) -> None:  # noqa: ANN001
                                              n_shards=1, n_slices=1, seed=0, fmt=None, embedder="hashing"), settings)
 
 
-def test_a_match_found_from_the_subjects_record_is_shown_beside_it(sqlite_settings, tmp_path) -> None:  # noqa: ANN001
-    settings = sqlite_settings
-    _ingest_club(settings, tmp_path, {"id": "copy", "text": _near_copy(SUBJECT), "label": 1})
-    engine = open_database(settings)
-    request_id = submit_request(engine, settings.secret_key_bytes(), idempotency_key="seed-case",
+def _located_request_of_ada(settings, engine, key: str) -> str:  # noqa: ANN001
+    """A request for ada@example.org, located in "club" and decided (awaiting review when anything is borderline)."""
+    request_id = submit_request(engine, settings.secret_key_bytes(), idempotency_key=key,
                                 identifiers=[("email", "ada@example.org")], samples=[], actor="test").request_id
     with use_settings(settings):
         start_processing(request_id)
         locate_and_record(request_id, "club")
         decide_after_locating(request_id)
+    return request_id
+
+
+def test_a_match_found_from_the_subjects_record_is_shown_beside_it(sqlite_settings, tmp_path) -> None:  # noqa: ANN001
+    settings = sqlite_settings
+    _ingest_club(settings, tmp_path, {"id": "copy", "text": _near_copy(SUBJECT), "label": 1})
+    engine = open_database(settings)
+    request_id = _located_request_of_ada(settings, engine, "seed-case")
     with unit_of_work(engine) as session:
         assert get_request(session, request_id).state == RequestState.AWAITING_REVIEW
         [item] = review_items(session, request_id, with_texts=True)
@@ -86,12 +92,7 @@ def test_a_paraphrase_match_keeps_its_evidence_as_numbers_and_the_page_shows_it(
     _ingest_club(settings, tmp_path, {"id": "reworded", "text": PARAPHRASE, "label": 1})
     app = create_app(settings)
     engine = app.state.engine
-    request_id = submit_request(engine, settings.secret_key_bytes(), idempotency_key="paraphrase-case",
-                                identifiers=[("email", "ada@example.org")], samples=[], actor="test").request_id
-    with use_settings(settings):
-        start_processing(request_id)
-        locate_and_record(request_id, "club")
-        decide_after_locating(request_id)
+    request_id = _located_request_of_ada(settings, engine, "paraphrase-case")
     with unit_of_work(engine) as session:
         rows_by_id = {m.record_id: m for m in session.scalars(select(RequestMatch).where(
             RequestMatch.request_id == request_id))}
