@@ -25,22 +25,12 @@ import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 DEFAULT_MAX_MB = 4096
 _log = logging.getLogger(__name__)
-
-
-def file_stamp(path: str | Path) -> tuple[int, int, int, int] | None:
-    """(device, inode, size, mtime in ns) of a file, or None if there is none."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return None
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def estimated_bytes(value: Any, depth: int = 3) -> int:

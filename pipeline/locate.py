@@ -27,9 +27,9 @@ from dedup.minhash import MinHashKeyMismatch, MinHashParams
 from dedup.policy import Thresholds
 from dedup.shard_index import ShardIndex, artefact_dir, build_shard_index, texts_from_parquet
 from dedup.tombstones import TombstoneSet, UnkeyedTombstones
-from pipeline.artefact_cache import ARTEFACTS, file_stamp
+from pipeline.artefact_cache import ARTEFACTS
 from pipeline.object_store import shard_file
-from shards.files import sha256_file
+from shards.files import file_stamp, sha256_file
 from shards.store import ShardVersionRef
 
 

@@ -32,7 +32,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from db.settings import Settings
-from shards.files import fsync_dir, sha256_file
+from shards.files import file_stamp, fsync_dir, sha256_file
 
 OBJECTS = "objects"
 _OBJECT_NAME = re.compile(r"^([0-9a-f]{64})(\.[A-Za-z0-9.]+)?$")
@@ -185,15 +185,7 @@ def publish_file(settings: Settings, path: Path | str, sha256: str | None = None
 
 
 # dest -> (sha256, file stamp) of files verified by this process: a cached file is hashed once.
-_verified: dict[str, tuple[str, tuple[int, int, int]]] = {}
-
-
-def _stamp(path: Path) -> tuple[int, int, int] | None:
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        return None
-    return (st.st_ino, st.st_size, st.st_mtime_ns)
+_verified: dict[str, tuple[str, tuple[int, int, int, int]]] = {}
 
 
 def local_copy(settings: Settings, recorded: str, sha256: str | None, dest: Path | str) -> Path:
@@ -210,7 +202,7 @@ def local_copy(settings: Settings, recorded: str, sha256: str | None, dest: Path
     if sha256_of_url(recorded) != sha256:
         raise ObjectMismatch(f"object {recorded} does not carry the sha256 its row records ({sha256})")
     dest = Path(dest)
-    stamp = _stamp(dest)
+    stamp = file_stamp(dest)
     if stamp is not None:
         if _verified.get(str(dest)) == (sha256, stamp):
             return dest
@@ -219,7 +211,7 @@ def local_copy(settings: Settings, recorded: str, sha256: str | None, dest: Path
             return dest
         dest.unlink()  # a stale or damaged cached copy: fetched again below
     store.fetch(recorded, sha256, dest)
-    _verified[str(dest)] = (sha256, _stamp(dest))
+    _verified[str(dest)] = (sha256, file_stamp(dest))
     return dest
 
 
@@ -337,4 +329,5 @@ def fetch_index(settings: Settings, index_url: str | None, shard_version_path: P
     finally:
         archive_path.unlink(missing_ok=True)
         _verified.pop(str(archive_path), None)
-        shutil.rmtree(unpacked, ignore_errors=True)
+        if unpacked.exists():  # a failed unpack's partial folder; failing to remove it is an error too
+            shutil.rmtree(unpacked)

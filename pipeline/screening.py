@@ -97,7 +97,8 @@ def _tombstones(settings: Settings, dataset: str) -> TombstoneSet | None:
     and the key the same (the LSH bands built on the set are cached with it)."""
     # pipeline.locate (pyarrow, FAISS) and the cache (numpy) load here, not at import: the API
     # schemas, and every CLI command using them, import this module for its limits only
-    from pipeline.artefact_cache import ARTEFACTS, file_stamp
+    from pipeline.artefact_cache import ARTEFACTS
+    from shards.files import file_stamp
     from pipeline.locate import dataset_minhash, load_tombstones, refresh_shared_tombstones, tombstone_path
 
     refresh_shared_tombstones(settings, dataset)  # a storage URL: the copy follows the database's row

@@ -18,6 +18,16 @@ _LEGACY_PID_TEMP = re.compile(r"^\..+\.(\d+)\.tmp$")  # db.settings.write_privat
 _LEGACY_TEMP = re.compile(r"\.[A-Za-z0-9_]{8}\.(?:tmp|old)$|\.tmp$")  # tempfile names without a PID
 
 
+def file_stamp(path: str | Path) -> tuple[int, int, int, int] | None:
+    """(device, inode, size, mtime in ns) of a file, or None if there is none: what tells a cached
+    copy or a cached load of it from a file written since."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 def sha256_file(path: Path | str) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
