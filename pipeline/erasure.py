@@ -471,6 +471,7 @@ def purge_shard_files(settings: Settings, session: Session, dataset_id: int, sha
     purged_versions: list[dict] = []
     purged_checkpoints: list[str] = []
     in_service: list[str] = []
+    recorded: list[str] = []  # what the purged rows name: with a store, their objects are deleted below
     for version in session.scalars(select(ShardVersion).where(
             ShardVersion.dataset_id == dataset_id, ShardVersion.shard == shard,
             ShardVersion.files_purged_at.is_(None)).order_by(ShardVersion.version)):
@@ -480,9 +481,7 @@ def purge_shard_files(settings: Settings, session: Session, dataset_id: int, sha
             remove_index(local)
             local.unlink(missing_ok=True)
             version.files_purged_at = now
-            _delete_unless_named(settings, session, version.path)
-            if version.index_url is not None:
-                _delete_unless_named(settings, session, version.index_url)
+            recorded += [version.path] + ([version.index_url] if version.index_url is not None else [])
             purged_versions.append({"shard": shard, "version": version.version})
     current = current_ensemble_row(session, dataset_id)
     serving = set() if current is None else set(session.scalars(
@@ -498,10 +497,11 @@ def purge_shard_files(settings: Settings, session: Session, dataset_id: int, sha
         home_path_of(settings, checkpoint.path, checkpoint_store(settings, _name(session, dataset_id))
                      .path_for(checkpoint.key)).unlink(missing_ok=True)
         checkpoint.file_purged_at = now
-        _delete_unless_named(settings, session, checkpoint.path)
+        recorded.append(checkpoint.path)
         purged_checkpoints.append(checkpoint.key)
-    purged_checkpoints += _purge_baselines(session, dataset_id, shard, held_by, now, settings)
+    purged_checkpoints += _purge_baselines(session, dataset_id, shard, held_by, now, settings, recorded)
     session.flush()
+    _delete_unnamed_objects(settings, session, recorded)
     return purged_versions, purged_checkpoints, in_service
 
 
@@ -509,21 +509,25 @@ def _name(session: Session, dataset_id: int) -> str:
     return session.get(Dataset, dataset_id).name
 
 
-def _delete_unless_named(settings: Settings, session: Session, recorded: str) -> None:
-    """Delete a purged row's object (checked gone) unless a live row names the same bytes."""
-    if not is_object_url(recorded):
+def _delete_unnamed_objects(settings: Settings, session: Session, recorded: list[str]) -> None:
+    """Delete the objects purged rows name (each checked gone), except those a live row still names
+    (the same bytes); the live names are read once, after the purged rows are flushed."""
+    urls = list(dict.fromkeys(r for r in recorded if is_object_url(r)))
+    if not urls:
         return
-    session.flush()
     from pipeline.gc import live_object_urls
 
-    if recorded not in live_object_urls(session):
-        delete_object(settings, recorded)
+    live = live_object_urls(session)
+    for url in urls:
+        if url not in live:
+            delete_object(settings, url)
 
 
 def _purge_baselines(session: Session, dataset_id: int, shard: int, held_by, now: datetime,  # noqa: ANN001
-                     settings: Settings | None = None) -> list[str]:
+                     settings: Settings | None = None, recorded: list[str] | None = None) -> list[str]:
     """Delete the monolithic baselines (``erasure train --baseline``) trained on a version of ``shard``
-    that held an erased record; their rows are marked purged. Returns their checkpoint keys."""
+    that held an erased record; their rows are marked purged. Returns their checkpoint keys; what
+    their rows name is added to ``recorded`` (objects the caller deletes)."""
     from db.training import BaselineModel
 
     purged = []
@@ -541,8 +545,8 @@ def _purge_baselines(session: Session, dataset_id: int, shard: int, held_by, now
         else:
             Path(baseline.path).unlink(missing_ok=True)
         baseline.file_purged_at = now
-        if settings is not None:
-            _delete_unless_named(settings, session, baseline.path)
+        if recorded is not None:
+            recorded.append(baseline.path)
         purged.append(baseline.checkpoint_key)
     return purged
 
