@@ -34,6 +34,7 @@ from db.lineage import (
     add_shard_version,
     add_source_file,
     bulk_insert,
+    digests_from_hex,
     ensure_dataset,
     find_source_file,
     get_dataset,
@@ -489,7 +490,7 @@ def ingest_source_file(
     )
 
 
-# record_identifiers' primary key (migration 0014), bytewise like PostgreSQL's COLLATE "C"
+# record_identifiers' primary key (migrations 0014, 0017), bytewise as PostgreSQL compares bytea
 _IDENTIFIER_KEY_ORDER = [("keyed_hash", "ascending"), ("kind", "ascending"), ("record_id", "ascending")]
 
 
@@ -531,11 +532,18 @@ def _lineage_rows(spills: dict[int, Path], written: list[ShardVersionRef], scree
             "kind": flat.field("kind"), "keyed_hash": flat.field("keyed_hash"),
         }))
     if not records:
-        return LineageRows(pa.table({c: pa.array([], pa.int32()) for c in RECORD_COLUMNS
-                                     if c not in ("dataset_id", "source_file_id")}),
-                           pa.table({c: pa.array([], pa.int32()) for c in IDENTIFIER_COLUMNS if c != "dataset_id"}))
+        return LineageRows(
+            pa.table({"record_id": pa.array([], pa.string()), "shard": _constant(0, 0), "slice": _constant(0, 0),
+                      "content_hmac": pa.array([], pa.string()), "row_number": _constant(0, 0),
+                      "first_shard_version": _constant(0, 0)}),
+            pa.table({"record_id": pa.array([], pa.string()), "kind": pa.array([], pa.string()),
+                      "keyed_hash": digests_from_hex(pa.array([], pa.string()))}))
+    identifiers = pa.concat_tables(identifiers)
+    # the hashes as the bytes the table stores (db.lineage.bulk_insert), decoded before the transaction
+    identifiers = identifiers.set_column(identifiers.column_names.index("keyed_hash"), "keyed_hash",
+                                         digests_from_hex(identifiers["keyed_hash"]))
     with ThreadPoolExecutor(1) as sorter:  # Arrow sorts without the GIL: both tables side by side
-        identifiers_sorted = sorter.submit(pa.concat_tables(identifiers).sort_by, _IDENTIFIER_KEY_ORDER)
+        identifiers_sorted = sorter.submit(identifiers.sort_by, _IDENTIFIER_KEY_ORDER)
         records_sorted = pa.concat_tables(records).sort_by("record_id")
         return LineageRows(records_sorted, identifiers_sorted.result())
 

@@ -18,6 +18,7 @@ REFUSED = (IntegrityError, psycopg.IntegrityError)
 from db.lineage import (
     add_source_file,
     bulk_insert,
+    digests_from_hex,
     ensure_dataset,
     lineage_bulk_load,
 )
@@ -55,7 +56,7 @@ def _load(engine, dataset_id: int, source_id: int, ids: list[str], announced: in
                         "content_hmac": ["c" * 64] * n, "source_file_id": [source_id] * n,
                         "row_number": list(range(n)), "first_shard_version": [1] * n})
     identifiers = pa.table({"dataset_id": [dataset_id] * n, "record_id": ids, "kind": ["email"] * n,
-                            "keyed_hash": [f"{i:064x}" for i in range(n)]})
+                            "keyed_hash": digests_from_hex(pa.array([f"{i:064x}" for i in range(n)]))})
     with unit_of_work(engine) as session, lineage_bulk_load(session, announced) as keys:
         bulk_insert(session, "records", records)
         bulk_insert(session, "record_identifiers", identifiers)
@@ -144,7 +145,7 @@ def test_a_reader_on_the_tables_is_not_blocked_the_ingest_keeps_keys_incremental
 
 
 def test_any_record_id_text_arrives_unchanged(database_url: str) -> None:
-    """The COPY's CSV quotes what needs quoting: commas, quotes, newlines, backslashes, non-ASCII."""
+    """Any text arrives unchanged: commas, quotes, newlines, backslashes, non-ASCII, empty, "\\N"."""
     upgrade_to_head(database_url)
     engine = make_engine(database_url)
     ids = ['a,b', 'say "hi"', "two\nlines", "back\\slash", "tab\there", "é ü 中", "", "N", "\\N"]
@@ -155,5 +156,53 @@ def test_any_record_id_text_arrives_unchanged(database_url: str) -> None:
             assert sorted(session.scalars(select(Record.record_id))) == sorted(ids)
             assert sorted(session.scalars(select(RecordIdentifier.record_id))) == sorted(ids)
             assert session.scalar(select(func.count()).where(Record.content_hmac.is_(None))) == 0
+    finally:
+        engine.dispose()
+
+
+def test_keyed_hashes_are_stored_as_their_bytes_and_read_back_as_hex(postgres_url: str) -> None:
+    upgrade_to_head(postgres_url)
+    engine = make_engine(postgres_url)
+    try:
+        dataset_id, source_id = _dataset_and_source(engine)
+        _load(engine, dataset_id, source_id, ["r0", "r1", "r2"], 3)
+        with engine.connect() as conn:
+            assert set(conn.scalars(text("SELECT octet_length(keyed_hash) FROM record_identifiers"))) == {32}
+        with unit_of_work(engine) as session:
+            assert sorted(session.scalars(select(RecordIdentifier.keyed_hash))) == [f"{i:064x}" for i in range(3)]
+            assert session.scalar(select(RecordIdentifier.record_id).where(
+                RecordIdentifier.keyed_hash == f"{1:064x}")) == "r1"
+            with pytest.raises(Exception, match="lower-case hex"):
+                session.scalar(select(RecordIdentifier.record_id).where(RecordIdentifier.keyed_hash == "F" * 64))
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("digest", ["z" * 64, "F" * 64, "0" * 63, "0" * 65, None])
+def test_only_lower_case_hex_digests_are_decoded(digest: str | None) -> None:
+    column = pa.array(["0" * 64, "ab" * 32, digest, "f" * 64])
+    with pytest.raises(ValueError, match="row 2"):
+        digests_from_hex(column)
+    assert digests_from_hex(column.slice(3)).to_pylist() == [b"\xff" * 32]
+
+
+def test_a_bulk_insert_takes_digests_as_bytes_and_nothing_is_written_otherwise(database_url: str) -> None:
+    upgrade_to_head(database_url)
+    engine = make_engine(database_url)
+    try:
+        dataset_id, source_id = _dataset_and_source(engine)
+        identifiers = pa.table({"dataset_id": [dataset_id], "record_id": ["r1"], "kind": ["email"],
+                                "keyed_hash": ["0" * 64]})
+        records = pa.table({"dataset_id": [dataset_id], "record_id": ["r1"], "shard": [0], "slice": [0],
+                            "content_hmac": ["c" * 64], "source_file_id": [source_id], "row_number": [1],
+                            "first_shard_version": [1]})
+        with pytest.raises(ValueError, match="keyed_hash takes 32-byte digests"):
+            with unit_of_work(engine) as session, lineage_bulk_load(session, 1):
+                bulk_insert(session, "records", records)
+                bulk_insert(session, "record_identifiers", identifiers)
+        assert _counts(engine) == (0, 0)
+        _load(engine, dataset_id, source_id, ["r1"], 1)  # SQLite keeps the hex text, PostgreSQL the bytes
+        with unit_of_work(engine) as session:
+            assert session.scalar(select(RecordIdentifier.keyed_hash)) == "0" * 64
     finally:
         engine.dispose()

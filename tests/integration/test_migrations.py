@@ -99,3 +99,39 @@ def test_0012_gives_existing_probes_their_dataset_where_the_request_matched_in_o
         upgrade_to_head(database_url)
     finally:
         engine.dispose()
+
+
+def test_0017_stores_existing_identifier_hashes_as_bytes_and_gives_them_back(database_url: str) -> None:
+    """Identifier rows from before 0017 keep their hashes: bytea on PostgreSQL (the same bytes, read
+    as the same hex), hex text again after a downgrade; the partial erased-records index replaces
+    the shard/slice index and the downgrade restores it."""
+    from datetime import datetime, timezone
+
+    command.upgrade(alembic_config(database_url), "0016")
+    engine = make_engine(database_url)
+    hashes = ["0" * 64, "f" * 64, "0123456789abcdef" * 4]
+    postgres = engine.dialect.name == "postgresql"
+    hash_sql = "encode(keyed_hash, 'hex')" if postgres else "keyed_hash"
+    try:
+        with engine.begin() as conn:
+            conn.execute(text(
+                "INSERT INTO datasets (id, name, seed, n_shards, n_slices, feature_dim, embedder, key_id, created_at) "
+                "VALUES (1, 'shop', 0, 1, 1, 8, 'hash', 'k', :at)"), {"at": datetime(2026, 12, 1, tzinfo=timezone.utc)})
+            for i, digest in enumerate(hashes):
+                conn.execute(text("INSERT INTO record_identifiers (dataset_id, record_id, kind, keyed_hash) "
+                                  "VALUES (1, :r, 'email', :h)"), {"r": f"r{i}", "h": digest})
+        command.upgrade(alembic_config(database_url), "0017")
+        indexes = {ix["name"] for ix in inspect(engine).get_indexes("records")}
+        assert "ix_records_erased" in indexes and "ix_records_dataset_shard_slice" not in indexes
+        with engine.connect() as conn:
+            assert sorted(conn.scalars(text(f"SELECT {hash_sql} FROM record_identifiers"))) == sorted(hashes)
+            if postgres:
+                assert set(conn.scalars(text("SELECT octet_length(keyed_hash) FROM record_identifiers"))) == {32}
+        command.downgrade(alembic_config(database_url), "0016")
+        indexes = {ix["name"] for ix in inspect(engine).get_indexes("records")}
+        assert "ix_records_dataset_shard_slice" in indexes and "ix_records_erased" not in indexes
+        with engine.connect() as conn:
+            assert sorted(conn.scalars(text("SELECT keyed_hash FROM record_identifiers"))) == sorted(hashes)
+        upgrade_to_head(database_url)
+    finally:
+        engine.dispose()
