@@ -199,6 +199,8 @@ def digests_from_hex(column: pa.Array | pa.ChunkedArray) -> pa.Array:
     import pyarrow.compute as pc
 
     column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if not pa.types.is_string(column.type):
+        raise ValueError(f"hex digests are Arrow strings, not {column.type}")
     n, width = len(column), 2 * DIGEST_BYTES
     if not n:
         return pa.array([], _digest_type())
@@ -208,7 +210,7 @@ def digests_from_hex(column: pa.Array | pa.ChunkedArray) -> pa.Array:
         raise ValueError(f"not a {width}-character hex digest: row {_first(pc.not_equal(lengths, width))}")
     start = np.frombuffer(column.buffers()[1], dtype=np.int32, count=1, offset=column.offset * 4)[0]
     pairs = np.frombuffer(column.buffers()[2], dtype="<u2", count=n * DIGEST_BYTES, offset=int(start))
-    values = _HEX_PAIRS()[pairs]
+    values = _hex_pair_values()[pairs]
     if values.max() > 255:
         raise ValueError(f"not lower-case hex: row {_first(pa.array(values.reshape(n, DIGEST_BYTES).max(axis=1) > 255))}")
     digests = values.astype(np.uint8)
@@ -222,7 +224,7 @@ def _first(mask: pa.Array) -> int:
 
 
 @cache
-def _HEX_PAIRS():  # noqa: ANN202, N802 (a constant, built on first use)
+def _hex_pair_values():  # noqa: ANN202 (a constant, built on first use: numpy is imported lazily)
     """Byte value of every two-character lower-case hex string read as a little-endian uint16; 0xFFFF
     for every other pair of bytes."""
     import numpy as np
