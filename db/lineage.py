@@ -33,6 +33,7 @@ RECORD_COLUMNS = (
 IDENTIFIER_COLUMNS = ("dataset_id", "record_id", "kind", "keyed_hash")
 DIGEST_BYTES = 32
 _COPY_CHUNK_ROWS = 65_536
+_DECODE_ROWS = 262_144
 
 
 class DatasetConflict(ValueError):
@@ -210,10 +211,14 @@ def digests_from_hex(column: pa.Array | pa.ChunkedArray) -> pa.Array:
         raise ValueError(f"not a {width}-character hex digest: row {_first(pc.not_equal(lengths, width))}")
     start = np.frombuffer(column.buffers()[1], dtype=np.int32, count=1, offset=column.offset * 4)[0]
     pairs = np.frombuffer(column.buffers()[2], dtype="<u2", count=n * DIGEST_BYTES, offset=int(start))
-    values = _hex_pair_values()[pairs]
-    if values.max() > 255:
-        raise ValueError(f"not lower-case hex: row {_first(pa.array(values.reshape(n, DIGEST_BYTES).max(axis=1) > 255))}")
-    digests = values.astype(np.uint8)
+    digests = np.empty(n * DIGEST_BYTES, dtype=np.uint8)
+    step = _DECODE_ROWS * DIGEST_BYTES  # a bounded temporary (2 bytes per output byte), not one per column
+    for at in range(0, len(pairs), step):
+        values = _hex_pair_values()[pairs[at:at + step]]
+        if values.max() > 255:
+            bad = values.reshape(-1, DIGEST_BYTES).max(axis=1) > 255
+            raise ValueError(f"not lower-case hex: row {at // DIGEST_BYTES + _first(pa.array(bad))}")
+        digests[at:at + step] = values
     return pa.Array.from_buffers(_digest_type(), n, [None, pa.py_buffer(digests)])
 
 

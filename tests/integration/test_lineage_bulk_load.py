@@ -206,3 +206,13 @@ def test_a_bulk_insert_takes_digests_as_bytes_and_nothing_is_written_otherwise(d
             assert session.scalar(select(RecordIdentifier.keyed_hash)) == "0" * 64
     finally:
         engine.dispose()
+
+
+def test_digests_decode_in_bounded_pieces_and_name_the_bad_row_in_a_later_piece(monkeypatch) -> None:  # noqa: ANN001
+    import db.lineage
+
+    monkeypatch.setattr(db.lineage, "_DECODE_ROWS", 3)
+    digests = [bytes([i]) * 32 for i in range(10)]
+    assert digests_from_hex(pa.array([d.hex() for d in digests])).to_pylist() == digests
+    with pytest.raises(ValueError, match="row 7"):
+        digests_from_hex(pa.array([d.hex() if i != 7 else "x" * 64 for i, d in enumerate(digests)]))
