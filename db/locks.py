@@ -6,16 +6,19 @@ a single writer: taking its write lock early is enough.
 
 Key layout (64 bits): namespace (16) | kind (4) | dataset id (24) | shard (20).
 Kinds: 1 shard writers (erasure, ingest, retraining claims), 2 dataset-wide
-artefacts (ensemble versions, tombstones), 3 a shard's retraining.
+artefacts (ensemble versions, tombstones), 3 a shard's retraining, 4 schema
+migrations.
 """
 
 from __future__ import annotations
 
 import fcntl
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from sqlalchemy import Engine, text
+from sqlalchemy import Connection, Engine, text
 from sqlalchemy.orm import Session
 
 _LOCK_NAMESPACE = 0x5E15  # high bits of our advisory lock keys
@@ -80,3 +83,35 @@ class retrain_lock:
                 self.connection.commit()
             finally:
                 self.connection.close()
+
+
+@contextmanager
+def migration_lock(connection: Connection) -> Iterator[None]:
+    """Hold the schema-migration lock on ``connection`` for the block: two processes that migrate
+    one database at once (``erasure up`` starting while a CLI command runs) take turns, and the
+    second finds the schema at head instead of creating the same tables beside the first.
+
+    PostgreSQL: a session-level advisory lock (released with the connection if the process dies).
+    SQLite: an exclusive ``flock`` on a file beside the database; in-memory: none (one process)."""
+    if connection.dialect.name == "postgresql":
+        key = _lock_key(4, 0, 0)
+        connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": key})
+        connection.commit()
+        try:
+            yield
+        finally:
+            connection.rollback()  # a failed migration leaves its transaction aborted
+            connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": key})
+            connection.commit()
+        return
+    database = connection.engine.url.database
+    if database in (None, "", ":memory:"):
+        yield
+        return
+    path = Path(database).resolve()
+    fd = os.open(path.with_name(f"{path.name}.migrate.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the flock

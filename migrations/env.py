@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from alembic import context
 
+from db.locks import migration_lock
 from db.models import Base
 from db.session import make_engine
 
@@ -28,7 +29,7 @@ def run_migrations_offline() -> None:
 
 def run_migrations_online() -> None:
     engine = make_engine(_url())
-    with engine.connect() as connection:
+    with engine.connect() as connection, migration_lock(connection):
         sqlite = connection.dialect.name == "sqlite"
         if sqlite:
             # A batch migration recreates a table (copy, DROP, rename); with foreign keys on,

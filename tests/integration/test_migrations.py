@@ -135,3 +135,23 @@ def test_0017_stores_existing_identifier_hashes_as_bytes_and_gives_them_back(dat
         upgrade_to_head(database_url)
     finally:
         engine.dispose()
+
+
+def test_processes_migrating_one_new_database_at_once_take_turns(database_url: str, tmp_path) -> None:  # noqa: ANN001
+    """``erasure up`` migrates while a CLI command started beside it does too: each process ends
+    with the schema at head, none fails creating a table the other just created."""
+    import subprocess
+    import sys
+    import time
+
+    go = tmp_path / "go"
+    script = ("import os, sys, time\nfrom db.session import upgrade_to_head\n"
+              "while not os.path.exists(sys.argv[1]): time.sleep(0.005)\nupgrade_to_head(sys.argv[2])\n")
+    migrators = [subprocess.Popen([sys.executable, "-c", script, str(go), database_url],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    time.sleep(3)  # all imported and waiting: they start together
+    go.touch()
+    results = [(m.wait(timeout=120), m.stderr.read()[-2000:]) for m in migrators]
+    assert [code for code, _ in results] == [0, 0, 0], results
+    assert _tables(database_url) == TABLES
+    command.check(alembic_config(database_url))
