@@ -364,6 +364,8 @@ def _other_kind(path: Path, home: Path, live: _Live, database_files: tuple[Path,
         return "service_state", LIVE
     if path in database_files:
         return "database", LIVE
+    if database_files and _is_database_lock(path, database_files[0]):
+        return "database_lock", LIVE
     if is_temp_name(path.name):
         return "atomic_temp", _temp_status(path, now, grace_s)
     if path in live.sources:
@@ -371,6 +373,12 @@ def _other_kind(path: Path, home: Path, live: _Live, database_files: tuple[Path,
     if path.name == "ground_truth.jsonl" and (path.parent / "records.jsonl") in live.sources:
         return "demo_ground_truth", LIVE  # the demo generator's answer key beside its ingested records
     return "unknown_file", UNKNOWN
+
+
+def _is_database_lock(path: Path, database: Path) -> bool:
+    """An empty lock file of ``db.locks`` beside the SQLite database: ``<db>.migrate.lock`` (schema
+    migrations) or ``<db>.retrain-<key>.lock`` (a shard's retraining). It holds no data."""
+    return path.parent == database.parent and path.name.startswith(f"{database.name}.") and path.suffix == ".lock"
 
 
 def database_files(settings: Settings) -> tuple[Path, ...]:

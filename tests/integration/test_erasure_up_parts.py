@@ -19,7 +19,7 @@ from db.requests import find_active_token, revoke_token
 from db.session import unit_of_work
 from db.settings import Settings
 from pipeline.database import open_database
-from pipeline.gc import UNKNOWN, classify_home
+from pipeline.gc import UNKNOWN, classify_home, database_files
 from tests.conftest import TEST_SECRET
 from tests.prefect_server import free_port
 
@@ -111,3 +111,22 @@ def test_the_files_of_erasure_up_are_known_to_the_residue_inventory(settings: Se
     kinds = {e.path.relative_to(home).as_posix(): e.kind for e in entries}
     assert kinds["prefect-server"] == "prefect_home" and kinds["up-logs"] == "service_logs"
     assert kinds["up.json"] == "service_state"
+
+
+def test_the_lock_files_beside_a_database_in_the_home_are_known_to_the_residue_inventory(tmp_path: Path) -> None:
+    """The default home holds the SQLite database; migrating it leaves its migration lock file, a
+    retraining its shard lock file: empty files that the residue check must not call orphans."""
+    home = tmp_path / "home"
+    settings = Settings(home=home, database_url=f"sqlite:///{home / 'erasure.db'}", secret_key=TEST_SECRET)
+    engine = open_database(settings)
+    (home / f"erasure.db.retrain-{(0x5E15 << 48) | (3 << 44):016x}.lock").touch()
+    (home / "other.db.migrate.lock").touch()  # not this database's
+    try:
+        with unit_of_work(engine) as session:
+            entries = classify_home(settings, session, database_files=database_files(settings))
+    finally:
+        engine.dispose()
+    kinds = {e.path.name: (e.kind, e.status) for e in entries}
+    assert kinds["erasure.db.migrate.lock"] == ("database_lock", "live")
+    assert [k for name, k in kinds.items() if name.startswith("erasure.db.retrain-")] == [("database_lock", "live")]
+    assert kinds["other.db.migrate.lock"] == ("unknown_file", UNKNOWN)
