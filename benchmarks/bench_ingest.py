@@ -44,6 +44,8 @@ GOAL_RATIO_TO_PLAIN_COPY = 0.5
 LINEAGE_TABLES = {"records": "dataset_id, record_id, shard, slice, content_hmac, source_file_id, row_number, "
                              "first_shard_version",
                   "record_identifiers": "dataset_id, record_id, kind, keyed_hash"}
+KEY_ORDER = {"records": 'record_id COLLATE "C"',
+             "record_identifiers": 'keyed_hash, kind COLLATE "C", record_id COLLATE "C"'}
 
 
 ROUNDS = 3
@@ -83,27 +85,23 @@ def _rounds(url: str) -> dict[str, list[float] | int | bool]:
 
     plain_url = url.replace("postgresql+psycopg://", "postgresql://")
     with psycopg.connect(plain_url) as conn:
-        rows = {table: conn.execute(f"SELECT {columns} FROM {table}").fetchall()
+        # each table read once, sorted by its key (bytewise) as the ingest sends it
+        rows = {table: conn.execute(f"SELECT {columns} FROM {table} ORDER BY {KEY_ORDER[table]}").fetchall()
                 for table, columns in LINEAGE_TABLES.items()}
         payload = {}
         for table, columns in LINEAGE_TABLES.items():
             with conn.cursor().copy(f"COPY (SELECT {columns} FROM {table}) TO STDOUT (FORMAT binary)") as copy:
                 payload[table] = b"".join(bytes(block) for block in copy)
-        # the ingest's Arrow rows: sorted by key, bytewise; the hashes as the column stores them
-        # (bytes since migration 0017; hex before, so that the benchmark also measures older code)
+        # the ingest's Arrow rows; the hashes as the column stores them (bytes since migration 0017;
+        # hex before, so that the benchmark also measures older code)
         hash_type = conn.execute("SELECT format_type(atttypid, atttypmod) FROM pg_attribute WHERE "
                                  "attrelid = 'record_identifiers'::regclass AND attname = 'keyed_hash'").fetchone()[0]
-        hash_arrow = pa.binary(32) if hash_type == "bytea" else pa.string()
-        arrow = {
-            "records": pa.Table.from_pylist([dict(zip(RECORD_COLUMNS, r)) for r in conn.execute(
-                f"SELECT {', '.join(RECORD_COLUMNS)} FROM records ORDER BY record_id COLLATE \"C\"")], schema=pa.schema(
-                [(c, pa.string() if c in ("record_id", "content_hmac") else pa.int32()) for c in RECORD_COLUMNS])),
-            "record_identifiers": pa.Table.from_pylist([dict(zip(IDENTIFIER_COLUMNS, r)) for r in conn.execute(
-                f"SELECT dataset_id, record_id, kind, keyed_hash FROM record_identifiers "
-                "ORDER BY keyed_hash, kind COLLATE \"C\", record_id COLLATE \"C\"")], schema=pa.schema(
-                [("dataset_id", pa.int32()), ("record_id", pa.string()), ("kind", pa.string()),
-                 ("keyed_hash", hash_arrow)])),
-        }
+        types = {"records": [pa.string() if c in ("record_id", "content_hmac") else pa.int32() for c in RECORD_COLUMNS],
+                 "record_identifiers": [pa.int32(), pa.string(), pa.string(),
+                                        pa.binary(32) if hash_type == "bytea" else pa.string()]}
+        names = {"records": RECORD_COLUMNS, "record_identifiers": IDENTIFIER_COLUMNS}
+        arrow = {table: pa.table([pa.array(list(values), type_) for values, type_ in zip(zip(*rows[table]), types[table])],
+                                 names=list(names[table])) for table in LINEAGE_TABLES}
         seconds: dict[str, list[float]] = {way: [] for way in WAYS}
         checkpointed = True
         engine = make_engine(url)

@@ -61,16 +61,8 @@ class retrain_lock:
             self.connection = self.engine.connect()
             self.connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": self.key})
             self.connection.commit()
-        elif self.engine.url.database not in (None, "", ":memory:"):
-            path = Path(self.engine.url.database).resolve()
-            lock_file = path.with_name(f"{path.name}.retrain-{self.key:016x}.lock")
-            self.lock_fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o600)
-            try:
-                fcntl.flock(self.lock_fd, fcntl.LOCK_EX)
-            except BaseException:
-                os.close(self.lock_fd)
-                self.lock_fd = None
-                raise
+        else:
+            self.lock_fd = _flock_beside(self.engine.url.database, f"retrain-{self.key:016x}")
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -104,14 +96,30 @@ def migration_lock(connection: Connection) -> Iterator[None]:
             connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": key})
             connection.commit()
         return
-    database = connection.engine.url.database
-    if database in (None, "", ":memory:"):
-        yield
-        return
-    path = Path(database).resolve()
-    fd = os.open(path.with_name(f"{path.name}.migrate.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    fd = _flock_beside(connection.engine.url.database, "migrate")
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
-        os.close(fd)  # closing the descriptor releases the flock
+        if fd is not None:
+            os.close(fd)  # closing the descriptor releases the flock
+
+
+def _flock_beside(database: str | None, name: str) -> int | None:
+    """An exclusive ``flock`` (waited for) on ``<database>.<name>.lock`` beside a SQLite database
+    file; its descriptor, which the caller closes to release it. None for an in-memory database."""
+    if database in (None, "", ":memory:"):
+        return None
+    path = Path(database).resolve()
+    fd = os.open(path.with_name(f"{path.name}.{name}.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def is_lock_file(path: Path, database: Path) -> bool:
+    """Whether ``path`` is one of the empty lock files ``_flock_beside`` makes beside ``database``
+    (``<db>.migrate.lock``, ``<db>.retrain-<key>.lock``): it holds no data."""
+    return path.parent == database.parent and path.name.startswith(f"{database.name}.") and path.suffix == ".lock"

@@ -54,7 +54,7 @@ from db.requests import ErasureRequest
 from db.session import unit_of_work
 from db.settings import Settings
 from db.training import BaselineModel, Checkpoint, EnsembleVersionRow
-from db.locks import lock_shard
+from db.locks import is_lock_file, lock_shard
 from pipeline.erasure import purge_shard_files, shard_purge_blocked_by
 from pipeline.object_store import is_object_url, object_store, shard_version_home_path
 from shards.files import is_temp_name, temp_writer_pid, writer_alive
@@ -364,7 +364,7 @@ def _other_kind(path: Path, home: Path, live: _Live, database_files: tuple[Path,
         return "service_state", LIVE
     if path in database_files:
         return "database", LIVE
-    if database_files and _is_database_lock(path, database_files[0]):
+    if database_files and is_lock_file(path, database_files[0]):
         return "database_lock", LIVE
     if is_temp_name(path.name):
         return "atomic_temp", _temp_status(path, now, grace_s)
@@ -373,12 +373,6 @@ def _other_kind(path: Path, home: Path, live: _Live, database_files: tuple[Path,
     if path.name == "ground_truth.jsonl" and (path.parent / "records.jsonl") in live.sources:
         return "demo_ground_truth", LIVE  # the demo generator's answer key beside its ingested records
     return "unknown_file", UNKNOWN
-
-
-def _is_database_lock(path: Path, database: Path) -> bool:
-    """An empty lock file of ``db.locks`` beside the SQLite database: ``<db>.migrate.lock`` (schema
-    migrations) or ``<db>.retrain-<key>.lock`` (a shard's retraining). It holds no data."""
-    return path.parent == database.parent and path.name.startswith(f"{database.name}.") and path.suffix == ".lock"
 
 
 def database_files(settings: Settings) -> tuple[Path, ...]:
